@@ -1,0 +1,13 @@
+//! The producer: PostgreSQL logical replication (pgoutput) into Kafka.
+//!
+//! Contract (DESIGN.md invariants 1, 4, 5, 6, 7), which every part of this
+//! crate keeps as it is built:
+//! - Delivery: at least once. An LSN is confirmed to PostgreSQL only after
+//!   Kafka acknowledged every event at or before it (idempotent producer,
+//!   `acks=all`), so a crash at any moment re-sends, never skips.
+//! - Ordering: per row. The Kafka key is table + primary key, so one row's
+//!   changes land in one partition, in commit order.
+//! - Progress: the confirmed flush LSN moves only with Kafka's delivery
+//!   reports, or, when nothing is pending, to the server's keepalive position.
+//!
+//! The replication stream itself is not built yet; see the producer issue.

@@ -1,0 +1,9 @@
+//! The incident tools: re-apply a time window, audit source against index,
+//! and show a row's change history.
+//!
+//! Contract (DESIGN.md invariants 2, 3, 8): replay never resurrects a deleted
+//! row nor regresses a newer one, however often it runs; it writes only
+//! through the consumer's apply path; and every command that writes shows its
+//! target and counts first and needs `--dry-run` or an explicit confirmation.
+//!
+//! Not built yet; see the replay and audit issues.
