@@ -11,3 +11,7 @@
 //!   reports, or, when nothing is pending, to the server's keepalive position.
 //!
 //! The replication stream itself is not built yet; see the producer issue.
+
+pub mod changes;
+pub mod pgoutput;
+pub mod values;

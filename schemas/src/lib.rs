@@ -1,10 +1,14 @@
 //! The types every Tidemark stage agrees on: what a position in the source
-//! log is ([`Lsn`]), and (as the stages come to exist) the change-event
-//! envelope that travels through Kafka.
+//! log is ([`Lsn`]), and the change-event envelope ([`ChangeEvent`]) that
+//! travels through Kafka, whose JSON Schema is `schemas/envelope.schema.json`.
 //!
 //! This crate does no I/O, so the producer, the consumer and the replay tools
 //! can all depend on it and unit tests of wire formats stay fast.
 
+mod envelope;
 mod lsn;
 
+pub use envelope::{
+    ChangeEvent, EnvelopeError, FORMAT_VERSION, Operation, Row, Source, record_key,
+};
 pub use lsn::{Lsn, ParseLsnError};

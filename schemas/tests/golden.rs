@@ -1,0 +1,99 @@
+//! Golden files for the envelope's wire format: a change to what is written
+//! to Kafka must show up here as a diff someone reviews, not slip through.
+//! Set `TIDEMARK_BLESS=1` to rewrite the files after an intended change.
+
+use serde_json::{Value, json};
+use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Row, Source};
+
+fn row(value: Value) -> Row {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn check(name: &str, event: &ChangeEvent) {
+    let path = format!("{}/tests/golden/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let written = serde_json::to_string_pretty(
+        &serde_json::from_slice::<Value>(&event.to_vec()).expect("json"),
+    )
+    .expect("pretty")
+        + "\n";
+    if std::env::var_os("TIDEMARK_BLESS").is_some() {
+        std::fs::write(&path, &written).expect("bless");
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(written, golden, "wire format of {name} changed");
+    let back = ChangeEvent::from_slice(golden.as_bytes()).expect("golden parses");
+    assert_eq!(&back, event, "{name} round-trips");
+}
+
+fn source() -> Source {
+    Source {
+        database: "shop".into(),
+        schema: "public".into(),
+        table: "articles".into(),
+    }
+}
+
+#[test]
+fn update_with_unchanged_toast() {
+    check(
+        "update_unchanged_toast",
+        &ChangeEvent {
+            format: FORMAT_VERSION,
+            source: source(),
+            op: Operation::Update,
+            key: row(json!({"id": 42})),
+            before: Some(row(json!({"id": 42}))),
+            after: Some(row(
+                json!({"id": 42, "hidden": true, "price": "19.90", "tags": ["a", null]}),
+            )),
+            unchanged_toast: vec!["body".into()],
+            commit_lsn: Lsn(0x1_6B37_4D48),
+            lsn: Lsn(0x1_6B37_4C10),
+            xid: Some(7781),
+            commit_time: "2026-11-22T10:15:00.123456Z".into(),
+        },
+    );
+}
+
+#[test]
+fn snapshot_row() {
+    check(
+        "snapshot",
+        &ChangeEvent {
+            format: FORMAT_VERSION,
+            source: source(),
+            op: Operation::Snapshot,
+            key: row(json!({"id": 1})),
+            before: None,
+            after: Some(row(json!({"id": 1, "title": "hello", "body": "aGk="}))),
+            unchanged_toast: vec![],
+            commit_lsn: Lsn(0x1_0000_0028),
+            lsn: Lsn(0x1_0000_0028),
+            xid: None,
+            commit_time: "2026-11-22T09:00:00.000000Z".into(),
+        },
+    );
+}
+
+#[test]
+fn delete() {
+    check(
+        "delete",
+        &ChangeEvent {
+            format: FORMAT_VERSION,
+            source: source(),
+            op: Operation::Delete,
+            key: row(json!({"id": 42})),
+            before: Some(row(json!({"id": 42}))),
+            after: None,
+            unchanged_toast: vec![],
+            commit_lsn: Lsn(0x1_6B37_5000),
+            lsn: Lsn(0x1_6B37_4F00),
+            xid: Some(7790),
+            commit_time: "2026-11-22T10:16:00.000001Z".into(),
+        },
+    );
+}
