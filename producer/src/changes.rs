@@ -87,12 +87,17 @@ pub struct Changes {
 }
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// RFC 3339 in UTC with exactly six fractional digits, from PostgreSQL's
 /// microseconds since 2000-01-01.
 pub fn pg_time_to_rfc3339(pg_micros: i64) -> String {
-    let unix = pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS);
+    unix_micros_to_rfc3339(pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS))
+}
+
+/// RFC 3339 in UTC with exactly six fractional digits, from microseconds
+/// since the Unix epoch.
+pub fn unix_micros_to_rfc3339(unix: i64) -> String {
     let seconds = unix.div_euclid(1_000_000);
     let micros = unix.rem_euclid(1_000_000);
     match jiff::Timestamp::from_second(seconds) {

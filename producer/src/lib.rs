@@ -10,8 +10,19 @@
 //! - Progress: the confirmed flush LSN moves only with Kafka's delivery
 //!   reports, or, when nothing is pending, to the server's keepalive position.
 //!
-//! The replication stream itself is not built yet; see the producer issue.
+//! Modules: `source` (PostgreSQL checks, publication, catalog), `pgoutput`
+//! (decoder), `values` (type mapping), `changes` (messages to events),
+//! `snapshot`, `stream` (replication to Kafka with acknowledgement),
+//! `sink` (Kafka), `state` (progress record), `metrics`, `http`, `run`.
 
 pub mod changes;
+pub mod http;
+pub mod metrics;
 pub mod pgoutput;
+pub mod run;
+pub mod sink;
+pub mod snapshot;
+pub mod source;
+pub mod state;
+pub mod stream;
 pub mod values;

@@ -1,0 +1,126 @@
+//! `tidemark-producer`: streams row changes of the configured PostgreSQL
+//! tables into Kafka, starting with a consistent snapshot.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tidemark_producer::metrics::Metrics;
+use tidemark_schemas::config::Config;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// Streams row changes from PostgreSQL logical replication (pgoutput) into
+/// Kafka, one topic per table, losing nothing: an LSN is confirmed to
+/// PostgreSQL only after Kafka acknowledged every change before it.
+///
+/// On first start it creates the publication, the replication slot and the
+/// topics (when the config allows) and sends a consistent snapshot of every
+/// table. Stop it with SIGTERM or Ctrl-C: it stops reading, waits for Kafka,
+/// confirms, and exits.
+///
+/// Environment: TIDEMARK_PG_PASSWORD (PostgreSQL password),
+/// TIDEMARK_POSTGRES_URL and TIDEMARK_KAFKA_BROKERS (override the file),
+/// RUST_LOG (log filter, default info), TIDEMARK_LOG_FORMAT=json for JSON logs.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark-producer", version)]
+struct Args {
+    /// The deployment's TOML config file (see config/example.toml).
+    #[arg(long, env = "TIDEMARK_CONFIG")]
+    config: PathBuf,
+    /// Check the config, PostgreSQL and Kafka, then exit without streaming.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tidemark-producer: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(try_main(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("tidemark-producer: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if std::env::var("TIDEMARK_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn try_main(args: Args) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read config file {}", args.config.display()))?;
+    let config = Config::from_toml(&text, |name| std::env::var(name).ok())
+        .with_context(|| format!("config file {}", args.config.display()))?;
+    if args.check {
+        tidemark_producer::run::check(&config).await?;
+        println!("config, PostgreSQL and Kafka are ready for tidemark-producer");
+        return Ok(());
+    }
+    let metrics = Arc::new(Metrics::default());
+    let (stop, shutdown) = watch::channel(false);
+    let listen = config
+        .producer
+        .http_listen
+        .parse()
+        .context("producer.http_listen")?;
+    let http = tokio::spawn(tidemark_producer::http::serve(
+        listen,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received; shutting down");
+        let _ = stop.send(true);
+    });
+    let result = tidemark_producer::run::run(config, metrics, shutdown).await;
+    http.abort();
+    result.map_err(Into::into)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,390 @@
+//! Start-up and the producer's life: check everything, decide whether a
+//! snapshot is needed, take it, stream, shut down cleanly.
+//!
+//! Start-up order, and why:
+//! 1. PostgreSQL checks (wal_level, primary, privileges, tables, keys) and
+//!    Kafka reachability: fail fast, before anything is created.
+//! 2. Publication and topics are created if missing (when allowed).
+//! 3. The slot: if it exists and our state record says its snapshot
+//!    finished, stream from it, after checking nothing else moved it past
+//!    our last confirmation. If our record says a snapshot was interrupted,
+//!    drop the slot and start over. If it is missing, record "snapshot
+//!    started" first, then create it with an exported snapshot, read every
+//!    table at that snapshot, and record "snapshot complete".
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use tidemark_schemas::Lsn;
+use tidemark_schemas::config::Config;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::sink::{Sink, SinkError};
+use crate::snapshot::{self, SnapshotError};
+use crate::source::{
+    CatalogTable, ConnInfo, SESSION_OPTIONS, SourceError, check_server, describe_table,
+    ensure_publication, quote_ident, slot_state,
+};
+use crate::state::{SlotProgress, StateStore};
+use crate::stream::{Stream, StreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("replication session: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error(
+        "replication slot {slot} is at {slot_lsn}, past the last position Tidemark confirmed ({recorded}). Something \
+         else consumed from this slot, so changes in between may never have reached Kafka. Drop the slot \
+         (SELECT pg_drop_replication_slot('{slot}')) to take a new snapshot, then audit the index"
+    )]
+    SlotMoved {
+        slot: String,
+        slot_lsn: Lsn,
+        recorded: Lsn,
+    },
+    #[error("CREATE_REPLICATION_SLOT for {slot} returned no {what}")]
+    SlotCreation { slot: String, what: &'static str },
+}
+
+/// The start-up checks alone (`tidemark-producer --check`): PostgreSQL,
+/// the tables, Kafka. Creates nothing.
+pub async fn check(config: &Config) -> Result<(), RunError> {
+    let conn = ConnInfo::from_config(config)?;
+    let sql = conn.connect("tidemark-producer-check").await?;
+    check_server(&sql, &conn).await?;
+    for table in &config.tables {
+        let (schema, name) = table.parts();
+        describe_table(&sql, schema, name).await?;
+    }
+    crate::sink::check_reachable(&config.kafka.brokers).await?;
+    slot_state(&sql, &config.producer.slot, &conn.database).await?;
+    Ok(())
+}
+
+/// Runs the producer until `shutdown` turns true or an error stops it.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let conn = ConnInfo::from_config(&config)?;
+    let sql = conn.connect("tidemark-producer").await?;
+    check_server(&sql, &conn).await?;
+    let mut tables = Vec::with_capacity(config.tables.len());
+    for table in &config.tables {
+        let (schema, name) = table.parts();
+        tables.push(describe_table(&sql, schema, name).await?);
+    }
+    metrics
+        .postgres_up
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let names: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    let sink = Arc::new(Sink::connect(&config, &names).await?);
+    metrics
+        .kafka_up
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    ensure_publication(
+        &sql,
+        &config.producer.publication,
+        &tables,
+        config.producer.create_publication,
+    )
+    .await?;
+
+    let slot = config.producer.slot.clone();
+    let state = Arc::new(StateStore::new(
+        sink.producer().clone(),
+        &config.kafka.brokers,
+        &config.kafka.state_topic(),
+    ));
+    let recorded = state.load(&slot).await?;
+    let mut existing = slot_state(&sql, &slot, &conn.database).await?;
+
+    if let (Some(_), Some(progress)) = (&existing, &recorded)
+        && !progress.snapshot_complete
+    {
+        warn!(
+            slot,
+            "the initial snapshot was interrupted; dropping the slot to take it again"
+        );
+        drop_slot(&sql, &slot).await?;
+        existing = None;
+    }
+
+    let repl_config = replication_config(&conn, &config);
+    let (repl, progress) = match existing {
+        Some(slot_now) => {
+            let progress = match recorded {
+                Some(progress) => {
+                    let confirmed = progress
+                        .confirmed_lsn
+                        .or(progress.snapshot_lsn)
+                        .unwrap_or_default();
+                    if slot_now.confirmed_flush > confirmed {
+                        return Err(RunError::SlotMoved {
+                            slot,
+                            slot_lsn: slot_now.confirmed_flush,
+                            recorded: confirmed,
+                        });
+                    }
+                    progress
+                }
+                None => {
+                    warn!(slot, lsn = %slot_now.confirmed_flush,
+                          "slot exists but Tidemark has no record of it: streaming from its position without a snapshot");
+                    SlotProgress {
+                        slot: slot.clone(),
+                        snapshot_complete: true,
+                        snapshot_lsn: None,
+                        confirmed_lsn: Some(slot_now.confirmed_flush),
+                    }
+                }
+            };
+            info!(slot, lsn = %slot_now.confirmed_flush, "resuming from the slot");
+            let repl = ReplicationClient::connect(repl_config).await?;
+            (repl, progress)
+        }
+        None => {
+            if !config.producer.create_slot {
+                return Err(SourceError::NoSlot { slot }.into());
+            }
+            create_and_snapshot(
+                &config,
+                &conn,
+                &tables,
+                &sink,
+                &state,
+                &metrics,
+                repl_config,
+            )
+            .await?
+        }
+    };
+
+    let by_oid: HashMap<u32, CatalogTable> = tables.into_iter().map(|t| (t.oid, t)).collect();
+    let health = tokio::spawn(watch_health(
+        conn.clone(),
+        config.kafka.brokers.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let stream = Stream {
+        repl,
+        sql,
+        sink: sink.clone(),
+        state,
+        progress,
+        metrics: metrics.clone(),
+        database: conn.database.clone(),
+        tables: by_oid,
+    };
+    let result = stream.run(shutdown).await;
+    health.abort();
+    let final_lsn = result?;
+    if let Err(error) = sink.flush(Duration::from_secs(30)) {
+        warn!(%error, "Kafka flush at shutdown");
+    }
+    // The replication worker ends without a last status update; make the
+    // confirmed position reach the slot.
+    advance_slot(&conn, &slot, final_lsn).await;
+    Ok(())
+}
+
+fn replication_config(conn: &ConnInfo, config: &Config) -> ReplicationConfig {
+    ReplicationConfig::new(
+        conn.host.clone(),
+        conn.user.clone(),
+        conn.password.clone(),
+        conn.database.clone(),
+        config.producer.slot.clone(),
+        config.producer.publication.clone(),
+    )
+    .with_port(conn.port)
+    .with_tls(TlsConfig::disabled())
+    .with_options(SESSION_OPTIONS)
+    .with_application_name("tidemark-producer")
+    .with_status_interval(Duration::from_secs(1))
+    // One change is one message; refuse anything far beyond what could be
+    // sent to Kafka rather than buffering it.
+    .with_max_message_size(
+        config
+            .producer
+            .max_event_bytes
+            .saturating_mul(8)
+            .max(64 * 1024 * 1024),
+    )
+}
+
+async fn create_and_snapshot(
+    config: &Config,
+    conn: &ConnInfo,
+    tables: &[CatalogTable],
+    sink: &Arc<Sink>,
+    state: &StateStore,
+    metrics: &Arc<Metrics>,
+    repl_config: ReplicationConfig,
+) -> Result<(ReplicationClient, SlotProgress), RunError> {
+    let slot = config.producer.slot.clone();
+    // Recorded before the slot exists: a crash from here on is recognised.
+    let mut progress = SlotProgress {
+        slot: slot.clone(),
+        snapshot_complete: false,
+        snapshot_lsn: None,
+        confirmed_lsn: None,
+    };
+    state.save(&progress).await?;
+    let mut repl = ReplicationClient::connect_gated(repl_config).await?;
+    let snapshot_mode = if config.producer.snapshot {
+        "export"
+    } else {
+        "nothing"
+    };
+    let rows = repl
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{snapshot_mode}')",
+            quote_ident(&slot)
+        ))
+        .await?;
+    let row = rows.first().ok_or_else(|| RunError::SlotCreation {
+        slot: slot.clone(),
+        what: "row",
+    })?;
+    let text = |i: usize| {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let consistent_point: Lsn =
+        text(1)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| RunError::SlotCreation {
+                slot: slot.clone(),
+                what: "consistent point",
+            })?;
+    info!(slot, lsn = %consistent_point, "created replication slot");
+    progress.snapshot_lsn = Some(consistent_point);
+    if config.producer.snapshot {
+        let snapshot_name = text(2).ok_or_else(|| RunError::SlotCreation {
+            slot: slot.clone(),
+            what: "snapshot name",
+        })?;
+        snapshot::run(
+            conn,
+            tables,
+            &snapshot_name,
+            consistent_point,
+            config.producer.snapshot_parallelism,
+            config.producer.snapshot_fetch_rows,
+            sink.clone(),
+            metrics.clone(),
+        )
+        .await?;
+    }
+    progress.snapshot_complete = true;
+    progress.confirmed_lsn = Some(consistent_point);
+    state.save(&progress).await?;
+    repl.start().await?;
+    Ok((repl, progress))
+}
+
+async fn drop_slot(sql: &Client, slot: &str) -> Result<(), SourceError> {
+    sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(|source| SourceError::Query {
+            what: "drop interrupted slot",
+            source,
+        })?;
+    Ok(())
+}
+
+/// Moves the slot's confirmed position to `lsn` once the replication
+/// session has released it. Best effort: not doing so only means the next
+/// start re-sends a little.
+async fn advance_slot(conn: &ConnInfo, slot: &str, lsn: Lsn) {
+    let Ok(sql) = conn.connect("tidemark-producer-shutdown").await else {
+        return;
+    };
+    for _ in 0..50 {
+        let result = sql
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)
+                 FROM pg_replication_slots WHERE slot_name = $1 AND NOT active
+                   AND confirmed_flush_lsn < $2::text::pg_lsn",
+                &[&slot, &lsn.to_string()],
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                let active: Option<bool> = sql
+                    .query_opt(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.get(0));
+                if active != Some(true) {
+                    return;
+                }
+            }
+            Err(error) => {
+                warn!(slot, %lsn, %error, "could not confirm the final position");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keeps the dependency flags behind `/readyz` current.
+async fn watch_health(
+    conn: ConnInfo,
+    brokers: String,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut sql: Option<Client> = None;
+    loop {
+        if sql.as_ref().is_none_or(|c| c.is_closed()) {
+            sql = conn.connect("tidemark-producer-health").await.ok();
+        }
+        let pg_ok = match &sql {
+            Some(client) => client.simple_query("SELECT 1").await.is_ok(),
+            None => false,
+        };
+        metrics.postgres_up.store(pg_ok, Ordering::Relaxed);
+        let brokers = brokers.clone();
+        let kafka_ok = tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let consumer: Result<BaseConsumer, _> = crate::sink::client_config(&brokers).create();
+            consumer
+                .map(|c| c.fetch_metadata(None, Duration::from_secs(5)).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        metrics.kafka_up.store(kafka_ok, Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Streaming: the replication stream into Kafka, confirming LSNs only after
+//! Kafka acknowledged everything before them.
+//!
+//! Contract:
+//! - Delivery is at least once. The reader hands every change to Kafka as it
+//!   arrives (memory does not grow with transaction size) and queues, in
+//!   stream order, each delivery and each safe position (a commit's end, or
+//!   a keepalive's WAL end between transactions). The acker awaits the
+//!   deliveries in that order; a position becomes confirmable only when
+//!   every delivery queued before it was acknowledged.
+//! - Progress moves at most every [`CONFIRM_INTERVAL`]: the acker first
+//!   records the position in the state topic, then the reader reports it to
+//!   PostgreSQL as flushed. A crash anywhere re-reads from the last
+//!   confirmed position: duplicates, never gaps.
+//! - An idle captured table set still advances the slot, through keepalive
+//!   positions, so WAL written elsewhere in the database does not pile up.
+//! - A change that cannot be decoded or mapped goes to the dead-letter topic
+//!   (table, LSN, reason) and the stream goes on. A Kafka delivery failure is
+//!   fatal: nothing after it is confirmed, and the restart re-sends it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tidemark_schemas::Lsn;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+use tracing::{debug, info, warn};
+
+use crate::changes::{Changes, PG_EPOCH_UNIX_MICROS};
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, Message};
+use crate::sink::{Pending, Sink, SinkError};
+use crate::source::{CatalogTable, SourceError, TypeResolver, describe_table};
+use crate::state::{SlotProgress, StateStore};
+
+/// How often confirmed progress is recorded and reported to PostgreSQL.
+/// Each confirmation costs one acknowledged write to the state topic.
+pub const CONFIRM_INTERVAL: Duration = Duration::from_secs(1);
+/// Steps (deliveries and positions) queued between reader and acker. Bounds
+/// memory; a full queue makes the reader wait (backpressure to PostgreSQL).
+const ACK_QUEUE: usize = 16_384;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("replication stream failed: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("acknowledgement task failed: {0}")]
+    Task(String),
+}
+
+enum Step {
+    Delivery(Pending),
+    /// Everything before this step is confirmable up to `lsn`.
+    Position {
+        lsn: Lsn,
+        commit_unix_micros: Option<i64>,
+    },
+}
+
+/// Everything the stream needs from the rest of the producer.
+pub struct Stream {
+    pub repl: ReplicationClient,
+    pub sql: Client,
+    pub sink: Arc<Sink>,
+    pub state: Arc<StateStore>,
+    pub progress: SlotProgress,
+    pub metrics: Arc<Metrics>,
+    pub database: String,
+    /// Captured tables by relation OID, as described at start-up.
+    pub tables: HashMap<u32, CatalogTable>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("slot", &self.progress.slot)
+            .finish()
+    }
+}
+
+impl Stream {
+    /// Runs until `shutdown` fires or an error ends the stream. On shutdown,
+    /// waits for Kafka to acknowledge everything read and confirms it.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<Lsn, StreamError> {
+        let Stream {
+            mut repl,
+            sql,
+            sink,
+            state,
+            progress,
+            metrics,
+            database,
+            mut tables,
+        } = self;
+        let (steps, step_rx) = mpsc::channel::<Step>(ACK_QUEUE);
+        let (confirm_tx, mut confirm_rx) =
+            watch::channel(progress.confirmed_lsn.unwrap_or_default());
+        let acker = tokio::spawn(acknowledge(
+            step_rx,
+            state,
+            progress,
+            confirm_tx,
+            metrics.clone(),
+        ));
+
+        let mut changes = Changes::new(database);
+        let mut types = TypeResolver::default();
+        let mut in_transaction = false;
+        let mut last_position = Lsn::INVALID;
+        let mut commit_unix_micros = 0i64;
+        metrics.streaming.store(true, Ordering::Relaxed);
+        let result: Result<(), StreamError> = async {
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => {
+                        info!("shutdown requested: stop reading, flush, confirm");
+                        return Ok(());
+                    }
+                    Ok(()) = confirm_rx.changed() => {
+                        let lsn = *confirm_rx.borrow_and_update();
+                        repl.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                        continue;
+                    }
+                    event = repl.recv() => event?,
+                };
+                let Some(event) = event else {
+                    return Ok(());
+                };
+                match event {
+                    ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                        changes.begin(xid, Lsn(final_lsn.0), commit_time_micros);
+                        commit_unix_micros = commit_time_micros.saturating_add(PG_EPOCH_UNIX_MICROS);
+                        in_transaction = true;
+                    }
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        changes.commit();
+                        in_transaction = false;
+                        last_position = Lsn(end_lsn.0);
+                        let step = Step::Position { lsn: last_position, commit_unix_micros: Some(commit_unix_micros) };
+                        send(&steps, step).await?;
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } => {
+                        let wal_end = Lsn(wal_end.0);
+                        metrics.server_wal_end(wal_end);
+                        if !in_transaction && wal_end > last_position {
+                            last_position = wal_end;
+                            send(&steps, Step::Position { lsn: wal_end, commit_unix_micros: None }).await?;
+                        }
+                    }
+                    ReplicationEvent::XLogData { wal_start, wal_end, data, .. } => {
+                        metrics.server_wal_end(Lsn(wal_end.0));
+                        let lsn = Lsn(wal_start.0);
+                        let message = match pgoutput::decode(&data) {
+                            Ok(message) => message,
+                            Err(error) => {
+                                warn!(%lsn, %error, "undecodable pgoutput message sent to the dead-letter topic");
+                                metrics.dead_letter();
+                                let pending = sink.dead_letter(None, None, &error.to_string(), lsn).await?;
+                                send(&steps, Step::Delivery(pending)).await?;
+                                continue;
+                            }
+                        };
+                        if let Message::Relation(relation) = &message {
+                            let mut mappings = Vec::with_capacity(relation.columns.len());
+                            for column in &relation.columns {
+                                mappings.push(types.mapping(&sql, column.type_oid).await?);
+                            }
+                            let key = match tables.get(&relation.oid) {
+                                Some(table) => table.key.clone(),
+                                None => {
+                                    // A captured table re-created under a new OID.
+                                    let table = describe_table(&sql, &relation.namespace, &relation.name).await?;
+                                    let key = table.key.clone();
+                                    tables.insert(relation.oid, table);
+                                    key
+                                }
+                            };
+                            if let Err(error) = changes.register(relation, mappings, &key) {
+                                warn!(%lsn, %error, "relation cannot be captured");
+                            }
+                            debug!(table = %format!("{}.{}", relation.namespace, relation.name), oid = relation.oid, "relation");
+                            continue;
+                        }
+                        match changes.events(&message, lsn) {
+                            Ok(events) => {
+                                for event in events {
+                                    metrics.event(&event.source, event.op);
+                                    for pending in sink.send(&event).await? {
+                                        send(&steps, Step::Delivery(pending)).await?;
+                                    }
+                                }
+                            }
+                            Err(error) => {
+                                let table = relation_name(&changes, &message);
+                                warn!(%lsn, table = table.as_deref().unwrap_or("?"), %error,
+                                      "change sent to the dead-letter topic");
+                                metrics.dead_letter();
+                                let pending = sink.dead_letter(None, table.as_deref(), &error.to_string(), lsn).await?;
+                                send(&steps, Step::Delivery(pending)).await?;
+                            }
+                        }
+                    }
+                    ReplicationEvent::Message { .. } => {}
+                    ReplicationEvent::StoppedAt { .. } => return Ok(()),
+                }
+            }
+        }
+        .await;
+        metrics.streaming.store(false, Ordering::Relaxed);
+
+        // Let the acker drain: every queued delivery acknowledged, the last
+        // position recorded and confirmed.
+        drop(steps);
+        let acked = acker.await.map_err(|e| StreamError::Task(e.to_string()))?;
+        let final_lsn = match acked {
+            Ok(lsn) => lsn,
+            Err(error) => {
+                result?;
+                return Err(error.into());
+            }
+        };
+        repl.update_applied_lsn(pgwire_replication::Lsn(final_lsn.0));
+        // Gives the worker time to send the last standby status.
+        let _ = repl.shutdown().await;
+        result?;
+        info!(lsn = %final_lsn, "stream stopped; confirmed");
+        Ok(final_lsn)
+    }
+}
+
+async fn send(steps: &mpsc::Sender<Step>, step: Step) -> Result<(), StreamError> {
+    steps
+        .send(step)
+        .await
+        .map_err(|_| StreamError::Task("acknowledgement task ended".into()))
+}
+
+fn relation_name(changes: &Changes, message: &Message) -> Option<String> {
+    let oid = match message {
+        Message::Insert { relation, .. }
+        | Message::Update { relation, .. }
+        | Message::Delete { relation, .. } => *relation,
+        Message::Truncate { relations, .. } => *relations.first()?,
+        _ => return None,
+    };
+    changes.table(oid).map(|t| t.source.qualified())
+}
+
+/// Awaits deliveries in stream order and confirms positions behind them.
+async fn acknowledge(
+    mut steps: mpsc::Receiver<Step>,
+    state: Arc<StateStore>,
+    mut progress: SlotProgress,
+    confirm: watch::Sender<Lsn>,
+    metrics: Arc<Metrics>,
+) -> Result<Lsn, SinkError> {
+    let mut safe = progress.confirmed_lsn.unwrap_or_default();
+    let mut confirmed = safe;
+    let mut tick = tokio::time::interval(CONFIRM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_confirm = std::time::Instant::now();
+    let mut open = true;
+    while open {
+        tokio::select! {
+            step = steps.recv() => match step {
+                Some(Step::Delivery(pending)) => {
+                    if let Err(error) = pending.acknowledged().await {
+                        metrics.delivery_error();
+                        return Err(error);
+                    }
+                }
+                Some(Step::Position { lsn, commit_unix_micros }) => {
+                    safe = safe.max(lsn);
+                    if let Some(micros) = commit_unix_micros {
+                        metrics.committed_at(micros);
+                    }
+                }
+                None => open = false,
+            },
+            _ = tick.tick() => {}
+        }
+        let due = !open || last_confirm.elapsed() >= CONFIRM_INTERVAL;
+        if safe > confirmed && due {
+            last_confirm = std::time::Instant::now();
+            progress.confirmed_lsn = Some(safe);
+            state.save(&progress).await?;
+            confirmed = safe;
+            metrics.confirmed(safe);
+            let _ = confirm.send(safe);
+            debug!(lsn = %safe, "confirmed");
+        }
+    }
+    Ok(confirmed)
+}
