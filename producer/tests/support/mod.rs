@@ -1,0 +1,312 @@
+//! Runs the real `tidemark-producer` binary against the local stack, with a
+//! table, slot, publication and topic prefix of its own, and reads back what
+//! it wrote to Kafka.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tidemark_schemas::ChangeEvent;
+use tidemark_testkit::{Stack, unique_name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, NoTls};
+
+pub struct Harness {
+    pub stack: Stack,
+    pub pg: Client,
+    /// Unique name used for slot, publication and topic prefix.
+    pub name: String,
+    pub dir: PathBuf,
+    pub http_port: u16,
+}
+
+/// One record read back from a table topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub lsn_header: Option<String>,
+    pub raw: serde_json::Value,
+    pub event: ChangeEvent,
+}
+
+pub async fn pg(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Harness {
+    pub async fn new(prefix: &str) -> Harness {
+        let stack = Stack::get();
+        let pg = pg(&stack.pg_url).await;
+        let name = unique_name(prefix);
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Harness {
+            stack,
+            pg,
+            name,
+            dir,
+            http_port: free_port(),
+        }
+    }
+
+    /// A table name unique to this test.
+    pub fn table(&self, suffix: &str) -> String {
+        format!("{}_{suffix}", self.name)
+    }
+
+    pub fn topic(&self, table: &str) -> String {
+        format!("{}.public.{table}", self.name)
+    }
+
+    /// Writes a config for `tables` (in schema public) and returns its path.
+    /// `extra` is appended to the [producer] section.
+    pub fn config(&self, tables: &[&str], extra: &str) -> PathBuf {
+        let mut text = format!(
+            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n\
+             [producer]\nslot = \"{}\"\npublication = \"{}\"\nhttp_listen = \"127.0.0.1:{}\"\n{extra}\n",
+            self.stack.pg_replication_url,
+            self.stack.kafka_brokers,
+            self.name,
+            self.name,
+            self.name,
+            self.http_port
+        );
+        for table in tables {
+            text.push_str(&format!("[[tables]]\ntable = \"public.{table}\"\n"));
+        }
+        let path = self.dir.join("tidemark.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Creates a table owned by the replication role, so the producer may
+    /// publish it (as it would its own tables in production).
+    pub async fn create_table(&self, table: &str, columns: &str) {
+        self.pg
+            .batch_execute(&format!(
+                "CREATE TABLE {table} ({columns}); ALTER TABLE {table} OWNER TO tidemark_repl;"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("create {table}: {e}"));
+    }
+
+    /// Starts the producer binary; its log goes to `<dir>/producer-<n>.log`.
+    pub fn start(&self, config: &PathBuf, run: usize) -> Child {
+        let log =
+            std::fs::File::create(self.dir.join(format!("producer-{run}.log"))).expect("log file");
+        Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info,tidemark_producer=debug")
+            .env_remove("TIDEMARK_KAFKA_BROKERS")
+            .env_remove("TIDEMARK_POSTGRES_URL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tidemark-producer")
+    }
+
+    pub fn log(&self, run: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("producer-{run}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, child: &mut Child, run: usize) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "producer exited with {status} before it was ready:\n{}",
+                    self.log(run)
+                );
+            }
+            if http_get(self.http_port, "/readyz")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "producer not ready in 90 s:\n{}",
+                self.log(run)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&self, mut child: Child, run: usize) {
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(
+                    status.success(),
+                    "producer exited with {status}:\n{}",
+                    self.log(run)
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "producer did not stop on SIGTERM:\n{}",
+                self.log(run)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Reads a topic from the beginning until `done` holds for what was read.
+    pub fn read_until(&self, topic: &str, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+        read_topic(
+            &self.stack.kafka_brokers,
+            topic,
+            Duration::from_secs(90),
+            done,
+        )
+    }
+
+    pub async fn confirmed_flush(&self) -> Option<String> {
+        self.pg
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name],
+            )
+            .await
+            .expect("slot query")
+            .map(|r| r.get(0))
+    }
+
+    /// Drops what the test created in PostgreSQL (slot, publication, tables).
+    pub async fn cleanup(&self, tables: &[&str]) {
+        let _ = self
+            .pg
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&self.name],
+            )
+            .await;
+        let _ = self
+            .pg
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name))
+            .await;
+        for table in tables {
+            let _ = self
+                .pg
+                .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+                .await;
+        }
+    }
+}
+
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    Some(response)
+}
+
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let deadline = Instant::now() + timeout;
+    let partitions = loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let count = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        if count > 0 {
+            break count as i32;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("assign");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut records = Vec::new();
+    loop {
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: condition not met in {timeout:?} after {} records: {:#?}",
+            records.len(),
+            records
+                .iter()
+                .map(|r: &Record| (&r.event.op, &r.event.key))
+                .collect::<Vec<_>>()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.expect("consume");
+        let payload = message.payload().expect("payload");
+        let raw: serde_json::Value = serde_json::from_slice(payload).expect("JSON envelope");
+        let event = ChangeEvent::from_slice(payload).expect("envelope");
+        let lsn_header = message.headers().and_then(|h| {
+            use rdkafka::message::Headers;
+            h.iter()
+                .find(|h| h.key == "tidemark.lsn")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        records.push(Record {
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            lsn_header,
+            raw,
+            event,
+        });
+    }
+}
