@@ -27,11 +27,15 @@ use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
 use crate::snapshot::{self, SnapshotError};
 use crate::source::{
-    CatalogTable, ConnInfo, SESSION_OPTIONS, SourceError, check_server, describe_table,
+    self, CatalogTable, ConnInfo, SESSION_OPTIONS, SourceError, check_server, describe_table,
     ensure_publication, quote_ident, slot_state,
 };
 use crate::state::{SlotProgress, StateStore};
 use crate::stream::{Stream, StreamError};
+
+/// How long start-up waits for an active slot to be released before
+/// reporting that another reader holds it.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -114,7 +118,7 @@ pub async fn run(
         &config.kafka.state_topic(),
     ));
     let recorded = state.load(&slot).await?;
-    let mut existing = slot_state(&sql, &slot, &conn.database).await?;
+    let mut existing = released_slot_state(&sql, &slot, &conn.database).await?;
 
     if let (Some(_), Some(progress)) = (&existing, &recorded)
         && !progress.snapshot_complete
@@ -204,6 +208,25 @@ pub async fn run(
     // confirmed position reach the slot.
     advance_slot(&conn, &slot, final_lsn).await;
     Ok(())
+}
+
+/// The slot's state, waiting a little while it is active: after a crash the
+/// old session's walsender can hold the slot until it notices the
+/// connection is gone.
+async fn released_slot_state(
+    sql: &Client,
+    slot: &str,
+    database: &str,
+) -> Result<Option<source::SlotState>, SourceError> {
+    let deadline = tokio::time::Instant::now() + SLOT_RELEASE_WAIT;
+    loop {
+        match slot_state(sql, slot, database).await {
+            Err(SourceError::SlotActive { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn replication_config(conn: &ConnInfo, config: &Config) -> ReplicationConfig {

@@ -1,0 +1,362 @@
+//! The producer under faults and misconfiguration: real `kill -9`, idle
+//! tables, a huge transaction, and every start-up mistake an operator can
+//! make that we can make here.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{Harness, Record};
+
+/// Runs the producer to completion (it should fail) and returns its log.
+fn run_expecting_failure(h: &Harness, config: &std::path::Path, run: usize) -> String {
+    let log = std::fs::File::create(h.dir.join(format!("producer-{run}.log"))).expect("log file");
+    let status = Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
+        .arg("--config")
+        .arg(config)
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_POSTGRES_URL")
+        .stderr(log)
+        .status()
+        .expect("run producer");
+    let log = h.log(run);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "exit code 2 on a start-up error:\n{log}"
+    );
+    log
+}
+
+/// Kill -9 at random moments under a steady workload, restart each time:
+/// every committed change reaches Kafka at least once, and each key's
+/// changes first appear in commit order.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_loses_nothing_and_keeps_per_key_order() {
+    const KEYS: i32 = 20;
+    const UPDATES: i32 = 600;
+    const KILLS: usize = 4;
+    let h = Harness::new("kill").await;
+    let table = h.table("counters");
+    h.create_table(&table, "id int PRIMARY KEY, n int NOT NULL")
+        .await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {KEYS}) g"
+    ))
+    .await
+    .expect("seed");
+    let config = h.config(&[&table], "");
+    let mut run = 0;
+    let mut producer = h.start(&config, run);
+    h.wait_ready(&mut producer, run).await;
+
+    let writer = {
+        let url = h.stack.pg_url.clone();
+        let table = table.clone();
+        tokio::spawn(async move {
+            let pg = support::pg(&url).await;
+            for i in 0..UPDATES {
+                let id = i % KEYS + 1;
+                pg.execute(
+                    &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .expect("update");
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    // Pseudo-random kill moments, different every run but reproducible from
+    // the seed printed on failure.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(1);
+    println!("kill schedule seed: {seed}");
+    let mut state = u64::from(seed) | 1;
+    for _ in 0..KILLS {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        tokio::time::sleep(Duration::from_millis(300 + state % 2000)).await;
+        producer.kill().expect("kill -9");
+        producer.wait().expect("reap");
+        run += 1;
+        producer = h.start(&config, run);
+        h.wait_ready(&mut producer, run).await;
+    }
+    writer.await.expect("writer");
+
+    let finals: BTreeMap<i64, i64> =
+        h.pg.query(&format!("SELECT id::int8, n::int8 FROM {table}"), &[])
+            .await
+            .expect("final rows")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    let value = |r: &Record| -> Option<(i64, i64)> {
+        let after = r.event.after.as_ref()?;
+        Some((r.event.key["id"].as_i64()?, after["n"].as_i64()?))
+    };
+    let records = h.read_until(&h.topic(&table), |records| {
+        let mut max: BTreeMap<i64, i64> = BTreeMap::new();
+        for (id, n) in records.iter().filter_map(value) {
+            let m = max.entry(id).or_default();
+            *m = (*m).max(n);
+        }
+        finals.iter().all(|(id, n)| max.get(id) == Some(n))
+    });
+    h.stop(producer, run);
+
+    let mut sorted = records.clone();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut first_seen: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (id, n) in sorted.iter().filter_map(value) {
+        let seen = first_seen.entry(id).or_default();
+        if !seen.contains(&n) {
+            seen.push(n);
+        }
+    }
+    for (id, final_n) in &finals {
+        let expected: Vec<i64> = (0..=*final_n).collect();
+        assert_eq!(
+            first_seen[id], expected,
+            "key {id}: every value once, first appearances in commit order"
+        );
+    }
+    let duplicates = records.len() - finals.values().map(|n| *n as usize + 1).sum::<usize>();
+    println!(
+        "{} records for {} changes ({duplicates} re-sent after kills)",
+        records.len(),
+        UPDATES + KEYS
+    );
+    h.cleanup(&[&table]).await;
+}
+
+/// Writes to tables that are not captured still move the slot forward, so
+/// PostgreSQL can recycle WAL.
+#[tokio::test(flavor = "multi_thread")]
+async fn slot_advances_while_captured_tables_are_idle() {
+    let h = Harness::new("idle").await;
+    let captured = h.table("captured");
+    let other = h.table("other");
+    h.create_table(&captured, "id int PRIMARY KEY").await;
+    h.create_table(&other, "id int").await;
+    let config = h.config(&[&captured], "");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {other} SELECT generate_series(1, 5000)"
+    ))
+    .await
+    .expect("write elsewhere");
+    let target: String =
+        h.pg.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reached: bool = h
+            .pg
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&h.name, &target],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if reached {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot stayed behind {target} for 60 s:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    h.stop(producer, 0);
+    h.cleanup(&[&captured, &other]).await;
+}
+
+/// A single transaction of 1,000,000 rows goes through (the producer
+/// forwards changes as they arrive; its memory is measured by the bench).
+#[tokio::test(flavor = "multi_thread")]
+async fn million_row_transaction_goes_through() {
+    const ROWS: i64 = 1_000_000;
+    let h = Harness::new("big").await;
+    let table = h.table("big");
+    h.create_table(&table, "id int PRIMARY KEY, v text").await;
+    let config = h.config(&[&table], "");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'row ' || g FROM generate_series(1, {ROWS}) g"
+    ))
+    .await
+    .expect("one big transaction");
+    let after_insert: String =
+        h.pg.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
+    let topic = h.topic(&table);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let total = loop {
+        let total = high_watermark_sum(&h.stack.kafka_brokers, &topic);
+        if total >= ROWS || Instant::now() > deadline {
+            break total;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(
+        total,
+        ROWS,
+        "every row of the transaction is in Kafka:\n{}",
+        h.log(0)
+    );
+    // And the slot is confirmed past the transaction once all of it was
+    // acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let past: bool = h
+            .pg
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&h.name, &after_insert],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if past {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot not confirmed past {after_insert}:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    h.stop(producer, 0);
+    h.cleanup(&[&table]).await;
+}
+
+fn high_watermark_sum(brokers: &str, topic: &str) -> i64 {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    (0..partitions as i32)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map(|(_, high)| high)
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Each misconfiguration stops the producer at start with a message that
+/// names the problem and says how to fix it.
+#[tokio::test(flavor = "multi_thread")]
+async fn misconfiguration_fails_fast_with_a_fix() {
+    let h = Harness::new("misconf").await;
+    let keyless = h.table("keyless");
+    h.create_table(&keyless, "v text").await;
+    let good = h.table("good");
+    h.create_table(&good, "id int PRIMARY KEY").await;
+
+    let missing = h.config(&[&format!("{}_absent", h.name)], "");
+    let log = run_expecting_failure(&h, &missing, 0);
+    assert!(
+        log.contains(&format!("table public.{}_absent does not exist", h.name)),
+        "{log}"
+    );
+
+    let config = h.config(&[&keyless], "");
+    let log = run_expecting_failure(&h, &config, 1);
+    assert!(
+        log.contains(&format!("table public.{keyless} has no primary key")),
+        "{log}"
+    );
+    assert!(log.contains("REPLICA IDENTITY USING INDEX"), "{log}");
+
+    let config = h.config(&[&good], "create_publication = false");
+    let log = run_expecting_failure(&h, &config, 2);
+    assert!(
+        log.contains(&format!("publication {} does not exist", h.name)),
+        "{log}"
+    );
+    assert!(log.contains("CREATE PUBLICATION"), "{log}");
+
+    let config = h.config(&[&good], "");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let unreachable = h.dir.join("unreachable.toml");
+    std::fs::write(
+        &unreachable,
+        text.replace(&h.stack.kafka_brokers, "127.0.0.1:1"),
+    )
+    .expect("write");
+    let log = run_expecting_failure(&h, &unreachable, 3);
+    assert!(log.contains("cannot reach Kafka at 127.0.0.1:1"), "{log}");
+
+    let role = format!("{}_norepl", h.name);
+    h.pg.batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+        .await
+        .expect("role");
+    let url = url_for_role(&h.stack.pg_replication_url, &role, "pw");
+    let norepl = h.dir.join("norepl.toml");
+    std::fs::write(&norepl, text.replace(&h.stack.pg_replication_url, &url)).expect("write");
+    let log = run_expecting_failure(&h, &norepl, 4);
+    assert!(
+        log.contains(&format!("role {role} may not replicate")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("ALTER ROLE {role} WITH REPLICATION")),
+        "{log}"
+    );
+
+    // A slot moved past what Tidemark confirmed (another reader consumed it).
+    let mut producer = h.start(&config, 5);
+    h.wait_ready(&mut producer, 5).await;
+    h.stop(producer, 5);
+    h.pg.batch_execute(&format!("INSERT INTO {good} VALUES (1)"))
+        .await
+        .expect("change");
+    h.pg.execute(
+        "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+        &[&h.name],
+    )
+    .await
+    .expect("advance the slot behind Tidemark's back");
+    let log = run_expecting_failure(&h, &config, 6);
+    assert!(
+        log.contains("past the last position Tidemark confirmed"),
+        "{log}"
+    );
+
+    h.cleanup(&[&keyless, &good]).await;
+    let _ = h.pg.batch_execute(&format!("DROP ROLE {role}")).await;
+}
+
+fn url_for_role(url: &str, role: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("scheme");
+    let host = rest.split_once('@').map(|(_, h)| h).unwrap_or(rest);
+    format!("{scheme}://{role}:{password}@{host}")
+}
