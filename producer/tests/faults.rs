@@ -207,7 +207,7 @@ async fn million_row_transaction_goes_through() {
     let topic = h.topic(&table);
     let deadline = Instant::now() + Duration::from_secs(600);
     let total = loop {
-        let total = high_watermark_sum(&h.stack.kafka_brokers, &topic);
+        let total = high_watermark_sum_if_exists(&h.stack.kafka_brokers, &topic);
         if total >= ROWS || Instant::now() > deadline {
             break total;
         }
@@ -244,31 +244,6 @@ async fn million_row_transaction_goes_through() {
     }
     h.stop(producer, 0);
     h.cleanup(&[&table]).await;
-}
-
-fn high_watermark_sum(brokers: &str, topic: &str) -> i64 {
-    use rdkafka::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
-    (0..partitions as i32)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map(|(_, high)| high)
-                .unwrap_or(0)
-        })
-        .sum()
 }
 
 /// Each misconfiguration stops the producer at start with a message that
@@ -359,4 +334,85 @@ fn url_for_role(url: &str, role: &str, password: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("scheme");
     let host = rest.split_once('@').map(|(_, h)| h).unwrap_or(rest);
     format!("{scheme}://{role}:{password}@{host}")
+}
+
+/// A snapshot killed half-way is taken again on the next start: every row
+/// reaches Kafka (rows sent twice are harmless, they carry the same version).
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_snapshot_is_completed_on_restart() {
+    const ROWS: i64 = 100_000;
+    let h = Harness::new("resnap").await;
+    let table = h.table("rows");
+    h.create_table(&table, "id int PRIMARY KEY, v text").await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, repeat('x', 100) FROM generate_series(1, {ROWS}) g"
+    ))
+    .await
+    .expect("seed");
+    let config = h.config(&[&table], "snapshot_fetch_rows = 500");
+    let topic = h.topic(&table);
+    let mut producer = h.start(&config, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let sent = high_watermark_sum_if_exists(&h.stack.kafka_brokers, &topic);
+        if sent > 0 {
+            assert!(
+                sent < ROWS,
+                "snapshot finished before it could be interrupted ({sent} rows)"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot never started:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    producer.kill().expect("kill -9 mid-snapshot");
+    producer.wait().expect("reap");
+
+    let mut producer = h.start(&config, 1);
+    h.wait_ready(&mut producer, 1).await;
+    let records = h.read_until(&topic, |records| {
+        let ids: std::collections::HashSet<i64> = records
+            .iter()
+            .filter_map(|r| r.event.key["id"].as_i64())
+            .collect();
+        ids.len() as i64 == ROWS
+    });
+    h.stop(producer, 1);
+    assert!(
+        h.log(1).contains("snapshot was interrupted"),
+        "{}",
+        h.log(1)
+    );
+    assert!(records.len() as i64 >= ROWS);
+    h.cleanup(&[&table]).await;
+}
+
+/// Records in all partitions of `topic`; 0 while it does not exist yet.
+fn high_watermark_sum_if_exists(brokers: &str, topic: &str) -> i64 {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
+        return 0;
+    };
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    (0..partitions as i32)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(2))
+                .map(|(_, high)| high)
+                .unwrap_or(0)
+        })
+        .sum()
 }
