@@ -8,9 +8,18 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use tidemark_schemas::{Lsn, Operation, Source};
 
+const OPERATIONS: [Operation; 5] = [
+    Operation::Snapshot,
+    Operation::Insert,
+    Operation::Update,
+    Operation::Delete,
+    Operation::Truncate,
+];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    events: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Events by (schema, table), counted per operation.
+    events: Mutex<BTreeMap<(String, String), [u64; OPERATIONS.len()]>>,
     dead_letters: AtomicU64,
     delivery_errors: AtomicU64,
     confirmed_lsn: AtomicU64,
@@ -25,9 +34,20 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn event(&self, source: &Source, op: Operation) {
-        if let Ok(mut events) = self.events.lock() {
-            *events.entry((source.qualified(), op.as_str())).or_default() += 1;
-        }
+        let Ok(mut events) = self.events.lock() else {
+            return;
+        };
+        // Look up without allocating; a table's first event creates its row.
+        let counts = match events
+            .iter_mut()
+            .find(|(k, _)| k.0 == source.schema && k.1 == source.table)
+        {
+            Some((_, counts)) => counts,
+            None => events
+                .entry((source.schema.clone(), source.table.clone()))
+                .or_default(),
+        };
+        counts[op as usize] += 1;
     }
     pub fn dead_letter(&self) {
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
@@ -60,11 +80,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE tidemark_producer_events_total counter");
         if let Ok(events) = self.events.lock() {
-            for ((table, op), n) in events.iter() {
-                let _ = writeln!(
-                    out,
-                    "tidemark_producer_events_total{{table=\"{table}\",op=\"{op}\"}} {n}"
-                );
+            for ((schema, table), counts) in events.iter() {
+                for op in OPERATIONS {
+                    let n = counts[op as usize];
+                    if n > 0 {
+                        let op = op.as_str();
+                        let _ = writeln!(
+                            out,
+                            "tidemark_producer_events_total{{table=\"{schema}.{table}\",op=\"{op}\"}} {n}"
+                        );
+                    }
+                }
             }
         }
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: String| {
