@@ -2,17 +2,11 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: demo test lint stack-up stack-down stack-status
+.PHONY: demo demo-stop test lint stack-up stack-down stack-status
 
-## demo: start the local stack and run the demo pipeline.
-demo: stack-up
-	@echo
-	@echo "The local stack is up (PostgreSQL, Kafka, OpenSearch on loopback):"
-	@dev/stack status
-	@echo
-	@echo "The producer and consumer are not built yet, so there is no pipeline"
-	@echo "to run on it. Connect to the services with: eval \"\$$(dev/stack env)\""
-	@echo "Stop them with: dev/stack down"
+## demo: start the local stack and run the demo pipeline (see dev/demo).
+demo:
+	dev/demo
 
 ## test: start the local stack if needed, then run every test against it.
 test: stack-up
@@ -22,6 +16,9 @@ test: stack-up
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+demo-stop:
+	dev/demo stop
 
 stack-up:
 	dev/stack up

@@ -44,7 +44,7 @@ pub enum SnapshotError {
         #[source]
         source: SourceError,
     },
-    #[error("snapshot of {table}: PostgreSQL failed: {source}")]
+    #[error("snapshot of {table}: PostgreSQL failed: {}", crate::source::pg_text(.source))]
     Query {
         table: String,
         #[source]

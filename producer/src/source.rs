@@ -24,7 +24,8 @@ pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,MDY -c TimeZone=UTC -c Inter
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(
-        "cannot connect to PostgreSQL at {url}: {source}. Check postgres.url and TIDEMARK_PG_PASSWORD"
+        "cannot connect to PostgreSQL at {url}: {}. Check postgres.url and TIDEMARK_PG_PASSWORD",
+        pg_text(.source)
     )]
     Connect {
         url: String,
@@ -54,6 +55,10 @@ pub enum SourceError {
     )]
     NoSelect { role: String, table: String },
     #[error(
+        "role {role} cannot use schema {schema} (needed for the snapshot). Run GRANT USAGE ON SCHEMA {schema} TO {role}"
+    )]
+    NoSchemaUsage { role: String, schema: String },
+    #[error(
         "publication {publication} does not exist and producer.create_publication is false. Create it: \
          CREATE PUBLICATION {publication} FOR TABLE {tables}"
     )]
@@ -64,8 +69,8 @@ pub enum SourceError {
     )]
     NotPublished { publication: String, table: String },
     #[error(
-        "cannot create or change publication {publication}: {source}. Creating a publication for tables needs \
-         their owner: run `{sql}` as the owner, or grant ownership"
+        "cannot create or change publication {publication}: {}. Creating a publication for tables needs \
+         their owner: run `{sql}` as the owner, or grant ownership", pg_text(.source)
     )]
     PublicationDenied {
         publication: String,
@@ -92,12 +97,23 @@ pub enum SourceError {
          SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'), or allow create_slot"
     )]
     NoSlot { slot: String },
-    #[error("PostgreSQL query failed ({what}): {source}")]
+    #[error("PostgreSQL query failed ({what}): {}", pg_text(.source))]
     Query {
         what: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+/// The server's own message for a database error (tokio-postgres displays
+/// only "db error"), else the error itself.
+pub fn pg_text(error: &tokio_postgres::Error) -> String {
+    use std::error::Error;
+    match (error.as_db_error(), error.source()) {
+        (Some(db), _) => format!("{}: {}", db.severity(), db.message()),
+        (None, Some(cause)) => format!("{error}: {cause}"),
+        (None, None) => error.to_string(),
+    }
 }
 
 fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
@@ -236,7 +252,8 @@ pub async fn describe_table(
     let qualified = format!("{schema}.{name}");
     let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT'), current_user::text
+            "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT'), current_user::text,
+                    has_schema_privilege(n.oid, 'USAGE')
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name],
@@ -246,6 +263,13 @@ pub async fn describe_table(
         .ok_or_else(|| SourceError::NoSuchTable(qualified.clone()))?;
     let oid: u32 = row.get(0);
     let can_select: bool = row.get(2);
+    let can_use_schema: bool = row.get(4);
+    if !can_use_schema {
+        return Err(SourceError::NoSchemaUsage {
+            role: row.get(3),
+            schema: schema.to_owned(),
+        });
+    }
     if !can_select {
         return Err(SourceError::NoSelect {
             role: row.get(3),
