@@ -137,14 +137,26 @@ async fn decode_ceiling(pg: &Client, stack: &Stack, rows: usize, payload: usize)
     rows as f64 / elapsed.as_secs_f64()
 }
 
+/// Killed when dropped, so a failed assertion leaves no producer behind.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 struct Producer {
-    child: std::process::Child,
+    child: Guard,
     name: String,
     table: String,
     port: u16,
 }
 
-fn start_producer(stack: &Stack, table: &str, name: &str, port: u16) -> std::process::Child {
+fn start_producer(stack: &Stack, table: &str, name: &str, port: u16) -> Guard {
     let dir = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("bench.toml");
@@ -159,13 +171,15 @@ fn start_producer(stack: &Stack, table: &str, name: &str, port: u16) -> std::pro
     )
     .expect("config");
     let log = std::fs::File::create(dir.join("producer.log")).expect("log");
-    Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .spawn()
-        .expect("start producer")
+    Guard(
+        Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .expect("start producer"),
+    )
 }
 
 async fn wait_ready(port: u16) {
@@ -187,11 +201,11 @@ async fn wait_ready(port: u16) {
     }
 }
 
-fn stop(child: &mut std::process::Child) {
+fn stop(child: &mut Guard) {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status();
-    let _ = child.wait();
+    let _ = child.0.wait();
 }
 
 fn topic_records(brokers: &str, topic: &str) -> i64 {
@@ -290,7 +304,7 @@ async fn big_transaction_rss(pg: &Client, stack: &Stack, rows: usize) -> u64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status =
-        std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).expect("proc status");
+        std::fs::read_to_string(format!("/proc/{}/status", p.child.0.id())).expect("proc status");
     let peak = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))

@@ -416,3 +416,38 @@ fn high_watermark_sum_if_exists(brokers: &str, topic: &str) -> i64 {
         })
         .sum()
 }
+
+/// Pointed at a server without logical WAL, or at a standby, the producer
+/// refuses to start and says how to fix it. Both servers are throwaway
+/// clusters this test starts, since the shared stack must stay logical.
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_level_and_standby_are_refused_with_a_fix() {
+    use tidemark_testkit::scratch::ScratchPostgres;
+    let h = Harness::new("scratch").await;
+    let text = std::fs::read_to_string(h.config(&["whatever"], "")).expect("config");
+    let pointed_at = |url: &str, file: &str| {
+        let path = h.dir.join(file);
+        std::fs::write(&path, text.replace(&h.stack.pg_replication_url, url))
+            .expect("write config");
+        path
+    };
+
+    let replica_wal = ScratchPostgres::primary(&[("wal_level", "replica")]);
+    let log = run_expecting_failure(&h, &pointed_at(&replica_wal.url(), "replica.toml"), 0);
+    assert!(
+        log.contains("wal_level is 'replica', but logical replication needs 'logical'"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{log}"
+    );
+
+    let primary = ScratchPostgres::primary(&[("wal_level", "logical")]);
+    let standby = primary.standby();
+    let log = run_expecting_failure(&h, &pointed_at(&standby.url(), "standby.toml"), 1);
+    assert!(
+        log.contains("is a standby (in recovery). Point postgres.url at the primary"),
+        "{log}"
+    );
+}

@@ -284,3 +284,61 @@ async fn unchanged_toast_is_marked_or_carried() {
     assert_eq!(body.len(), body_len);
     h.cleanup(&[&plain, &full]).await;
 }
+
+/// A row larger than `producer.max_event_bytes` goes to the dead-letter
+/// topic with table, key, LSN and reason (no row contents), and the stream
+/// goes on with the next change.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_row_goes_to_the_dead_letter_topic_and_the_stream_goes_on() {
+    let h = Harness::new("dlq").await;
+    let table = h.table("docs");
+    h.create_table(&table, "id int PRIMARY KEY, body text")
+        .await;
+    let config = h.config(&[&table], "max_event_bytes = 4096");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES (1, 'small');
+         INSERT INTO {table} VALUES (2, repeat('secret', 2000));
+         INSERT INTO {table} VALUES (3, 'after the big one');"
+    ))
+    .await
+    .expect("workload");
+    let records = h.read_until(&h.topic(&table), |r| r.len() >= 2);
+    let dead = support::read_raw(
+        &h.stack.kafka_brokers,
+        &format!("{}.dead-letter", h.name),
+        1,
+    );
+    h.stop(producer, 0);
+
+    let mut ids: Vec<i64> = records
+        .iter()
+        .filter_map(|r| r.event.key["id"].as_i64())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        [1, 3],
+        "the oversized row is not in the table topic, the next one is"
+    );
+    let letter: Value = serde_json::from_slice(&dead[0]).expect("dead letter is JSON");
+    assert_eq!(letter["table"], json!(format!("public.{table}")));
+    assert_eq!(letter["key"], json!({"id": 2}));
+    assert_eq!(letter["stage"], json!("producer"));
+    assert!(
+        letter["lsn"].as_str().is_some_and(|l| l.contains('/')),
+        "{letter}"
+    );
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("exceeds producer.max_event_bytes (4096)")),
+        "{letter}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&dead[0]).contains("secret"),
+        "no row contents in the dead letter"
+    );
+    h.cleanup(&[&table]).await;
+}

@@ -12,6 +12,8 @@
 //! [`unique_name`]s, so tests running in parallel never see each other's
 //! data, and no test touches anything it did not create.
 
+pub mod scratch;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -24,6 +24,33 @@ pub struct Harness {
     pub http_port: u16,
 }
 
+/// A running producer process. Dropping it kills the process, so a failing
+/// test never leaves a producer (and its walsender) behind.
+#[derive(Debug)]
+pub struct Producer(Child);
+
+impl std::ops::Deref for Producer {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Producer {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// One record read back from a table topic.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -108,10 +135,10 @@ impl Harness {
     }
 
     /// Starts the producer binary; its log goes to `<dir>/producer-<n>.log`.
-    pub fn start(&self, config: &PathBuf, run: usize) -> Child {
+    pub fn start(&self, config: &PathBuf, run: usize) -> Producer {
         let log =
             std::fs::File::create(self.dir.join(format!("producer-{run}.log"))).expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
+        let child = Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info,tidemark_producer=debug")
@@ -120,7 +147,8 @@ impl Harness {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start tidemark-producer")
+            .expect("start tidemark-producer");
+        Producer(child)
     }
 
     pub fn log(&self, run: usize) -> String {
@@ -128,7 +156,7 @@ impl Harness {
     }
 
     /// Waits until `/readyz` answers 200.
-    pub async fn wait_ready(&self, child: &mut Child, run: usize) {
+    pub async fn wait_ready(&self, child: &mut Producer, run: usize) {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -153,7 +181,7 @@ impl Harness {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    pub fn stop(&self, mut child: Child, run: usize) {
+    pub fn stop(&self, mut child: Producer, run: usize) {
         let pid = child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -314,4 +342,30 @@ pub fn read_topic(
         });
         check = records.len() % 1000 == 0;
     }
+}
+
+/// The first `count` record values of a topic (any format), from the start.
+pub fn read_raw(brokers: &str, topic: &str, count: usize) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("raw"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    while out.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: only {} of {count} records in 60 s",
+            out.len()
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.expect("consume");
+            out.push(message.payload().unwrap_or_default().to_vec());
+        }
+    }
+    out
 }

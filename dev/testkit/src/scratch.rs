@@ -1,0 +1,233 @@
+//! Throwaway PostgreSQL clusters for tests that need a server configured
+//! differently from the shared stack (`wal_level=replica`, a standby), which
+//! must never be reconfigured under other tests.
+//!
+//! A cluster lives in its own directory under /var/tmp, listens on a free
+//! loopback port, runs as the `postgres` OS user when we are root (it
+//! refuses root), and is stopped and deleted when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::unique_name;
+
+/// The superuser's password in every scratch cluster.
+pub const PASSWORD: &str = "scratch";
+
+#[derive(Debug)]
+pub struct ScratchPostgres {
+    pub dir: PathBuf,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server packages under /usr/lib/postgresql (dev/stack up installs them)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("an initdb under /usr/lib/postgresql/*/bin")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL program as the cluster owner.
+fn run(program: &Path, args: &[&str]) {
+    let status = if is_root() {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(program)
+            .args(args)
+            .status()
+    } else {
+        Command::new(program).args(args).status()
+    }
+    .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    assert!(
+        status.success(),
+        "{} {args:?} failed: {status}",
+        program.display()
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn owned_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from("/var/tmp").join(unique_name(name));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+        assert!(ok.is_ok_and(|s| s.success()), "chown {}", dir.display());
+    }
+    dir
+}
+
+impl ScratchPostgres {
+    /// A new primary with the given `postgresql.conf` settings.
+    pub fn primary(settings: &[(&str, &str)]) -> ScratchPostgres {
+        let bin = pg_bin();
+        let dir = owned_dir("scratch_pg");
+        let data = dir.join("data");
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, PASSWORD).expect("pwfile");
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["postgres"])
+                .arg(&pwfile)
+                .status();
+        }
+        let data_arg = data.display().to_string();
+        let pw_arg = format!("--pwfile={}", pwfile.display());
+        run(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                &data_arg,
+                "-U",
+                "postgres",
+                &pw_arg,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let mut conf = String::from("\n# scratch cluster\nlisten_addresses = '127.0.0.1'\n");
+        conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.display()));
+        for (name, value) in settings {
+            conf.push_str(&format!("{name} = '{value}'\n"));
+        }
+        append(&data.join("postgresql.conf"), &conf);
+        append(
+            &data.join("pg_hba.conf"),
+            "host replication all 127.0.0.1/32 scram-sha-256\n",
+        );
+        let mut cluster = ScratchPostgres { dir, port: 0, bin };
+        cluster.start();
+        cluster
+    }
+
+    /// A streaming standby of this cluster (read-only, in recovery).
+    pub fn standby(&self) -> ScratchPostgres {
+        let dir = owned_dir("scratch_standby");
+        let data = dir.join("data");
+        let data_arg = data.display().to_string();
+        let port = self.port.to_string();
+        let program = self.bin.join("pg_basebackup");
+        let status = if is_root() {
+            Command::new("runuser")
+                .args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    "env",
+                    &format!("PGPASSWORD={PASSWORD}"),
+                ])
+                .arg(&program)
+                .args([
+                    "-D",
+                    &data_arg,
+                    "-R",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                ])
+                .status()
+        } else {
+            Command::new(&program)
+                .env("PGPASSWORD", PASSWORD)
+                .args([
+                    "-D",
+                    &data_arg,
+                    "-R",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                ])
+                .status()
+        }
+        .expect("pg_basebackup");
+        assert!(status.success(), "pg_basebackup failed: {status}");
+        append(
+            &data.join("postgresql.conf"),
+            &format!("\nunix_socket_directories = '{}'\n", dir.display()),
+        );
+        let mut standby = ScratchPostgres {
+            dir,
+            port: 0,
+            bin: self.bin.clone(),
+        };
+        standby.start();
+        standby
+    }
+
+    fn start(&mut self) {
+        self.port = free_port();
+        let data = self.dir.join("data").display().to_string();
+        let log = self.dir.join("postgres.log").display().to_string();
+        let options = format!("-p {}", self.port);
+        run(
+            &self.bin.join("pg_ctl"),
+            &["-D", &data, "-l", &log, "-o", &options, "-w", "start"],
+        );
+    }
+
+    /// Superuser URL.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open conf");
+    file.write_all(text.as_bytes()).expect("append conf");
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data").display().to_string();
+        let program = self.bin.join("pg_ctl");
+        let _ = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(["-D", &data, "-m", "immediate", "stop"])
+                .status()
+        } else {
+            Command::new(&program)
+                .args(["-D", &data, "-m", "immediate", "stop"])
+                .status()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
