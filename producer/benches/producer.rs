@@ -19,8 +19,6 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use tidemark_testkit::{Stack, unique_name};
 use tokio_postgres::{Client, NoTls};
 
@@ -208,29 +206,6 @@ fn stop(child: &mut Guard) {
     let _ = child.0.wait();
 }
 
-fn topic_records(brokers: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("consumer");
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-        return 0;
-    };
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
-    (0..partitions as i32)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(5))
-                .map(|(_, h)| h)
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -272,7 +247,7 @@ async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) 
     let topic = format!("{}.public.{}", p.name, p.table);
     let started = Instant::now();
     p.child = start_producer(stack, &p.table, &p.name, p.port);
-    while topic_records(&stack.kafka_brokers, &topic) < rows as i64 {
+    while tidemark_testkit::topic_record_count(&stack.kafka_brokers, &topic) < rows as i64 {
         assert!(
             started.elapsed() < Duration::from_secs(1800),
             "producer did not catch up"
@@ -296,7 +271,7 @@ async fn big_transaction_rss(pg: &Client, stack: &Stack, rows: usize) -> u64 {
     .expect("big transaction");
     let topic = format!("{}.public.{}", p.name, p.table);
     let started = Instant::now();
-    while topic_records(&stack.kafka_brokers, &topic) < rows as i64 {
+    while tidemark_testkit::topic_record_count(&stack.kafka_brokers, &topic) < rows as i64 {
         assert!(
             started.elapsed() < Duration::from_secs(1800),
             "big transaction did not arrive"

@@ -153,32 +153,8 @@ async fn slot_advances_while_captured_tables_are_idle() {
     ))
     .await
     .expect("write elsewhere");
-    let target: String =
-        h.pg.query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .expect("lsn")
-            .get(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let reached: bool = h
-            .pg
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&h.name, &target],
-            )
-            .await
-            .expect("slot")
-            .get(0);
-        if reached {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot stayed behind {target} for 60 s:\n{}",
-            h.log(0)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let target = h.current_wal_lsn().await;
+    h.wait_slot_confirmed(&target, 0).await;
     h.stop(producer, 0);
     h.cleanup(&[&captured, &other]).await;
 }
@@ -199,15 +175,11 @@ async fn million_row_transaction_goes_through() {
     ))
     .await
     .expect("one big transaction");
-    let after_insert: String =
-        h.pg.query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .expect("lsn")
-            .get(0);
+    let after_insert = h.current_wal_lsn().await;
     let topic = h.topic(&table);
     let deadline = Instant::now() + Duration::from_secs(600);
     let total = loop {
-        let total = high_watermark_sum_if_exists(&h.stack.kafka_brokers, &topic);
+        let total = tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &topic);
         if total >= ROWS || Instant::now() > deadline {
             break total;
         }
@@ -221,27 +193,7 @@ async fn million_row_transaction_goes_through() {
     );
     // And the slot is confirmed past the transaction once all of it was
     // acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let past: bool = h
-            .pg
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&h.name, &after_insert],
-            )
-            .await
-            .expect("slot")
-            .get(0);
-        if past {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot not confirmed past {after_insert}:\n{}",
-            h.log(0)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    h.wait_slot_confirmed(&after_insert, 0).await;
     h.stop(producer, 0);
     h.cleanup(&[&table]).await;
 }
@@ -354,7 +306,7 @@ async fn interrupted_snapshot_is_completed_on_restart() {
     let mut producer = h.start(&config, 0);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let sent = high_watermark_sum_if_exists(&h.stack.kafka_brokers, &topic);
+        let sent = tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &topic);
         if sent > 0 {
             assert!(
                 sent < ROWS,
@@ -389,32 +341,6 @@ async fn interrupted_snapshot_is_completed_on_restart() {
     );
     assert!(records.len() as i64 >= ROWS);
     h.cleanup(&[&table]).await;
-}
-
-/// Records in all partitions of `topic`; 0 while it does not exist yet.
-fn high_watermark_sum_if_exists(brokers: &str, topic: &str) -> i64 {
-    use rdkafka::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("consumer");
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
-        return 0;
-    };
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
-    (0..partitions as i32)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(2))
-                .map(|(_, high)| high)
-                .unwrap_or(0)
-        })
-        .sum()
 }
 
 /// Pointed at a server without logical WAL, or at a standby, the producer

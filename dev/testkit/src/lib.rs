@@ -101,6 +101,35 @@ fn parse_env_file(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// Records in all partitions of `topic` (the sum of high watermarks); 0
+/// while the topic does not exist yet.
+pub fn topic_record_count(brokers: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let timeout = std::time::Duration::from_secs(5);
+    let Ok(consumer) = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create::<BaseConsumer>()
+    else {
+        return 0;
+    };
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), timeout) else {
+        return 0;
+    };
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    (0..partitions as i32)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map(|(_, high)| high)
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// A name no other test run will use: `prefix` plus 12 random hex digits.
 ///
 /// Lower-case ASCII letters, digits and `_` only, so it is valid unquoted as

@@ -41,18 +41,30 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A command running `program` as the cluster owner (`postgres` when we
+/// are root), with `env` set.
+fn as_owner(program: &Path, env: &[(&str, &str)]) -> Command {
+    let mut command = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "env"]);
+        c.args(env.iter().map(|(k, v)| format!("{k}={v}")));
+        c.arg(program);
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.envs(env.iter().copied());
+        c
+    };
+    command.stdin(std::process::Stdio::null());
+    command
+}
+
 /// Runs a PostgreSQL program as the cluster owner.
 fn run(program: &Path, args: &[&str]) {
-    let status = if is_root() {
-        Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(program)
-            .args(args)
-            .status()
-    } else {
-        Command::new(program).args(args).status()
-    }
-    .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    let status = as_owner(program, &[])
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
     assert!(
         status.success(),
         "{} {args:?} failed: {status}",
@@ -130,46 +142,20 @@ impl ScratchPostgres {
         let data = dir.join("data");
         let data_arg = data.display().to_string();
         let port = self.port.to_string();
-        let program = self.bin.join("pg_basebackup");
-        let status = if is_root() {
-            Command::new("runuser")
-                .args([
-                    "-u",
-                    "postgres",
-                    "--",
-                    "env",
-                    &format!("PGPASSWORD={PASSWORD}"),
-                ])
-                .arg(&program)
-                .args([
-                    "-D",
-                    &data_arg,
-                    "-R",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-U",
-                    "postgres",
-                ])
-                .status()
-        } else {
-            Command::new(&program)
-                .env("PGPASSWORD", PASSWORD)
-                .args([
-                    "-D",
-                    &data_arg,
-                    "-R",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-U",
-                    "postgres",
-                ])
-                .status()
-        }
-        .expect("pg_basebackup");
+        let status = as_owner(&self.bin.join("pg_basebackup"), &[("PGPASSWORD", PASSWORD)])
+            .args([
+                "-D",
+                &data_arg,
+                "-R",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+            ])
+            .status()
+            .expect("pg_basebackup");
         assert!(status.success(), "pg_basebackup failed: {status}");
         append(
             &data.join("postgresql.conf"),
@@ -216,18 +202,9 @@ fn append(path: &Path, text: &str) {
 impl Drop for ScratchPostgres {
     fn drop(&mut self) {
         let data = self.dir.join("data").display().to_string();
-        let program = self.bin.join("pg_ctl");
-        let _ = if is_root() {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&program)
-                .args(["-D", &data, "-m", "immediate", "stop"])
-                .status()
-        } else {
-            Command::new(&program)
-                .args(["-D", &data, "-m", "immediate", "stop"])
-                .status()
-        };
+        let _ = as_owner(&self.bin.join("pg_ctl"), &[])
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

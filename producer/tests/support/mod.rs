@@ -213,6 +213,40 @@ impl Harness {
         )
     }
 
+    /// The server's current WAL position.
+    pub async fn current_wal_lsn(&self) -> String {
+        self.pg
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0)
+    }
+
+    /// Waits (up to 60 s) until the slot is confirmed at or past `lsn`.
+    pub async fn wait_slot_confirmed(&self, lsn: &str, run: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reached: bool = self
+                .pg
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.name, &lsn],
+                )
+                .await
+                .expect("slot")
+                .get(0);
+            if reached {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot stayed behind {lsn} for 60 s:\n{}",
+                self.log(run)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     pub async fn confirmed_flush(&self) -> Option<String> {
         self.pg
             .query_opt(
