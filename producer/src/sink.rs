@@ -56,7 +56,7 @@ pub enum SinkError {
         "cannot create topic {topic}: {reason}. Create it yourself or give Tidemark's Kafka user CREATE rights"
     )]
     CreateTopic { topic: String, reason: String },
-    #[error("topic {0} has no partitions in the broker's metadata")]
+    #[error("topic {0} has no partitions with a leader in the broker's metadata after 30 s")]
     NoPartitions(String),
     #[error("Kafka did not accept the record for {topic} (commit LSN {lsn}): {source}")]
     Send {
@@ -165,23 +165,8 @@ impl Sink {
 
         let mut partitions = HashMap::new();
         for topic in table_topics {
-            let probe = producer.clone();
-            let name = topic.clone();
-            let metadata = tokio::task::spawn_blocking(move || {
-                probe.client().fetch_metadata(Some(&name), CONNECT_TIMEOUT)
-            })
-            .await
-            .map_err(|_| SinkError::Client(KafkaError::Canceled))?
-            .map_err(SinkError::Client)?;
-            let count = metadata
-                .topics()
-                .first()
-                .map(|t| t.partitions().len())
-                .unwrap_or(0);
-            if count == 0 {
-                return Err(SinkError::NoPartitions(topic));
-            }
-            partitions.insert(topic, count as i32);
+            let count = wait_for_partitions(&producer, &topic).await?;
+            partitions.insert(topic, count);
         }
         Ok(Sink {
             producer,
@@ -330,6 +315,42 @@ fn commit_millis(commit_time: &str) -> Option<i64> {
         .parse::<jiff::Timestamp>()
         .ok()
         .map(|t| t.as_millisecond())
+}
+
+/// How long a topic just created may take to show up with leaders for all
+/// its partitions (a fresh broker elects them after `CreateTopics` returns).
+const TOPIC_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The partition count of `topic`, once every partition has a leader.
+pub async fn wait_for_partitions(producer: &FutureProducer, topic: &str) -> Result<i32, SinkError> {
+    let deadline = tokio::time::Instant::now() + TOPIC_READY_TIMEOUT;
+    loop {
+        // fetch_metadata blocks on the network; keep it off the async workers.
+        let probe = producer.clone();
+        let name = topic.to_owned();
+        let ready = tokio::task::spawn_blocking(move || {
+            let metadata = probe
+                .client()
+                .fetch_metadata(Some(&name), CONNECT_TIMEOUT)?;
+            Ok::<_, KafkaError>(metadata.topics().first().map(|t| {
+                let partitions = t.partitions();
+                let led = partitions
+                    .iter()
+                    .all(|p| p.leader() >= 0 && p.error().is_none());
+                (partitions.len(), led && t.error().is_none())
+            }))
+        })
+        .await
+        .map_err(|_| SinkError::Client(KafkaError::Canceled))?
+        .map_err(SinkError::Client)?;
+        match ready {
+            Some((count, true)) if count > 0 => return Ok(count as i32),
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(SinkError::NoPartitions(topic.to_owned()));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Fails with a how-to-fix error when no broker answers.

@@ -90,15 +90,38 @@ impl StateStore {
     }
 }
 
+/// Errors a just-created topic gives until its partition has a leader.
+fn is_not_ready(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            UnknownPartition
+                | UnknownTopicOrPartition
+                | UnknownTopic
+                | LeaderNotAvailable
+                | NotLeaderForPartition
+        )
+    )
+}
+
 fn read_latest(brokers: &str, topic: &str, slot: &str) -> Result<Option<SlotProgress>, SinkError> {
     let consumer: BaseConsumer = client_config(brokers)
         .set("group.id", "tidemark-producer-state-reader")
         .set("enable.auto.commit", "false")
         .create()
         .map_err(SinkError::Client)?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, READ_TIMEOUT)
-        .map_err(SinkError::Client)?;
+    // A state topic created a moment ago may not have a leader yet.
+    let deadline = std::time::Instant::now() + READ_TIMEOUT * 2;
+    let (low, high) = loop {
+        match consumer.fetch_watermarks(topic, 0, READ_TIMEOUT) {
+            Ok(marks) => break marks,
+            Err(error) if std::time::Instant::now() < deadline && is_not_ready(&error) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => return Err(SinkError::Client(error)),
+        }
+    };
     if high <= low {
         return Ok(None);
     }
