@@ -222,8 +222,12 @@ impl Stream {
         let acked = acker.await.map_err(|e| StreamError::Task(e.to_string()))?;
         let final_lsn = match acked {
             Ok(lsn) => lsn,
+            // The acker's error is the cause (a failed delivery); the
+            // reader then only saw its queue close.
             Err(error) => {
-                result?;
+                if let Err(reader) = &result {
+                    debug!(%reader, "reader stopped after the delivery failure");
+                }
                 return Err(error.into());
             }
         };
