@@ -247,17 +247,6 @@ impl Harness {
         }
     }
 
-    pub async fn confirmed_flush(&self) -> Option<String> {
-        self.pg
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.name],
-            )
-            .await
-            .expect("slot query")
-            .map(|r| r.get(0))
-    }
-
     /// Drops what the test created in PostgreSQL (slot, publication, tables).
     pub async fn cleanup(&self, tables: &[&str]) {
         let _ = self
