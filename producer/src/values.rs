@@ -171,6 +171,11 @@ pub fn to_json(mapping: &Mapping, text: &str) -> Result<Value, ValueError> {
         Mapping::Json => {
             serde_json::from_str(text).map_err(|e| fail(format!("invalid JSON: {e}")))?
         }
+        // PostgreSQL prints timestamps in ASCII; anything else is not one
+        // (and the byte offsets in iso_timestamp assume ASCII).
+        Mapping::Timestamp | Mapping::TimestampTz if !text.is_ascii() => {
+            return Err(fail(format!("{text:?} is not a timestamp")));
+        }
         Mapping::Timestamp => Value::String(iso_timestamp(text, false)),
         Mapping::TimestampTz => Value::String(iso_timestamp(text, true)),
         Mapping::Array(element) => parse_array(text, element).map_err(fail)?,
@@ -434,6 +439,10 @@ mod tests {
             (3802, "{"),
             (1007, "{1,2"),
             (1007, "{1}x"),
+            // Found by the `values` fuzz target: a multi-byte character
+            // across byte 19 made the zone search slice inside it.
+            (1184, "2026-11-22 10:15:0\u{1e4}+00"),
+            (1185, "{\"2026-11-22 10:15:0\u{1e4}+00\"}"),
         ];
         for (oid, text) in bad {
             let mapping = Mapping::builtin(oid).expect("built in");
