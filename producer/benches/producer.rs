@@ -14,6 +14,8 @@
 //!     while it was stopped) until Kafka acknowledged all N records;
 //! (c) the producer's peak RSS (VmHWM) while one transaction of a million
 //!     rows goes through.
+//! It also prints the producer's CPU time per change during (b), from
+//! /proc (user + system, 100 ticks/s), which varies far less than wall time.
 //! Goals (issue): (b)/(a) >= 0.5; (c) < 100 MB.
 
 use std::process::{Command, Stdio};
@@ -41,14 +43,15 @@ async fn main() {
 
     println!("producer bench: {rows} rows per run, big transaction {big} rows");
     println!(
-        "{:<8} {:>14} {:>16} {:>8}",
-        "row", "(a) decode/s", "(b) producer/s", "(b)/(a)"
+        "{:<8} {:>14} {:>16} {:>8} {:>16}",
+        "row", "(a) decode/s", "(b) producer/s", "(b)/(a)", "producer CPU/chg"
     );
     for (label, payload) in [("~200B", 170usize), ("~1KB", 990)] {
         let decode = decode_ceiling(&pg, &stack, rows, payload).await;
-        let produced = producer_rate(&pg, &stack, rows, payload).await;
+        let (produced, cpu_seconds) = producer_rate(&pg, &stack, rows, payload).await;
+        let cpu_micros = cpu_seconds * 1e6 / rows as f64;
         println!(
-            "{label:<8} {decode:>14.0} {produced:>16.0} {:>8.2}",
+            "{label:<8} {decode:>14.0} {produced:>16.0} {:>8.2} {cpu_micros:>13.1} us",
             produced / decode
         );
     }
@@ -239,7 +242,28 @@ async fn cleanup(pg: &Client, p: &Producer) {
         .await;
 }
 
-async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) -> f64 {
+/// CPU seconds (user + system) a process has used, from /proc. Steadier
+/// than wall time on a shared machine.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Changes per second of the catch-up, and the producer's CPU seconds for it.
+async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) -> (f64, f64) {
     // Create slot and topics, then stop, write the WAL, and time the catch-up.
     let mut p = new_producer(pg, stack, payload).await;
     stop(&mut p.child);
@@ -255,9 +279,10 @@ async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_seconds(p.child.0.id());
     stop(&mut p.child);
     cleanup(pg, &p).await;
-    rows as f64 / elapsed.as_secs_f64()
+    (rows as f64 / elapsed.as_secs_f64(), cpu)
 }
 
 /// Peak resident memory (kB) of the producer through one huge transaction.
