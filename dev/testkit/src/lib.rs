@@ -13,6 +13,7 @@
 //! data, and no test touches anything it did not create.
 
 pub mod scratch;
+pub mod topics;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

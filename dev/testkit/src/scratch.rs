@@ -208,3 +208,77 @@ impl Drop for ScratchPostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A throwaway OpenSearch node (`dev/stack opensearch-up` with a state
+/// directory and ports of its own), for tests that stop and restart
+/// OpenSearch: the shared node serves other tests meanwhile. Its data
+/// survives `stop`/`start`; the directory is deleted when dropped.
+#[derive(Debug)]
+pub struct ScratchOpenSearch {
+    pub dir: PathBuf,
+    pub port: u16,
+    transport_port: u16,
+}
+
+impl ScratchOpenSearch {
+    /// Starts a node on a free port in 9260..9299 (the runner only serves
+    /// 9201..9299) and waits until it answers.
+    pub fn start() -> ScratchOpenSearch {
+        let dir = PathBuf::from("/var/tmp").join(unique_name("tidemark_scratch_os"));
+        std::fs::create_dir_all(&dir).expect("scratch OpenSearch dir");
+        let port = (9260..9300)
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .expect("a free port in 9260..9299 for a scratch OpenSearch");
+        let transport_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free transport port");
+        let node = ScratchOpenSearch {
+            dir,
+            port,
+            transport_port,
+        };
+        node.up();
+        node
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stack(&self, command: &str) -> std::process::ExitStatus {
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../stack"))
+            .arg(command)
+            .env("TIDEMARK_STACK_DIR", &self.dir)
+            .env("TIDEMARK_STACK_OPENSEARCH_PORT", self.port.to_string())
+            .env(
+                "TIDEMARK_STACK_OPENSEARCH_TRANSPORT_PORT",
+                self.transport_port.to_string(),
+            )
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("run dev/stack")
+    }
+
+    /// Starts the node again (same data) and waits until it answers.
+    pub fn up(&self) {
+        let status = self.stack("opensearch-up");
+        assert!(
+            status.success(),
+            "scratch OpenSearch did not start; see {}/opensearch/opensearch.log",
+            self.dir.display()
+        );
+    }
+
+    /// Stops the node (SIGTERM, then SIGKILL after 30 s).
+    pub fn stop(&self) {
+        let _ = self.stack("opensearch-down");
+    }
+}
+
+impl Drop for ScratchOpenSearch {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
