@@ -36,10 +36,75 @@ pub const DEFAULT_SNAPSHOT_FETCH_ROWS: usize = 2_000;
 pub struct Config {
     pub postgres: Postgres,
     pub kafka: Kafka,
+    /// Where documents go. Needed by the consumer and replay, not by the
+    /// producer.
+    #[serde(default)]
+    pub opensearch: Option<OpenSearch>,
     #[serde(default)]
     pub producer: Producer,
     #[serde(default)]
+    pub consumer: Consumer,
+    #[serde(default)]
     pub tables: Vec<Table>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenSearch {
+    /// Base URL, e.g. `https://search.internal:9200`.
+    pub url: String,
+    /// Basic-auth user; the password comes from `TIDEMARK_OPENSEARCH_PASSWORD`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// Timeout of one request (a bulk included), in seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+impl fmt::Debug for OpenSearch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenSearch")
+            .field("url", &redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Kafka consumer group; run more consumers with the same group to share
+    /// the partitions.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// A bulk request is sent when its body reaches this size...
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// ...or when its first record has waited this long.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// `/readyz` fails when the oldest unapplied record is older than this.
+    #[serde(default = "default_ready_max_lag_secs")]
+    pub ready_max_lag_secs: u64,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[serde(default = "default_consumer_http_listen")]
+    pub http_listen: String,
+}
+
+impl Default for Consumer {
+    fn default() -> Self {
+        Consumer {
+            group_id: default_group_id(),
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_max_wait_ms: DEFAULT_BATCH_MAX_WAIT_MS,
+            ready_max_lag_secs: DEFAULT_READY_MAX_LAG_SECS,
+            http_listen: default_consumer_http_listen(),
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -152,9 +217,46 @@ impl Default for Producer {
 pub struct Table {
     /// `schema.table`.
     pub table: String,
+    /// Target index or alias; default: the table's topic name
+    /// (`<topic_prefix>.<schema>.<table>`), as Kafka Connect sinks do.
+    #[serde(default)]
+    pub index: Option<String>,
+    /// Key columns that make the document id, in order; default: every
+    /// primary-key column, in name order. Several columns are joined with
+    /// `/` (a `/` or `%` inside a value is percent-escaped).
+    #[serde(default)]
+    pub id: Option<Vec<String>>,
+    /// Only these columns go into the document (default: all).
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+    /// These columns stay out of the document.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Column name -> document field name.
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
+    /// Settings for an index the consumer creates, e.g.
+    /// `{ number_of_shards = 1, number_of_replicas = 0 }`.
+    #[serde(default)]
+    pub index_settings: Option<toml::Table>,
+    /// A JSON file with the index's `mappings` (relative paths are relative
+    /// to the config file), used when the consumer creates the index.
+    #[serde(default)]
+    pub mappings_file: Option<std::path::PathBuf>,
 }
 
 impl Table {
+    /// The target index (or alias) name.
+    pub fn index_name(&self, kafka: &Kafka) -> String {
+        match &self.index {
+            Some(index) => index.clone(),
+            None => {
+                let (schema, table) = self.parts();
+                kafka.table_topic(schema, table)
+            }
+        }
+    }
+
     /// The schema and table name (validated to have both).
     pub fn parts(&self) -> (&str, &str) {
         self.table
@@ -173,6 +275,35 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Default bulk size: OpenSearch's guidance is 5-15 MB per bulk request.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 5 * 1024 * 1024;
+/// Default longest wait before a partial bulk is sent; with OpenSearch's 1 s
+/// refresh this keeps commit-to-searchable well under 2 s.
+pub const DEFAULT_BATCH_MAX_WAIT_MS: u64 = 200;
+/// Default lag after which the consumer reports itself not ready.
+pub const DEFAULT_READY_MAX_LAG_SECS: u64 = 300;
+/// The field of every document that holds Tidemark's metadata (version,
+/// commit LSN and time, content hash, key). Reserved: no column may map to it.
+pub const META_FIELD: &str = "_tidemark";
+
+fn default_request_timeout_secs() -> u64 {
+    30
+}
+fn default_group_id() -> String {
+    "tidemark-consumer".into()
+}
+fn default_batch_max_bytes() -> usize {
+    DEFAULT_BATCH_MAX_BYTES
+}
+fn default_batch_max_wait_ms() -> u64 {
+    DEFAULT_BATCH_MAX_WAIT_MS
+}
+fn default_ready_max_lag_secs() -> u64 {
+    DEFAULT_READY_MAX_LAG_SECS
+}
+fn default_consumer_http_listen() -> String {
+    "127.0.0.1:9465".into()
+}
 fn default_topic_prefix() -> String {
     "tidemark".into()
 }
@@ -233,6 +364,22 @@ impl Config {
         config.postgres.password = set("TIDEMARK_PG_PASSWORD").map(Secret);
         if let Some(brokers) = set("TIDEMARK_KAFKA_BROKERS") {
             config.kafka.brokers = brokers;
+        }
+        if let Some(url) = set("TIDEMARK_OPENSEARCH_URL") {
+            match &mut config.opensearch {
+                Some(opensearch) => opensearch.url = url,
+                None => {
+                    config.opensearch = Some(OpenSearch {
+                        url,
+                        username: None,
+                        password: None,
+                        request_timeout_secs: default_request_timeout_secs(),
+                    })
+                }
+            }
+        }
+        if let Some(opensearch) = &mut config.opensearch {
+            opensearch.password = set("TIDEMARK_OPENSEARCH_PASSWORD").map(Secret);
         }
         config.validate()?;
         Ok(config)
@@ -309,6 +456,40 @@ impl Config {
                 "must be an address like 127.0.0.1:9464",
             ));
         }
+        if let Some(opensearch) = &self.opensearch {
+            if !(opensearch.url.starts_with("http://") || opensearch.url.starts_with("https://")) {
+                return Err(invalid(
+                    "opensearch.url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if opensearch.request_timeout_secs == 0 {
+                return Err(invalid(
+                    "opensearch.request_timeout_secs",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if self.consumer.group_id.trim().is_empty() {
+            return Err(invalid("consumer.group_id", "must not be empty"));
+        }
+        if self.consumer.batch_max_bytes < 1024 {
+            return Err(invalid("consumer.batch_max_bytes", "must be at least 1024"));
+        }
+        if self.consumer.batch_max_wait_ms == 0 {
+            return Err(invalid("consumer.batch_max_wait_ms", "must be at least 1"));
+        }
+        if self
+            .consumer
+            .http_listen
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(invalid(
+                "consumer.http_listen",
+                "must be an address like 127.0.0.1:9465",
+            ));
+        }
         if self.tables.is_empty() {
             return Err(invalid(
                 "tables",
@@ -339,6 +520,111 @@ impl Config {
                     format!("{:?} does not make a valid Kafka topic name", table.table),
                 ));
             }
+            table.validate_mapping(i, &self.kafka)?;
+        }
+        let mut indices = std::collections::HashMap::new();
+        for (i, table) in self.tables.iter().enumerate() {
+            if let Some(other) = indices.insert(table.index_name(&self.kafka), i) {
+                return Err(invalid(
+                    format!("tables[{i}].index"),
+                    format!(
+                        "{:?} is also the index of tables[{other}] ({}); each table needs its own index",
+                        table.index_name(&self.kafka),
+                        self.tables[other].table
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `[opensearch]` section, which the consumer and replay need.
+    pub fn opensearch(&self) -> Result<&OpenSearch, ConfigError> {
+        self.opensearch.as_ref().ok_or_else(|| {
+            invalid(
+                "opensearch",
+                "missing: add an [opensearch] section with url = \"http://host:9200\" (or set TIDEMARK_OPENSEARCH_URL)",
+            )
+        })
+    }
+
+    /// The configured table `schema.table`, if any.
+    pub fn table(&self, schema: &str, table: &str) -> Option<&Table> {
+        self.tables.iter().find(|t| t.parts() == (schema, table))
+    }
+}
+
+impl Table {
+    fn validate_mapping(&self, i: usize, kafka: &Kafka) -> Result<(), ConfigError> {
+        let index = self.index_name(kafka);
+        if !is_index_name(&index) {
+            return Err(invalid(
+                format!("tables[{i}].index"),
+                format!(
+                    "{index:?} is not a valid OpenSearch index name (lowercase; no spaces or \\/*?\"<>|,#; not starting with -, _ or +){}",
+                    if self.index.is_none() {
+                        "; set index = \"...\" for this table"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if let Some(id) = &self.id
+            && id.is_empty()
+        {
+            return Err(invalid(
+                format!("tables[{i}].id"),
+                "must list at least one key column",
+            ));
+        }
+        if self.include.is_some() && !self.exclude.is_empty() {
+            return Err(invalid(
+                format!("tables[{i}].exclude"),
+                "use include or exclude, not both",
+            ));
+        }
+        let mut targets = std::collections::HashMap::new();
+        for (column, field) in &self.rename {
+            let name = format!("tables[{i}].rename.{column}");
+            if field.is_empty() || field.starts_with('_') {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "{field:?}: document fields must not be empty or start with '_' (reserved by OpenSearch and for {META_FIELD})"
+                    ),
+                ));
+            }
+            if let Some(other) = targets.insert(field.as_str(), column.as_str()) {
+                return Err(invalid(
+                    name,
+                    format!("{field:?} is also the new name of column {other:?}"),
+                ));
+            }
+            if self.exclude.contains(column)
+                || self
+                    .include
+                    .as_ref()
+                    .is_some_and(|inc| !inc.contains(column))
+            {
+                return Err(invalid(
+                    name,
+                    format!("column {column:?} is not in the document (see include/exclude)"),
+                ));
+            }
+        }
+        // A kept, unrenamed column whose name a rename also produces would
+        // make two values for one field.
+        let kept = |c: &String| !self.exclude.contains(c) && !self.rename.contains_key(c);
+        if let Some(include) = &self.include {
+            for column in include.iter().filter(|c| kept(c)) {
+                if let Some(other) = targets.get(column.as_str()) {
+                    return Err(invalid(
+                        format!("tables[{i}].rename.{other}"),
+                        format!("{column:?} is also an included column's name"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -350,6 +636,17 @@ fn is_topic_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn is_index_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.starts_with(['-', '_', '+'])
+        && !name
+            .chars()
+            .any(|c| c.is_uppercase() || c.is_whitespace() || "\\/*?\"<>|,#:".contains(c))
 }
 
 fn is_pg_name(name: &str) -> bool {
@@ -448,6 +745,43 @@ mod tests {
                 MINIMAL.to_owned() + "[[tables]]\ntable = \"public.articles\"\n",
                 "tables[1].table: \"public.articles\" is listed twice",
             ),
+            (
+                MINIMAL.to_owned() + "include = [\"a\"]\nexclude = [\"b\"]\n",
+                "tables[0].exclude: use include or exclude, not both",
+            ),
+            (
+                MINIMAL.to_owned() + "rename = { a = \"x\", b = \"x\" }\n",
+                "tables[0].rename.b: \"x\" is also the new name of column \"a\"",
+            ),
+            (
+                MINIMAL.to_owned() + "rename = { a = \"_tidemark\" }\n",
+                "tables[0].rename.a:",
+            ),
+            (
+                MINIMAL.to_owned() + "exclude = [\"a\"]\nrename = { a = \"b\" }\n",
+                "tables[0].rename.a: column \"a\" is not in the document",
+            ),
+            (
+                MINIMAL.to_owned() + "index = \"Articles\"\n",
+                "tables[0].index: \"Articles\" is not a valid OpenSearch index name",
+            ),
+            (
+                MINIMAL.to_owned() + "id = []\n",
+                "tables[0].id: must list at least one key column",
+            ),
+            (
+                MINIMAL.to_owned()
+                    + "index = \"same\"\n[[tables]]\ntable = \"public.other\"\nindex = \"same\"\n",
+                "tables[1].index: \"same\" is also the index of tables[0]",
+            ),
+            (
+                MINIMAL.replace("[kafka]", "[consumer]\nbatch_max_wait_ms = 0\n[kafka]"),
+                "consumer.batch_max_wait_ms: must be at least 1",
+            ),
+            (
+                MINIMAL.replace("[kafka]", "[opensearch]\nurl = \"localhost:9200\"\n[kafka]"),
+                "opensearch.url: must be an http:// or https:// URL",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::from_toml(&text, no_env).expect_err(expected);
@@ -456,6 +790,26 @@ mod tests {
                 "{err} / expected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn opensearch_comes_from_the_file_or_the_environment() {
+        let config = Config::from_toml(MINIMAL, no_env).expect("valid");
+        let err = config.opensearch().expect_err("no [opensearch]");
+        assert!(err.to_string().starts_with("opensearch: missing"), "{err}");
+        let env = |name: &str| match name {
+            "TIDEMARK_OPENSEARCH_URL" => Some("http://10.0.0.2:9200".to_owned()),
+            "TIDEMARK_OPENSEARCH_PASSWORD" => Some("s3cret".to_owned()),
+            _ => None,
+        };
+        let config = Config::from_toml(MINIMAL, env).expect("valid");
+        let os = config.opensearch().expect("from the environment");
+        assert_eq!(os.url, "http://10.0.0.2:9200");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(
+            config.tables[0].index_name(&config.kafka),
+            "tidemark.public.articles"
+        );
     }
 
     #[test]
