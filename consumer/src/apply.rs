@@ -1,0 +1,561 @@
+//! The apply path: writes -> one `_bulk` request -> an outcome per write.
+//! This is the only code that writes documents; replay reuses it.
+//!
+//! - Every document write and delete carries `version = commit LSN` with
+//!   `version_type=external_gte`, so a stale, repeated or replayed write is a
+//!   version conflict (counted as stale), never an overwrite.
+//! - Inside one call, writes of the same document collapse to the last one
+//!   (per-key order is the input order). A truncate is a barrier: what comes
+//!   before it is applied first.
+//! - An update that did not carry unchanged TOAST fields takes them from an
+//!   earlier write of the same call, else from the current document (a
+//!   realtime multi-get), and then writes the whole document at its version.
+//!   If a newer write lands in between, ours is a version conflict, so the
+//!   old value can never come back over a newer one. With no current
+//!   document the fields stay absent and `_tidemark.incomplete` lists them,
+//!   so audit reports the document as stale and replay can repair it.
+//! - Items that fail with 429/5xx, and whole requests that fail to answer,
+//!   are retried with exponential backoff (`backon`), forever, in order,
+//!   until they succeed or the caller asks to stop. Items OpenSearch rejects
+//!   (mapping errors, too large) come back as `Rejected` with its reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{Value, json};
+use tidemark_schemas::Row;
+use tidemark_schemas::config::META_FIELD;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::mapping::{Write, content_hash, meta};
+use crate::search::{BulkItem, Search, SearchError};
+
+/// What became of one write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// OpenSearch holds it (a delete of an absent document included).
+    Applied,
+    /// A later write of the same document in the same call replaced it.
+    Superseded,
+    /// The index already had this version or a newer one.
+    Stale,
+    /// OpenSearch refused it and retrying cannot help; the reason is
+    /// OpenSearch's.
+    Rejected(String),
+}
+
+/// The caller asked to stop while OpenSearch was still being retried;
+/// nothing after the last successful write is known to be applied.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("stopped while retrying OpenSearch")]
+pub struct Interrupted;
+
+/// Counters the apply path keeps (rendered by the consumer's `/metrics`).
+#[derive(Debug, Default)]
+pub struct ApplyStats {
+    pub retries: AtomicU64,
+    pub bulk_requests: AtomicU64,
+    pub incomplete_toast: AtomicU64,
+    /// False from a failed request until the next successful one.
+    pub opensearch_up: AtomicBool,
+    /// Bulk latency histogram: counts per bucket of [`LATENCY_BUCKETS`],
+    /// plus the sum in microseconds.
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    pub latency_sum_micros: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the bulk latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+impl ApplyStats {
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.bulk_requests.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Applies writes to OpenSearch.
+#[derive(Debug, Clone)]
+pub struct Applier {
+    search: Arc<Search>,
+    stats: Arc<ApplyStats>,
+    backoff: ExponentialBuilder,
+}
+
+/// A write ready to send: its input position and its bulk lines.
+struct Prepared {
+    input: usize,
+    lines: Bytes,
+}
+
+impl Applier {
+    pub fn new(search: Arc<Search>, stats: Arc<ApplyStats>) -> Applier {
+        Applier {
+            search,
+            stats,
+            backoff: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(10))
+                .with_jitter()
+                .without_max_times(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<ApplyStats> {
+        &self.stats
+    }
+
+    /// Applies `writes` in order and returns one outcome per write. Returns
+    /// `Interrupted` only when `stop` turned true while OpenSearch was
+    /// failing; then none of the outcomes can be trusted.
+    pub async fn apply(
+        &self,
+        writes: Vec<Write>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Vec<Outcome>, Interrupted> {
+        let mut outcomes = vec![Outcome::Applied; writes.len()];
+        let mut segment: Vec<(usize, Write)> = Vec::new();
+        for (i, write) in writes.into_iter().enumerate() {
+            if let Write::Truncate { index, version } = &write {
+                self.apply_segment(std::mem::take(&mut segment), &mut outcomes, stop)
+                    .await?;
+                self.truncate(index, *version, stop).await?;
+                outcomes[i] = Outcome::Applied;
+            } else {
+                segment.push((i, write));
+            }
+        }
+        self.apply_segment(segment, &mut outcomes, stop).await?;
+        Ok(outcomes)
+    }
+
+    async fn apply_segment(
+        &self,
+        segment: Vec<(usize, Write)>,
+        outcomes: &mut [Outcome],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        if segment.is_empty() {
+            return Ok(());
+        }
+        // Collapse to the last write per document, carrying TOAST fields
+        // forward from earlier writes of the same document.
+        let mut last: HashMap<(String, String), usize> = HashMap::new();
+        let mut slots: Vec<Option<(usize, Write)>> = Vec::with_capacity(segment.len());
+        for (input, mut write) in segment {
+            // Truncates never reach a segment: apply() splits on them.
+            let Some(doc) = write.document() else {
+                continue;
+            };
+            if let Some(prev) = last.insert(doc, slots.len())
+                && let Some((prev_input, prev_write)) = slots[prev].take()
+            {
+                outcomes[prev_input] = Outcome::Superseded;
+                carry_toast(&prev_write, &mut write);
+            }
+            slots.push(Some((input, write)));
+        }
+        let mut survivors: Vec<(usize, Write)> = slots.into_iter().flatten().collect();
+        self.fill_toast_from_index(&mut survivors, stop).await?;
+        let prepared: Vec<Prepared> = survivors
+            .iter()
+            .map(|(input, write)| Prepared {
+                input: *input,
+                lines: bulk_lines(write, &self.stats),
+            })
+            .collect();
+        self.send(prepared, outcomes, stop).await
+    }
+
+    /// Takes unchanged TOAST fields from the current documents.
+    async fn fill_toast_from_index(
+        &self,
+        writes: &mut [(usize, Write)],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        let mut wanted: HashMap<String, Vec<usize>> = HashMap::new();
+        for (n, (_, write)) in writes.iter().enumerate() {
+            if let Write::Index { index, missing, .. } = write
+                && !missing.is_empty()
+            {
+                wanted.entry(index.clone()).or_default().push(n);
+            }
+        }
+        for (index, positions) in wanted {
+            let mut ids = Vec::new();
+            let mut fields: Vec<&str> = Vec::new();
+            for &n in &positions {
+                if let (_, Write::Index { id, missing, .. }) = &writes[n] {
+                    ids.push(id.as_str());
+                    for field in missing {
+                        if !fields.contains(&field.as_str()) {
+                            fields.push(field);
+                        }
+                    }
+                }
+            }
+            let current = self
+                .retry(stop, || self.search.current_fields(&index, &ids, &fields))
+                .await?;
+            for n in positions {
+                if let (
+                    _,
+                    Write::Index {
+                        id,
+                        fields,
+                        missing,
+                        ..
+                    },
+                ) = &mut writes[n]
+                    && let Some(doc) = current.get(id.as_str())
+                {
+                    missing.retain(|field| match doc.get(field) {
+                        Some(value) => {
+                            fields.insert(field.clone(), value.clone());
+                            false
+                        }
+                        None => true,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends prepared writes, retrying what can be retried, until every one
+    /// has an outcome.
+    async fn send(
+        &self,
+        mut pending: Vec<Prepared>,
+        outcomes: &mut [Outcome],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        let mut delays = self.backoff.build();
+        while !pending.is_empty() {
+            let mut body = BytesMut::with_capacity(pending.iter().map(|p| p.lines.len()).sum());
+            for p in &pending {
+                body.put_slice(&p.lines);
+            }
+            let started = Instant::now();
+            let result = self.search.bulk(body.freeze()).await;
+            self.stats.observe(started.elapsed());
+            let items = match result {
+                Ok(items) if items.len() == pending.len() => items,
+                Ok(items) => {
+                    warn!(
+                        sent = pending.len(),
+                        answered = items.len(),
+                        "bulk answer has the wrong number of items; retrying"
+                    );
+                    self.pause(&mut delays, stop).await?;
+                    continue;
+                }
+                Err(SearchError::Status { status: 413, .. }) if pending.len() > 1 => {
+                    // Too large for OpenSearch: send it in two halves, in order.
+                    let second = pending.split_off(pending.len() / 2);
+                    Box::pin(self.send(pending, outcomes, stop)).await?;
+                    pending = second;
+                    continue;
+                }
+                Err(e) if e.retryable() => {
+                    self.stats.opensearch_up.store(false, Ordering::Relaxed);
+                    warn!(error = %e, writes = pending.len(), "bulk request failed; retrying");
+                    self.pause(&mut delays, stop).await?;
+                    continue;
+                }
+                Err(e) => {
+                    // The whole request is refused (e.g. 413 for one write).
+                    for p in &pending {
+                        outcomes[p.input] = Outcome::Rejected(e.to_string());
+                    }
+                    return Ok(());
+                }
+            };
+            self.stats.opensearch_up.store(true, Ordering::Relaxed);
+            let mut retry = Vec::new();
+            for (p, item) in pending.into_iter().zip(items) {
+                match classify(&item) {
+                    Some(outcome) => outcomes[p.input] = outcome,
+                    None => retry.push(p),
+                }
+            }
+            if !retry.is_empty() {
+                warn!(
+                    writes = retry.len(),
+                    "bulk items refused for now (429/5xx); retrying"
+                );
+                self.pause(&mut delays, stop).await?;
+            } else {
+                delays = self.backoff.build();
+            }
+            pending = retry;
+        }
+        Ok(())
+    }
+
+    async fn truncate(
+        &self,
+        index: &str,
+        version: u64,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        let deleted = self
+            .retry(stop, || self.search.delete_older_than(index, version))
+            .await?;
+        tracing::info!(index, version, deleted, "truncate applied");
+        Ok(())
+    }
+
+    /// Runs a request until it succeeds or can never succeed, backing off.
+    /// A request that can never succeed is logged and retried slowly too:
+    /// the apply path never skips.
+    async fn retry<T, F, Fut>(
+        &self,
+        stop: &watch::Receiver<bool>,
+        mut request: F,
+    ) -> Result<T, Interrupted>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SearchError>>,
+    {
+        let mut delays = self.backoff.build();
+        loop {
+            match request().await {
+                Ok(value) => {
+                    self.stats.opensearch_up.store(true, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Err(e) => {
+                    if e.retryable() {
+                        self.stats.opensearch_up.store(false, Ordering::Relaxed);
+                    }
+                    warn!(error = %e, "OpenSearch request failed; retrying");
+                    self.pause(&mut delays, stop).await?;
+                }
+            }
+        }
+    }
+
+    async fn pause(
+        &self,
+        delays: &mut impl Iterator<Item = Duration>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        let mut stop = stop.clone();
+        if *stop.borrow() {
+            return Err(Interrupted);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = stop.wait_for(|s| *s) => Err(Interrupted),
+        }
+    }
+}
+
+/// Moves TOAST values the later write lacks from the earlier write.
+fn carry_toast(earlier: &Write, later: &mut Write) {
+    if let (
+        Write::Index {
+            fields: old_fields, ..
+        },
+        Write::Index {
+            fields, missing, ..
+        },
+    ) = (earlier, later)
+    {
+        missing.retain(|field| match old_fields.get(field) {
+            Some(value) => {
+                fields.insert(field.clone(), value.clone());
+                false
+            }
+            None => true,
+        });
+    }
+}
+
+/// The outcome an item's status means, or `None` to retry it.
+fn classify(item: &BulkItem) -> Option<Outcome> {
+    match item.status {
+        200..=299 => Some(Outcome::Applied),
+        // A versioned delete of an absent document still records its tombstone.
+        404 if item.result.as_deref() == Some("not_found") => Some(Outcome::Applied),
+        409 => Some(Outcome::Stale),
+        429 | 500..=599 => None,
+        _ => Some(Outcome::Rejected(reason(item.error.as_ref()))),
+    }
+}
+
+/// OpenSearch's reason for an item error: type, reason and cause.
+fn reason(error: Option<&Value>) -> String {
+    let Some(error) = error else {
+        return "rejected without a reason".into();
+    };
+    let kind = error["type"].as_str().unwrap_or("error");
+    let text = error["reason"].as_str().unwrap_or("");
+    match error["caused_by"]["reason"].as_str() {
+        Some(cause) => format!("{kind}: {text} (caused by: {cause})"),
+        None if text.is_empty() => error.to_string(),
+        None => format!("{kind}: {text}"),
+    }
+}
+
+/// The bulk action line and document for one write, NDJSON.
+fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    match write {
+        Write::Index {
+            index,
+            id,
+            version,
+            fields,
+            missing,
+            key,
+            lsn,
+            commit_time,
+        } => {
+            let action = json!({"index": {
+                "_index": index, "_id": id, "version": version, "version_type": "external_gte"
+            }});
+            let mut doc: Row = fields.clone();
+            let hash = content_hash(fields);
+            let mut metadata = meta(*lsn, commit_time, &hash, key);
+            if !missing.is_empty() {
+                stats.incomplete_toast.fetch_add(1, Ordering::Relaxed);
+                warn!(index, id, fields = ?missing, lsn = %lsn,
+                    "unchanged TOAST values not found in the index; document written without them (audit will report it stale)");
+                metadata["incomplete"] = json!(missing);
+            }
+            doc.insert(META_FIELD.to_owned(), metadata);
+            // Writing JSON values into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, &action);
+            out.push(b'\n');
+            let _ = serde_json::to_writer(&mut out, &doc);
+            out.push(b'\n');
+        }
+        Write::Delete { index, id, version } => {
+            let action = json!({"delete": {
+                "_index": index, "_id": id, "version": version, "version_type": "external_gte"
+            }});
+            let _ = serde_json::to_writer(&mut out, &action);
+            out.push(b'\n');
+        }
+        Write::Truncate { .. } => {}
+    }
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_schemas::Lsn;
+
+    fn index_write(id: &str, version: u64, fields: Value, missing: &[&str]) -> Write {
+        let Value::Object(fields) = fields else {
+            panic!("fields must be an object")
+        };
+        Write::Index {
+            index: "i".into(),
+            id: id.into(),
+            version,
+            fields,
+            missing: missing.iter().map(|s| s.to_string()).collect(),
+            key: Row::new(),
+            lsn: Lsn(version),
+            commit_time: "2026-11-22T10:00:00.000000Z".into(),
+        }
+    }
+
+    #[test]
+    fn toast_values_carry_forward_from_an_earlier_write() {
+        let earlier = index_write("1", 10, json!({"body": "big", "title": "a"}), &[]);
+        let mut later = index_write("1", 11, json!({"title": "b"}), &["body"]);
+        carry_toast(&earlier, &mut later);
+        let Write::Index {
+            fields, missing, ..
+        } = later
+        else {
+            panic!()
+        };
+        assert_eq!(Value::Object(fields), json!({"body": "big", "title": "b"}));
+        assert!(missing.is_empty());
+    }
+
+    #[test]
+    fn item_statuses_classify() {
+        let item = |status, result: Option<&str>, error: Option<Value>| BulkItem {
+            status,
+            result: result.map(str::to_owned),
+            error,
+        };
+        assert_eq!(
+            classify(&item(201, Some("created"), None)),
+            Some(Outcome::Applied)
+        );
+        assert_eq!(
+            classify(&item(404, Some("not_found"), None)),
+            Some(Outcome::Applied)
+        );
+        assert_eq!(classify(&item(409, None, None)), Some(Outcome::Stale));
+        assert_eq!(classify(&item(429, None, None)), None);
+        assert_eq!(classify(&item(503, None, None)), None);
+        let rejected = classify(&item(
+            400,
+            None,
+            Some(
+                json!({"type": "mapper_parsing_exception", "reason": "failed to parse field [n]",
+                "caused_by": {"type": "x", "reason": "For input string: \"abc\""}}),
+            ),
+        ));
+        assert_eq!(
+            rejected,
+            Some(Outcome::Rejected(
+                "mapper_parsing_exception: failed to parse field [n] (caused by: For input string: \"abc\")".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn bulk_lines_carry_version_metadata_and_hash() {
+        let stats = ApplyStats::default();
+        let write = index_write("7", 0x1_0000_0000, json!({"title": "a"}), &[]);
+        let text = String::from_utf8(bulk_lines(&write, &stats).to_vec()).expect("utf8");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(
+            lines[0],
+            json!({"index": {"_index": "i", "_id": "7", "version": 4294967296u64, "version_type": "external_gte"}})
+        );
+        assert_eq!(lines[1]["title"], "a");
+        assert_eq!(lines[1][META_FIELD]["version"], 4294967296u64);
+        assert_eq!(lines[1][META_FIELD]["lsn"], "1/0");
+        let Value::Object(fields) = json!({"title": "a"}) else {
+            panic!()
+        };
+        assert_eq!(lines[1][META_FIELD]["hash"], content_hash(&fields));
+        let delete = Write::Delete {
+            index: "i".into(),
+            id: "7".into(),
+            version: 5,
+        };
+        assert_eq!(
+            String::from_utf8(bulk_lines(&delete, &stats).to_vec()).expect("utf8"),
+            "{\"delete\":{\"_id\":\"7\",\"_index\":\"i\",\"version\":5,\"version_type\":\"external_gte\"}}\n"
+        );
+    }
+}

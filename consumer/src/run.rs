@@ -1,0 +1,440 @@
+//! The consumer's life: check OpenSearch and Kafka, create missing indices,
+//! join the consumer group, then loop: collect a batch (cut on bytes or
+//! time), apply it, dead-letter what OpenSearch refused, store offsets.
+//!
+//! Offsets: `enable.auto.offset.store` is off; an offset is stored only
+//! after every record of its partition up to it is applied, stale, or in
+//! the dead-letter topic (delivery acknowledged). librdkafka commits stored
+//! offsets every second, on partition revocation (rebalance), and on close.
+//! So a `kill -9` at any moment re-reads from the last stored offset, and
+//! re-applying is harmless because every write is version-guarded.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use serde_json::json;
+use tidemark_schemas::ChangeEvent;
+use tidemark_schemas::config::Config;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::apply::{Applier, Outcome};
+use crate::mapping::{Mappings, Write};
+use crate::metrics::Metrics;
+use crate::search::Search;
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks everything the consumer needs, fails with how to fix it, and
+/// creates missing indices. Returns the OpenSearch handle.
+pub async fn prepare(
+    config: &Config,
+    config_dir: &Path,
+) -> anyhow::Result<(Arc<Search>, Mappings)> {
+    let search = Arc::new(Search::connect(config.opensearch()?)?);
+    let info = search.info().await?;
+    info!(
+        url = %search.url(),
+        cluster = %info.cluster_name,
+        uuid = %info.cluster_uuid,
+        version = %info.version.number,
+        "OpenSearch reachable"
+    );
+    check_kafka(&config.kafka.brokers).await?;
+    let mappings = Mappings::new(config);
+    for table in &config.tables {
+        let (schema, name) = table.parts();
+        let Some(mapping) = mappings.get(schema, name) else {
+            continue;
+        };
+        search.ensure_index(mapping, table, config_dir).await?;
+    }
+    Ok((search, mappings))
+}
+
+async fn check_kafka(brokers: &str) -> anyhow::Result<()> {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("cannot create a Kafka client")?;
+    let owned = brokers.to_owned();
+    tokio::task::spawn_blocking(move || client.fetch_metadata(None, KAFKA_TIMEOUT).map(|_| ()))
+        .await
+        .context("Kafka check task")?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach Kafka at {owned}: {e}. Is it running? Check kafka.brokers (or TIDEMARK_KAFKA_BROKERS)"
+            )
+        })
+}
+
+/// Keeps lag metrics from librdkafka's statistics and commits on revocation.
+struct GroupContext {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for p in t.partitions.values() {
+                if p.partition >= 0 && p.consumer_lag_stored >= 0 {
+                    self.metrics
+                        .partition_lag(topic, p.partition, p.consumer_lag_stored);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                // Commit what is done before another member takes over.
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => info!(
+                        partitions = partitions.count(),
+                        "partitions revoked; stored offsets committed"
+                    ),
+                    Err(e) => debug!(error = %e, "partitions revoked; nothing to commit"),
+                }
+                let revoked: Vec<(String, i32)> = partitions
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                self.metrics
+                    .retain_partitions(|t, p| !revoked.iter().any(|(rt, rp)| rt == t && *rp == p));
+            }
+            Rebalance::Assign(partitions) => {
+                info!(partitions = partitions.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// One record of the current batch.
+struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Bytes>,
+    /// The event and its write, or why the record cannot be applied.
+    parsed: Result<(ChangeEvent, Write), String>,
+}
+
+/// Runs until `shutdown` turns true: then finishes (or abandons, if
+/// OpenSearch is down) the current batch, commits, and leaves the group.
+pub async fn run(
+    config: Config,
+    search: Arc<Search>,
+    mappings: Mappings,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let topics: Vec<String> = config
+        .tables
+        .iter()
+        .map(|t| {
+            let (schema, name) = t.parts();
+            config.kafka.table_topic(schema, name)
+        })
+        .collect();
+    let context = GroupContext {
+        metrics: metrics.clone(),
+    };
+    let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.consumer.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000")
+        // A dead member's partitions move on after 10 s, not 45.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        // Applying waits while OpenSearch is down; stay in the group that long.
+        .set("max.poll.interval.ms", "900000")
+        .create_with_context(context)
+        .context("cannot create the Kafka consumer")?;
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .context("cannot subscribe to the table topics")?;
+    info!(group = %config.consumer.group_id, topics = ?topics, "consuming");
+    let dead_letters: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0")
+        .create()
+        .context("cannot create the dead-letter producer")?;
+    let dead_letter_topic = config.kafka.dead_letter_topic();
+    let applier = Applier::new(search.clone(), metrics.apply.clone());
+    metrics.apply.opensearch_up.store(true, Ordering::Relaxed);
+    let health = tokio::spawn(health_loop(
+        search.clone(),
+        config.kafka.brokers.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let max_bytes = config.consumer.batch_max_bytes;
+    let max_wait = Duration::from_millis(config.consumer.batch_max_wait_ms);
+    let mut batch: Vec<Record> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut batch_started = Instant::now();
+    let mut stop = shutdown.clone();
+    let result = loop {
+        if *stop.borrow() {
+            break Ok(());
+        }
+        let wait = if batch.is_empty() {
+            Duration::from_millis(500)
+        } else {
+            max_wait.saturating_sub(batch_started.elapsed())
+        };
+        let received = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break Ok(()),
+            received = tokio::time::timeout(wait, consumer.recv()) => received,
+        };
+        match received {
+            Ok(Ok(message)) => {
+                if batch.is_empty() {
+                    batch_started = Instant::now();
+                }
+                let payload = message.payload().unwrap_or_default();
+                batch_bytes += payload.len();
+                let parsed = ChangeEvent::from_slice(payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|event| {
+                        mappings
+                            .write(&event)
+                            .map(|write| (event, write))
+                            .map_err(|e| e.to_string())
+                    });
+                batch.push(Record {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    timestamp_ms: message.timestamp().to_millis(),
+                    key: message.key().map(Bytes::copy_from_slice),
+                    parsed,
+                });
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "Kafka consumer error");
+                continue;
+            }
+            Err(_elapsed) => {}
+        }
+        let due =
+            !batch.is_empty() && (batch_bytes >= max_bytes || batch_started.elapsed() >= max_wait);
+        if due {
+            let records = std::mem::take(&mut batch);
+            batch_bytes = 0;
+            if let Err(e) = apply_batch(
+                records,
+                &applier,
+                &consumer,
+                &dead_letters,
+                &dead_letter_topic,
+                &metrics,
+                &shutdown,
+            )
+            .await
+            {
+                break Err(e);
+            }
+        }
+    };
+    // Finish what was read, unless OpenSearch keeps us from it.
+    if result.is_ok() && !batch.is_empty() {
+        let records = std::mem::take(&mut batch);
+        let (_, never) = watch::channel(false);
+        let finishing = tokio::time::timeout(
+            Duration::from_secs(10),
+            apply_batch(
+                records,
+                &applier,
+                &consumer,
+                &dead_letters,
+                &dead_letter_topic,
+                &metrics,
+                &never,
+            ),
+        )
+        .await;
+        if finishing.is_err() {
+            warn!(
+                "OpenSearch did not take the last batch within 10 s; it will be re-read on the next start"
+            );
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => info!("offsets committed"),
+        Err(e) => debug!(error = %e, "no offsets to commit at shutdown"),
+    }
+    consumer.unsubscribe();
+    health.abort();
+    result
+}
+
+/// Applies one batch, dead-letters what cannot be applied, then stores the
+/// offsets. Returns an error only if the dead-letter topic cannot be written.
+async fn apply_batch(
+    records: Vec<Record>,
+    applier: &Applier,
+    consumer: &StreamConsumer<GroupContext>,
+    dead_letters: &FutureProducer,
+    dead_letter_topic: &str,
+    metrics: &Metrics,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut writes = Vec::new();
+    let mut write_of = Vec::with_capacity(records.len());
+    for record in &records {
+        match &record.parsed {
+            Ok((_, write)) => {
+                write_of.push(Some(writes.len()));
+                writes.push(write.clone());
+            }
+            Err(_) => write_of.push(None),
+        }
+    }
+    let outcomes = match applier.apply(writes, stop).await {
+        Ok(outcomes) => outcomes,
+        Err(interrupted) => {
+            info!("{interrupted}; offsets of the unfinished batch are not stored");
+            return Ok(());
+        }
+    };
+    for (record, slot) in records.iter().zip(&write_of) {
+        let outcome = match slot {
+            Some(n) => outcomes[*n].clone(),
+            None => Outcome::Rejected(match &record.parsed {
+                Err(reason) => reason.clone(),
+                Ok(_) => String::new(),
+            }),
+        };
+        match (&outcome, &record.parsed) {
+            (Outcome::Applied | Outcome::Superseded, Ok((event, _))) => {
+                metrics.applied(&event.source.qualified(), event.op);
+            }
+            (Outcome::Stale, _) => metrics.stale(),
+            (Outcome::Rejected(reason), parsed) => {
+                let event = parsed.as_ref().ok().map(|(e, _)| e);
+                warn!(
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    table = event.map(|e| e.source.qualified()).unwrap_or_default(),
+                    key = ?event.map(|e| &e.key),
+                    lsn = ?event.map(|e| e.commit_lsn),
+                    reason = %reason,
+                    "record sent to the dead-letter topic"
+                );
+                send_dead_letter(dead_letters, dead_letter_topic, record, event, reason).await?;
+                metrics.dead_letter();
+            }
+            _ => {}
+        }
+    }
+    // Store the last offset of each partition (records of one partition
+    // are in offset order).
+    let mut last: HashMap<(&str, i32), (i64, Option<i64>)> = HashMap::new();
+    for record in &records {
+        last.insert(
+            (record.topic.as_str(), record.partition),
+            (record.offset, record.timestamp_ms),
+        );
+    }
+    for ((topic, partition), (offset, timestamp)) in last {
+        match consumer.store_offset(topic, partition, offset) {
+            Ok(()) => metrics.applied_through(topic, partition, timestamp),
+            // Revoked meanwhile: the new owner re-applies from the last commit.
+            Err(e) => {
+                debug!(topic, partition, offset, error = %e, "offset not stored (partition revoked)")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A dead letter names where the record came from and why it was set
+/// aside; the row itself stays in its topic at that offset.
+async fn send_dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    record: &Record,
+    event: Option<&ChangeEvent>,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let body = json!({
+        "stage": "consumer",
+        "origin": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+        "table": event.map(|e| e.source.qualified()),
+        "key": event.map(|e| &e.key),
+        "op": event.map(|e| e.op.as_str()),
+        "commit_lsn": event.map(|e| e.commit_lsn),
+        "commit_time": event.map(|e| &e.commit_time),
+        "reason": reason,
+    });
+    let payload = serde_json::to_vec(&body).unwrap_or_default();
+    let key = record.key.clone().unwrap_or_default();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "tidemark.stage",
+        value: Some("consumer"),
+    });
+    let send = FutureRecord::to(topic)
+        .key(&key[..])
+        .payload(&payload)
+        .headers(headers);
+    producer
+        .send(send, rdkafka::util::Timeout::Never)
+        .await
+        .map_err(|(e, _)| {
+            anyhow::anyhow!(
+                "cannot write to the dead-letter topic {topic} (record {}/{}/{}): {e}",
+                record.topic,
+                record.partition,
+                record.offset
+            )
+        })?;
+    Ok(())
+}
+
+/// Every 5 s: does OpenSearch answer, does Kafka answer.
+async fn health_loop(
+    search: Arc<Search>,
+    brokers: String,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let os = search.ping().await;
+        metrics.apply.opensearch_up.store(os, Ordering::Relaxed);
+        let kafka = check_kafka(&brokers).await.is_ok();
+        metrics.kafka_up.store(kafka, Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The OpenSearch side: connecting, checking, creating indices, and the few
+//! requests the apply path needs (bulk, realtime multi-get, versioned
+//! delete-by-query). Errors say whether retrying can help.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use opensearch::auth::Credentials;
+use opensearch::http::StatusCode;
+use opensearch::http::Url;
+use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use opensearch::indices::{
+    IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts, IndicesPutMappingParts,
+};
+use opensearch::params::Conflicts;
+use opensearch::{BulkParts, DeleteByQueryParts, MgetParts, OpenSearch};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tidemark_schemas::Row;
+use tidemark_schemas::config::{self, META_FIELD};
+use tracing::info;
+
+use crate::mapping::{TableMapping, meta_mapping};
+
+/// A request that did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// No answer (connection refused, timeout, reset): retry.
+    #[error("OpenSearch did not answer: {0}")]
+    Transport(String),
+    /// An error status for the whole request.
+    #[error("OpenSearch answered {status}: {body}")]
+    Status { status: u16, body: String },
+}
+
+impl SearchError {
+    /// 429, 5xx and no answer at all are worth retrying; other statuses are
+    /// not going to change.
+    pub fn retryable(&self) -> bool {
+        match self {
+            SearchError::Transport(_) => true,
+            SearchError::Status { status, .. } => *status == 429 || *status >= 500,
+        }
+    }
+}
+
+/// Who answers: printed before replay writes, logged at start.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster_name: String,
+    pub cluster_uuid: String,
+    pub version: ClusterVersion,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterVersion {
+    pub number: String,
+}
+
+/// One item of a bulk response.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BulkItem {
+    pub status: u16,
+    #[serde(default)]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BulkResponse {
+    items: Vec<HashMap<String, BulkItem>>,
+}
+
+#[derive(Debug)]
+pub struct Search {
+    client: OpenSearch,
+    url: String,
+}
+
+impl Search {
+    pub fn connect(config: &config::OpenSearch) -> anyhow::Result<Search> {
+        let url = Url::parse(&config.url).context("opensearch.url is not a URL")?;
+        let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+            .timeout(Duration::from_secs(config.request_timeout_secs));
+        if let Some(user) = &config.username {
+            let password = config
+                .password
+                .as_ref()
+                .map(|p| p.0.clone())
+                .unwrap_or_default();
+            transport = transport.auth(Credentials::Basic(user.clone(), password));
+        }
+        let transport = transport
+            .build()
+            .context("cannot build the OpenSearch client")?;
+        Ok(Search {
+            client: OpenSearch::new(transport),
+            url: tidemark_schemas::config::redact_url(&config.url),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn client(&self) -> &OpenSearch {
+        &self.client
+    }
+
+    /// The cluster's name, uuid and version; an error says how to fix it.
+    pub async fn info(&self) -> anyhow::Result<ClusterInfo> {
+        let response = self.client.info().send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach OpenSearch at {}: {e}. Is it running? Check opensearch.url \
+                 (or TIDEMARK_OPENSEARCH_URL) and, with security on, opensearch.username \
+                 and TIDEMARK_OPENSEARCH_PASSWORD",
+                self.url
+            )
+        })?;
+        let status = response.status_code();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!(
+                "OpenSearch at {} answered {status} to GET /: {}. Check opensearch.username and \
+                 TIDEMARK_OPENSEARCH_PASSWORD",
+                self.url,
+                truncate(&body)
+            );
+        }
+        response
+            .json::<ClusterInfo>()
+            .await
+            .with_context(|| format!("{} did not answer like OpenSearch", self.url))
+    }
+
+    /// Cheap liveness probe for readiness.
+    pub async fn ping(&self) -> bool {
+        matches!(self.client.ping().send().await, Ok(r) if r.status_code().is_success())
+    }
+
+    /// Creates the table's index if it is missing (with the configured
+    /// settings and mappings plus `_tidemark`), else makes sure `_tidemark`
+    /// is mapped as Tidemark needs. An error names the table and index.
+    pub async fn ensure_index(
+        &self,
+        mapping: &TableMapping,
+        table: &config::Table,
+        config_dir: &Path,
+    ) -> anyhow::Result<()> {
+        let index = &mapping.index;
+        let what = || format!("table {} (index {index})", mapping.qualified());
+        let exists = self
+            .client
+            .indices()
+            .exists(IndicesExistsParts::Index(&[index]))
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("{}: cannot reach OpenSearch at {}: {e}", what(), self.url)
+            })?
+            .status_code();
+        if exists == StatusCode::NOT_FOUND {
+            let mut mappings = match &table.mappings_file {
+                Some(file) => {
+                    let path = config_dir.join(file);
+                    let text = std::fs::read_to_string(&path).with_context(|| {
+                        format!("{}: cannot read mappings_file {}", what(), path.display())
+                    })?;
+                    let value: Value = serde_json::from_str(&text).with_context(|| {
+                        format!("{}: mappings_file {} is not JSON", what(), path.display())
+                    })?;
+                    // Accept either {"mappings": {...}} or the mappings object itself.
+                    match value.get("mappings") {
+                        Some(inner) => inner.clone(),
+                        None => value,
+                    }
+                }
+                None => json!({}),
+            };
+            let Some(object) = mappings.as_object_mut() else {
+                bail!("{}: mappings_file must hold a JSON object", what());
+            };
+            let properties = object.entry("properties").or_insert_with(|| json!({}));
+            let Some(properties) = properties.as_object_mut() else {
+                bail!(
+                    "{}: mappings_file: \"properties\" must be an object",
+                    what()
+                );
+            };
+            if properties.contains_key(META_FIELD) {
+                bail!(
+                    "{}: mappings_file maps {META_FIELD}, which Tidemark reserves for its metadata; remove it",
+                    what()
+                );
+            }
+            properties.insert(META_FIELD.to_owned(), meta_mapping());
+            let mut body = json!({ "mappings": mappings });
+            if let Some(settings) = &table.index_settings {
+                body["settings"] = serde_json::to_value(settings)
+                    .with_context(|| format!("{}: index_settings", what()))?;
+            }
+            let response = self
+                .client
+                .indices()
+                .create(IndicesCreateParts::Index(index))
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: cannot create the index: {e}", what()))?;
+            let status = response.status_code();
+            let text = response.text().await.unwrap_or_default();
+            if status.is_success() {
+                info!(table = %mapping.qualified(), index = %index, "created index");
+                return Ok(());
+            }
+            // Another consumer of the group may have created it meanwhile.
+            if !text.contains("resource_already_exists_exception") {
+                bail!(
+                    "{}: OpenSearch refused to create the index ({status}): {}. Check \
+                     index_settings and mappings_file",
+                    what(),
+                    truncate(&text)
+                );
+            }
+        } else if !exists.is_success() {
+            bail!(
+                "{}: OpenSearch answered {exists} to an index lookup",
+                what()
+            );
+        }
+        // The index exists: `_tidemark.version` must be a long, or version
+        // guards and truncates would not work.
+        let response = self
+            .client
+            .indices()
+            .get_mapping(IndicesGetMappingParts::Index(&[index]))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: cannot read the mapping: {e}", what()))?;
+        let mappings: Value = response
+            .json()
+            .await
+            .with_context(|| format!("{}: mapping answer", what()))?;
+        let existing_types: Vec<&Value> = mappings
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|m| {
+                m.pointer(&format!(
+                    "/mappings/properties/{META_FIELD}/properties/version/type"
+                ))
+            })
+            .collect();
+        if existing_types.iter().any(|t| t.as_str() != Some("long")) {
+            bail!(
+                "{}: the index maps {META_FIELD}.version as {:?}, not long; reindex it or choose \
+                 another index name",
+                what(),
+                existing_types
+            );
+        }
+        if existing_types.is_empty() {
+            let response = self
+                .client
+                .indices()
+                .put_mapping(IndicesPutMappingParts::Index(&[index]))
+                .body(json!({"properties": {META_FIELD: meta_mapping()}}))
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: cannot add the {META_FIELD} mapping: {e}", what())
+                })?;
+            if !response.status_code().is_success() {
+                let text = response.text().await.unwrap_or_default();
+                bail!(
+                    "{}: the existing index cannot take the {META_FIELD} mapping: {}",
+                    what(),
+                    truncate(&text)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one bulk body (NDJSON); the items answer in request order.
+    pub async fn bulk(&self, body: Bytes) -> Result<Vec<BulkItem>, SearchError> {
+        let response = self
+            .client
+            .bulk(BulkParts::None)
+            .body(vec![body])
+            .send()
+            .await
+            .map_err(|e| SearchError::Transport(e.to_string()))?;
+        let status = response.status_code();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(SearchError::Status {
+                status: status.as_u16(),
+                body: truncate(&body),
+            });
+        }
+        let parsed: BulkResponse = response
+            .json()
+            .await
+            .map_err(|e| SearchError::Transport(format!("unreadable bulk response: {e}")))?;
+        Ok(parsed
+            .items
+            .into_iter()
+            .map(|mut item| {
+                // Each item is {"index": {...}} or {"delete": {...}}.
+                item.drain().next().map(|(_, v)| v).unwrap_or(BulkItem {
+                    status: 500,
+                    result: None,
+                    error: Some(json!("empty bulk item")),
+                })
+            })
+            .collect())
+    }
+
+    /// The current (realtime, not refresh-bound) values of `fields` of
+    /// documents `ids` in `index`; absent documents are absent from the map.
+    pub async fn current_fields(
+        &self,
+        index: &str,
+        ids: &[&str],
+        fields: &[&str],
+    ) -> Result<HashMap<String, Row>, SearchError> {
+        let response = self
+            .client
+            .mget(MgetParts::Index(index))
+            .realtime(true)
+            .body(json!({
+                "docs": ids.iter().map(|id| json!({"_id": id, "_source": fields})).collect::<Vec<_>>()
+            }))
+            .send()
+            .await
+            .map_err(|e| SearchError::Transport(e.to_string()))?;
+        let status = response.status_code();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(SearchError::Status {
+                status: status.as_u16(),
+                body: truncate(&body),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Doc {
+            #[serde(rename = "_id")]
+            id: String,
+            #[serde(default)]
+            found: bool,
+            #[serde(rename = "_source", default)]
+            source: Option<Row>,
+        }
+        #[derive(Deserialize)]
+        struct Docs {
+            docs: Vec<Doc>,
+        }
+        let docs: Docs = response
+            .json()
+            .await
+            .map_err(|e| SearchError::Transport(format!("unreadable mget response: {e}")))?;
+        Ok(docs
+            .docs
+            .into_iter()
+            .filter(|d| d.found)
+            .map(|d| (d.id, d.source.unwrap_or_default()))
+            .collect())
+    }
+
+    /// Deletes every document of `index` whose version is below `version`
+    /// (a truncate at that commit LSN); returns how many went.
+    pub async fn delete_older_than(&self, index: &str, version: u64) -> Result<u64, SearchError> {
+        let response = self
+            .client
+            .delete_by_query(DeleteByQueryParts::Index(&[index]))
+            .conflicts(Conflicts::Proceed)
+            .refresh(true)
+            .body(json!({"query": {"range": {format!("{META_FIELD}.version"): {"lt": version}}}}))
+            .send()
+            .await
+            .map_err(|e| SearchError::Transport(e.to_string()))?;
+        let status = response.status_code();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(SearchError::Status {
+                status: status.as_u16(),
+                body: truncate(&body),
+            });
+        }
+        let answer: Value = response.json().await.map_err(|e| {
+            SearchError::Transport(format!("unreadable delete_by_query response: {e}"))
+        })?;
+        if let Some(failures) = answer["failures"].as_array().filter(|f| !f.is_empty()) {
+            return Err(SearchError::Status {
+                status: 500,
+                body: truncate(&Value::Array(failures.clone()).to_string()),
+            });
+        }
+        Ok(answer["deleted"].as_u64().unwrap_or(0))
+    }
+}
+
+/// Error bodies can be long; logs and dead letters get the start.
+pub fn truncate(text: &str) -> String {
+    const MAX: usize = 2_000;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}

@@ -1,0 +1,468 @@
+//! PostgreSQL -> producer -> Kafka -> `tidemark-consumer` -> OpenSearch, on
+//! the local stack: every operation, every type, redelivery, TOAST, dead
+//! letters, misconfiguration.
+
+mod support;
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::{Value, json};
+use support::{Pipeline, read_raw};
+use tidemark_testkit::topic_record_count;
+
+/// Every document's version is the commit LSN of its row's last change.
+fn assert_versions_match_last_events(
+    pipeline: &Pipeline,
+    table: &str,
+    docs: &std::collections::BTreeMap<String, Value>,
+) {
+    let expected = topic_record_count(&pipeline.stack.kafka_brokers, &pipeline.topic(table));
+    let last = pipeline.last_events(table, expected as usize);
+    for (id, doc) in docs {
+        let event = &last
+            .get(id)
+            .unwrap_or_else(|| panic!("no event for {id}"))
+            .event;
+        assert_eq!(
+            doc["_tidemark"]["version"],
+            json!(event.commit_lsn.0),
+            "doc {id}"
+        );
+        assert_eq!(
+            doc["_version"],
+            json!(event.commit_lsn.0),
+            "doc {id} _version"
+        );
+        assert_eq!(
+            doc["_tidemark"]["lsn"],
+            json!(event.commit_lsn.to_string()),
+            "doc {id}"
+        );
+        assert_eq!(
+            doc["_tidemark"]["commit_time"],
+            json!(event.commit_time),
+            "doc {id}"
+        );
+        assert_eq!(
+            doc["_tidemark"]["key"],
+            Value::Object(event.key.clone()),
+            "doc {id}"
+        );
+        let mut fields = doc.as_object().expect("doc").clone();
+        fields.remove("_tidemark");
+        fields.remove("_version");
+        assert_eq!(
+            doc["_tidemark"]["hash"],
+            json!(tidemark_consumer::mapping::content_hash(&fields)),
+            "doc {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_operation_reaches_the_index_with_its_version() {
+    let mut p = Pipeline::new("c_ops").await;
+    let table = p.table("t");
+    p.create_table(
+        &table,
+        "id int PRIMARY KEY, title text, n bigint, flag bool",
+        "",
+    )
+    .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'snap ' || g, g * 10, g % 2 = 0 FROM generate_series(1, 50) g"
+    ))
+    .await
+    .expect("snapshot rows");
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    p.wait_converged(&table, 90, &[&consumer]).await;
+
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES (100, 'new', 1, true);
+         UPDATE {table} SET title = 'updated', n = n + 1 WHERE id <= 10;
+         DELETE FROM {table} WHERE id BETWEEN 11 AND 20;
+         UPDATE {table} SET id = 200 WHERE id = 21;
+         BEGIN;
+           INSERT INTO {table} VALUES (300, 'a', 1, false);
+           UPDATE {table} SET title = 'b' WHERE id = 300;
+           UPDATE {table} SET title = 'c', n = 3 WHERE id = 300;
+         COMMIT;"
+    ))
+    .await
+    .expect("changes");
+    let docs = p.wait_converged(&table, 60, &[&consumer]).await;
+    assert_eq!(docs.len(), 50 - 10 + 2);
+    assert_eq!(docs["300"]["title"], "c");
+    assert!(!docs.contains_key("21") && docs.contains_key("200"));
+    assert_versions_match_last_events(&p, &table, &docs);
+
+    // A truncate empties the index; rows inserted after it stay.
+    p.pg.batch_execute(&format!(
+        "TRUNCATE {table}; INSERT INTO {table} VALUES (1, 'after truncate', 1, true), (2, 'x', 2, false);"
+    ))
+    .await
+    .expect("truncate");
+    let docs = p.wait_converged(&table, 60, &[&consumer]).await;
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs["1"]["title"], "after truncate");
+    let text = consumer.metrics().await;
+    assert!(
+        text.contains(&format!(
+            "tidemark_consumer_changes_total{{table=\"public.{table}\",op=\"truncate\"}}"
+        )),
+        "{text}"
+    );
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_type_reaches_the_index_as_the_producer_sent_it() {
+    let mut p = Pipeline::new("c_types").await;
+    let table = p.table("types");
+    let mood = format!("{}_mood", p.name);
+    p.pg.batch_execute(&format!("CREATE TYPE {mood} AS ENUM ('sad', 'happy');"))
+        .await
+        .expect("enum");
+    // Values OpenSearch's dynamic mapping cannot hold (a 30-digit integer
+    // inside jsonb is not a long; [1, 2.50] is a long then a float) need a
+    // mapping, as they would in production: flat_object for j and jb.
+    let mappings = p.dir.join("types-mappings.json");
+    std::fs::write(
+        &mappings,
+        r#"{"properties": {"j": {"type": "flat_object"}, "jb": {"type": "flat_object"}, "num": {"type": "keyword"}}}"#,
+    )
+    .expect("mappings file");
+    p.create_table(
+        &table,
+        &format!(
+            "tenant int, id bigint, small smallint, big bigint, num numeric, f4 real, f8 double precision,
+             f_nan double precision, f_inf double precision, t text, vc varchar(10), ch char(3), flag bool,
+             raw bytea, u uuid, d date, tm time, ts timestamp, tstz timestamptz, iv interval,
+             j json, jb jsonb, ints int[], grid int[][], texts text[], m {mood},
+             PRIMARY KEY (tenant, id)"
+        ),
+        &format!("mappings_file = {:?}", mappings.display().to_string()),
+    )
+    .await;
+    let row = "(7, 1, -32768, 9223372036854775807, 12345678901234567890.000000000001, 1.5, 0.1,
+        'NaN', '-Infinity', 'héllo \"q\"', 'varchar', 'ab', true, '\\x00ff10', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+        '2026-11-22', '10:15:00.5', '2026-11-22 10:15:00.123456', '2026-11-22 10:15:00.123456+02', '1 year 2 days 3 hours',
+        '{\"a\": [1, 2.50]}', '{\"n\": 123456789012345678901234567890, \"s\": \"x\"}', '{1,NULL,3}', '{{1,2},{3,4}}',
+        '{\"a,b\",NULL,\"NULL\"}', 'happy')";
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES {row}"))
+        .await
+        .expect("snapshot row");
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES {}",
+        row.replacen("(7, 1,", "(7, 2,", 1)
+    ))
+    .await
+    .expect("streamed row");
+    let records = support::read_topic(
+        &p.stack.kafka_brokers,
+        &p.topic(&table),
+        Duration::from_secs(60),
+        |r| r.len() >= 2,
+    );
+    let index = p.index(&table);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let docs = loop {
+        let docs = p.docs(&index).await;
+        if docs.len() >= 2 {
+            break docs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} docs in {index}:\n{}",
+            docs.len(),
+            consumer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for record in &records {
+        // Composite key, columns in name order: id, tenant.
+        let id = format!("{}/7", record.event.key["id"]);
+        let mut doc = docs[&id].clone();
+        doc.as_object_mut().expect("doc").remove("_tidemark");
+        doc.as_object_mut().expect("doc").remove("_version");
+        // Exactly what the producer sent, digits included (OpenSearch keeps
+        // the source as it was written).
+        assert_eq!(doc, record.raw["after"], "document {id}");
+        assert_eq!(doc["j"]["a"][1].to_string(), "2.50");
+        assert_eq!(doc["jb"]["n"].to_string(), "123456789012345678901234567890");
+    }
+    assert_eq!(
+        consumer
+            .counter("tidemark_consumer_dead_letters_total")
+            .await,
+        0.0
+    );
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+    let _ = p.pg.batch_execute(&format!("DROP TYPE {mood}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_old_event_changes_nothing() {
+    let mut p = Pipeline::new("c_redeliver").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, title text", "")
+        .await;
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'v1')"))
+        .await
+        .expect("insert");
+    p.pg.batch_execute(&format!("UPDATE {table} SET title = 'v2' WHERE id = 1"))
+        .await
+        .expect("update");
+    let before = p.wait_converged(&table, 60, &[&consumer]).await;
+    assert_eq!(before["1"]["title"], "v2");
+
+    // Inject the old insert again, into the key's own partition.
+    let records = support::read_topic(
+        &p.stack.kafka_brokers,
+        &p.topic(&table),
+        Duration::from_secs(30),
+        |r| r.len() >= 2,
+    );
+    let old = records
+        .iter()
+        .find(|r| r.event.after.as_ref().is_some_and(|a| a["title"] == "v1"))
+        .expect("the v1 insert");
+    let payload = serde_json::to_vec(&old.raw).expect("payload");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &p.stack.kafka_brokers)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            BaseRecord::<[u8], [u8]>::to(&p.topic(&table))
+                .partition(old.partition)
+                .payload(&payload[..]),
+        )
+        .map_err(|(e, _)| e)
+        .expect("inject");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while consumer.counter("tidemark_consumer_stale_total").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the injected event was not seen as stale:\n{}",
+            consumer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = p.docs(&p.index(&table)).await;
+    assert_eq!(after, before, "an old event changed the index");
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_with_unchanged_toast_keeps_the_large_field() {
+    let mut p = Pipeline::new("c_toast").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, title text, body text", "")
+        .await;
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    // 12.8 kB of hex digits: too large to stay inline, so TOASTed.
+    let big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 400) g)";
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'a', {big})"))
+        .await
+        .expect("insert");
+    p.wait_converged(&table, 60, &[&consumer]).await;
+    // In its own batch: the body must come from the index.
+    p.pg.batch_execute(&format!("UPDATE {table} SET title = 'b' WHERE id = 1"))
+        .await
+        .expect("update");
+    // In one transaction (so one batch): the body comes from the insert.
+    p.pg.batch_execute(&format!(
+        "BEGIN; INSERT INTO {table} VALUES (2, 'a', {big}); COMMIT;
+         BEGIN; UPDATE {table} SET title = 'b' WHERE id = 2; UPDATE {table} SET title = 'c' WHERE id = 2; COMMIT;"
+    ))
+    .await
+    .expect("insert and update");
+    let docs = p.wait_converged(&table, 60, &[&consumer]).await;
+    assert_eq!(docs["1"]["title"], "b");
+    assert_eq!(docs["1"]["body"].as_str().map(str::len), Some(12_800));
+    assert_eq!(docs["2"]["title"], "c");
+    // The updates really did leave the body out.
+    let records = support::read_topic(
+        &p.stack.kafka_brokers,
+        &p.topic(&table),
+        Duration::from_secs(30),
+        |r| r.len() >= 5,
+    );
+    let toasted = records
+        .iter()
+        .filter(|r| r.event.unchanged_toast == ["body"])
+        .count();
+    assert!(
+        toasted >= 2,
+        "updates did not mark body unchanged: {records:#?}"
+    );
+    assert_eq!(
+        consumer
+            .counter("tidemark_consumer_incomplete_toast_total")
+            .await,
+        0.0
+    );
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_and_rejected_records_go_to_the_dead_letter_topic() {
+    let mut p = Pipeline::new("c_dlq").await;
+    let table = p.table("t");
+    let mappings = p.dir.join("mappings.json");
+    std::fs::write(
+        &mappings,
+        r#"{"mappings": {"properties": {"code": {"type": "long"}}}}"#,
+    )
+    .expect("mappings file");
+    p.create_table(
+        &table,
+        "id int PRIMARY KEY, code text",
+        &format!("mappings_file = {:?}", mappings.display().to_string()),
+    )
+    .await;
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES (1, '12'), (2, 'not a number'), (3, '7')"
+    ))
+    .await
+    .expect("rows");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &p.stack.kafka_brokers)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            BaseRecord::<[u8], [u8]>::to(&p.topic(&table))
+                .partition(0)
+                .key(&b"garbage"[..])
+                .payload(&b"{not json"[..]),
+        )
+        .map_err(|(e, _)| e)
+        .expect("inject");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (4, '40')"))
+        .await
+        .expect("row after");
+
+    let dead = read_raw(
+        &p.stack.kafka_brokers,
+        &format!("{}.dead-letter", p.name),
+        2,
+    );
+    let dead: Vec<Value> = dead
+        .iter()
+        .map(|d| serde_json::from_slice(d).expect("dead letter JSON"))
+        .collect();
+    let rejected = dead
+        .iter()
+        .find(|d| d["key"] == json!({"id": 2}))
+        .unwrap_or_else(|| panic!("row 2 not dead-lettered: {dead:#?}"));
+    assert_eq!(rejected["stage"], "consumer");
+    assert_eq!(rejected["table"], format!("public.{table}"));
+    assert_eq!(rejected["origin"]["topic"], p.topic(&table));
+    assert!(rejected["origin"]["offset"].is_i64());
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("mapper_parsing_exception")),
+        "{rejected}"
+    );
+    let malformed = dead
+        .iter()
+        .find(|d| d["table"].is_null())
+        .unwrap_or_else(|| panic!("garbage not dead-lettered: {dead:#?}"));
+    assert_eq!(malformed["origin"]["partition"], 0);
+    assert!(
+        malformed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not a change event")),
+        "{malformed}"
+    );
+    // The rest went on: 1, 3 and the later 4 are there; 2 is not.
+    let index = p.index(&table);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids: Vec<String> = p.docs(&index).await.into_keys().collect();
+        if ids == ["1", "3", "4"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ids {ids:?}:\n{}",
+            consumer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        consumer
+            .counter("tidemark_consumer_dead_letters_total")
+            .await,
+        2.0
+    );
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misconfiguration_fails_fast_and_says_how_to_fix_it() {
+    let mut p = Pipeline::with_opensearch("c_misconfig", "http://127.0.0.1:9").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY", "").await;
+    let run = |p: &mut Pipeline| {
+        let mut c = p.start_consumer();
+        let status = c.child.wait().expect("wait");
+        (status.code(), c.log())
+    };
+    let (code, log) = run(&mut p);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("cannot reach OpenSearch at http://127.0.0.1:9"),
+        "{log}"
+    );
+    assert!(log.contains("Check opensearch.url"), "{log}");
+
+    // An index that maps _tidemark.version as something else.
+    let mut p2 = Pipeline::new("c_misconfig").await;
+    let table2 = p2.table("t");
+    p2.create_table(&table2, "id int PRIMARY KEY", "").await;
+    let index = p2.index(&table2);
+    p2.os
+        .indices()
+        .create(opensearch::indices::IndicesCreateParts::Index(&index))
+        .body(json!({"mappings": {"properties": {"_tidemark": {"properties": {"version": {"type": "keyword"}}}}}}))
+        .send()
+        .await
+        .expect("create index");
+    let (code, log) = run(&mut p2);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains(&format!(
+            "table public.{table2} (index {index}): the index maps _tidemark.version"
+        )),
+        "{log}"
+    );
+    p2.cleanup(&[&table2]).await;
+    p.cleanup(&[&table]).await;
+}

@@ -1,0 +1,445 @@
+//! A whole pipeline for one test on the local stack: its own tables, slot,
+//! publication, topic prefix, consumer group and indices; the producer run
+//! in-process (its own crate tests the binary); the real
+//! `tidemark-consumer` binary; and ways to compare PostgreSQL with the index.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opensearch::http::Url;
+use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use opensearch::indices::IndicesRefreshParts;
+use opensearch::{OpenSearch, SearchParts};
+use serde_json::{Value, json};
+use tidemark_schemas::config::Config;
+pub use tidemark_testkit::topics::{Record, http_get, pg, read_raw, read_topic};
+use tidemark_testkit::{Stack, unique_name};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+pub struct Pipeline {
+    pub stack: Stack,
+    pub pg: Client,
+    pub name: String,
+    pub dir: PathBuf,
+    pub opensearch_url: String,
+    pub os: OpenSearch,
+    /// `[[tables]]` entries, appended to every config.
+    tables_toml: String,
+    producer: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)>,
+    next_run: usize,
+}
+
+/// A running consumer process; dropping it kills the process.
+#[derive(Debug)]
+pub struct ConsumerProcess {
+    pub child: Child,
+    pub port: u16,
+    pub run: usize,
+    pub log: PathBuf,
+}
+
+impl ConsumerProcess {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.port, "/metrics").await.unwrap_or_default()
+    }
+
+    /// A counter's value from `/metrics` (0 when absent).
+    pub async fn counter(&self, name: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then a clean exit within 60 s.
+    pub fn stop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "consumer exited with {status}:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "consumer exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if http_get(self.port, "/readyz")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer not ready in 90 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for ConsumerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn opensearch_client(url: &str) -> OpenSearch {
+    let url = Url::parse(url).expect("OpenSearch URL");
+    let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("OpenSearch transport");
+    OpenSearch::new(transport)
+}
+
+impl Pipeline {
+    pub async fn new(prefix: &str) -> Pipeline {
+        let stack = Stack::get();
+        let url = stack.opensearch_url.clone();
+        Self::with_opensearch(prefix, &url).await
+    }
+
+    pub async fn with_opensearch(prefix: &str, opensearch_url: &str) -> Pipeline {
+        let stack = Stack::get();
+        let pg = pg(&stack.pg_url).await;
+        let name = unique_name(prefix);
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Pipeline {
+            stack,
+            pg,
+            dir,
+            os: opensearch_client(opensearch_url),
+            opensearch_url: opensearch_url.to_owned(),
+            name,
+            tables_toml: String::new(),
+            producer: None,
+            next_run: 0,
+        }
+    }
+
+    /// A table name unique to this test.
+    pub fn table(&self, suffix: &str) -> String {
+        format!("{}_{suffix}", self.name)
+    }
+
+    pub fn topic(&self, table: &str) -> String {
+        format!("{}.public.{table}", self.name)
+    }
+
+    /// The default index of a table: its topic name.
+    pub fn index(&self, table: &str) -> String {
+        self.topic(table)
+    }
+
+    /// Creates a table owned by the replication role and adds it to the
+    /// config; `mapping` is extra TOML for its `[[tables]]` entry.
+    pub async fn create_table(&mut self, table: &str, columns: &str, mapping: &str) {
+        self.pg
+            .batch_execute(&format!(
+                "CREATE TABLE {table} ({columns}); ALTER TABLE {table} OWNER TO tidemark_repl;"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("create {table}: {e}"));
+        self.tables_toml.push_str(&format!(
+            "[[tables]]\ntable = \"public.{table}\"\n\
+             index_settings = {{ number_of_shards = 1, number_of_replicas = 0 }}\n{mapping}\n"
+        ));
+    }
+
+    /// The config text; `consumer_port` goes to `consumer.http_listen`.
+    pub fn config_text(&self, consumer_port: u16, consumer_extra: &str) -> String {
+        format!(
+            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n\
+             [opensearch]\nurl = \"{}\"\n\
+             [producer]\nslot = \"{}\"\npublication = \"{}\"\n\
+             [consumer]\ngroup_id = \"{}\"\nbatch_max_wait_ms = 100\nhttp_listen = \"127.0.0.1:{consumer_port}\"\n{consumer_extra}\n{}",
+            self.stack.pg_replication_url,
+            self.stack.kafka_brokers,
+            self.name,
+            self.opensearch_url,
+            self.name,
+            self.name,
+            self.name,
+            self.tables_toml,
+        )
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_toml(&self.config_text(1, ""), |_| None).expect("valid test config")
+    }
+
+    /// Runs the producer in this process until `stop_producer`.
+    pub async fn start_producer(&mut self) {
+        let config = self.config();
+        let metrics = Arc::new(tidemark_producer::metrics::Metrics::default());
+        let (stop, shutdown) = watch::channel(false);
+        let running = metrics.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = tidemark_producer::run::run(config, running, shutdown).await {
+                panic!("producer failed: {e}");
+            }
+        });
+        // Streaming means the slot exists and the snapshot is in Kafka: a
+        // change made from now on is streamed, not snapshotted.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !metrics.streaming.load(std::sync::atomic::Ordering::Relaxed) {
+            assert!(
+                !handle.is_finished(),
+                "the producer stopped before streaming"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the producer was not streaming after 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.producer = Some((handle, stop));
+    }
+
+    pub async fn stop_producer(&mut self) {
+        if let Some((handle, stop)) = self.producer.take() {
+            let _ = stop.send(true);
+            handle.await.expect("producer task");
+        }
+    }
+
+    /// Starts a `tidemark-consumer` process; `extra` goes to its [consumer].
+    pub fn start_consumer_with(&mut self, extra: &str) -> ConsumerProcess {
+        let run = self.next_run;
+        self.next_run += 1;
+        let port = free_port();
+        let path = self.dir.join(format!("consumer-{run}.toml"));
+        std::fs::write(&path, self.config_text(port, extra)).expect("write config");
+        let log = self.dir.join(format!("consumer-{run}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_tidemark-consumer"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info,tidemark_consumer=debug")
+            .env_remove("TIDEMARK_KAFKA_BROKERS")
+            .env_remove("TIDEMARK_OPENSEARCH_URL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start tidemark-consumer");
+        ConsumerProcess {
+            child,
+            port,
+            run,
+            log,
+        }
+    }
+
+    pub fn start_consumer(&mut self) -> ConsumerProcess {
+        self.start_consumer_with("")
+    }
+
+    /// Every document of an index by id (metadata included), after a refresh.
+    pub async fn docs(&self, index: &str) -> BTreeMap<String, Value> {
+        let _ = self
+            .os
+            .indices()
+            .refresh(IndicesRefreshParts::Index(&[index]))
+            .send()
+            .await;
+        let response = self
+            .os
+            .search(SearchParts::Index(&[index]))
+            .body(json!({"size": 10000, "query": {"match_all": {}}, "version": true}))
+            .send()
+            .await
+            .expect("search");
+        if response.status_code().as_u16() == 404 {
+            return BTreeMap::new();
+        }
+        let body: Value = response.json().await.expect("search answer");
+        body["hits"]["hits"]
+            .as_array()
+            .map(|hits| {
+                hits.iter()
+                    .map(|h| {
+                        let mut source = h["_source"].clone();
+                        source["_version"] = h["_version"].clone();
+                        (h["_id"].as_str().unwrap_or_default().to_owned(), source)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every row of a table as the producer maps it, by id: `to_jsonb`,
+    /// which agrees with the producer for int, bigint, text and bool columns.
+    pub async fn rows(&self, table: &str) -> BTreeMap<String, Value> {
+        self.pg
+            .query(
+                &format!("SELECT id::text, to_jsonb(t)::text FROM {table} t"),
+                &[],
+            )
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                let json: String = r.get(1);
+                (
+                    r.get::<_, String>(0),
+                    serde_json::from_str(&json).expect("row json"),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (up to `secs`) until the index holds exactly the table's rows;
+    /// panics with the difference otherwise. Returns the documents.
+    pub async fn wait_converged(
+        &self,
+        table: &str,
+        secs: u64,
+        consumers: &[&ConsumerProcess],
+    ) -> BTreeMap<String, Value> {
+        let index = self.index(table);
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let rows = self.rows(table).await;
+            let docs = self.docs(&index).await;
+            let diff = difference(&rows, &docs);
+            if diff.is_empty() {
+                return docs;
+            }
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = consumers.iter().map(|c| c.log()).collect();
+                panic!(
+                    "{index} differs from {table} after {secs} s ({} rows, {} docs): {:#?}\nconsumer logs:\n{}",
+                    rows.len(),
+                    docs.len(),
+                    &diff[..diff.len().min(10)],
+                    logs.join("\n----\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// The last event of every key in a table's topic (as of `expected`
+    /// records), by document id.
+    pub fn last_events(&self, table: &str, expected: usize) -> BTreeMap<String, Record> {
+        let records = read_topic(
+            &self.stack.kafka_brokers,
+            &self.topic(table),
+            Duration::from_secs(60),
+            |r| r.len() >= expected,
+        );
+        let mut last = BTreeMap::new();
+        for r in records {
+            if let Some(id) = r.event.key.get("id") {
+                last.insert(id.to_string(), r);
+            }
+        }
+        last
+    }
+
+    /// Drops what the test created (slot, publication, tables, indices).
+    pub async fn cleanup(&mut self, tables: &[&str]) {
+        self.stop_producer().await;
+        let _ = self
+            .pg
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&self.name],
+            )
+            .await;
+        let _ = self
+            .pg
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name))
+            .await;
+        for table in tables {
+            let _ = self
+                .pg
+                .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+                .await;
+            let index = self.index(table);
+            let _ = self
+                .os
+                .indices()
+                .delete(opensearch::indices::IndicesDeleteParts::Index(&[&index]))
+                .send()
+                .await;
+        }
+    }
+}
+
+/// Rows without a document, documents without a row, and documents whose
+/// fields differ from their row (metadata aside).
+pub fn difference(rows: &BTreeMap<String, Value>, docs: &BTreeMap<String, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, row) in rows {
+        match docs.get(id) {
+            None => out.push(format!("missing {id}")),
+            Some(doc) => {
+                let mut fields = doc.clone();
+                if let Some(map) = fields.as_object_mut() {
+                    map.remove("_tidemark");
+                    map.remove("_version");
+                }
+                if &fields != row {
+                    out.push(format!("stale {id}: doc {fields} row {row}"));
+                }
+            }
+        }
+    }
+    for id in docs.keys() {
+        if !rows.contains_key(id) {
+            out.push(format!("extra {id}"));
+        }
+    }
+    out
+}
