@@ -17,6 +17,7 @@ use opensearch::indices::IndicesRefreshParts;
 use opensearch::{OpenSearch, SearchParts};
 use serde_json::{Value, json};
 use tidemark_schemas::config::Config;
+#[allow(unused_imports)]
 pub use tidemark_testkit::topics::{Record, http_get, pg, read_raw, read_topic};
 use tidemark_testkit::{Stack, unique_name};
 use tokio::sync::watch;
