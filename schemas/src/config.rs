@@ -813,6 +813,22 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        for (name, text) in [
+            (
+                "config/example.toml",
+                include_str!("../../config/example.toml"),
+            ),
+            ("config/demo.toml", include_str!("../../config/demo.toml")),
+        ] {
+            let config = Config::from_toml(text, no_env).unwrap_or_else(|e| panic!("{name}: {e}"));
+            config
+                .opensearch()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact_url("postgres://u:secret@h:5/db"),
