@@ -413,8 +413,9 @@ fn reason(error: Option<&Value>) -> String {
     }
 }
 
-/// The bulk action line and document for one write, NDJSON.
-fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
+/// The bulk action line and document for one write, NDJSON (public for
+/// the bench's OpenSearch-alone baseline).
+pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
     let mut out = Vec::with_capacity(256);
     match write {
         Write::Index {

@@ -201,6 +201,15 @@ pub async fn run(
     let mut batch_bytes = 0usize;
     let mut batch_started = Instant::now();
     let mut stop = shutdown.clone();
+    let sinks = Sinks {
+        applier,
+        dead_letters,
+        dead_letter_topic,
+        metrics: metrics.clone(),
+    };
+    // One batch is applied while the next is read and decoded; the next is
+    // sent only when the one before it is done, so per-key order holds.
+    let mut in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Option<Done>>>> = None;
     let result = loop {
         if *stop.borrow() {
             break Ok(());
@@ -212,6 +221,14 @@ pub async fn run(
         };
         let received = tokio::select! {
             _ = stop.wait_for(|s| *s) => break Ok(()),
+            joined = async { in_flight.as_mut().expect("guarded by the if").await }, if in_flight.is_some() => {
+                in_flight = None;
+                match finished(joined) {
+                    Ok(done) => store_offsets(&consumer, &metrics, done),
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
             received = tokio::time::timeout(wait, consumer.recv()) => received,
         };
         match received {
@@ -247,44 +264,44 @@ pub async fn run(
         let due =
             !batch.is_empty() && (batch_bytes >= max_bytes || batch_started.elapsed() >= max_wait);
         if due {
+            if let Some(previous) = in_flight.take() {
+                match finished(previous.await) {
+                    Ok(done) => store_offsets(&consumer, &metrics, done),
+                    Err(e) => break Err(e),
+                }
+            }
             let records = std::mem::take(&mut batch);
             batch_bytes = 0;
-            if let Err(e) = apply_batch(
+            in_flight = Some(tokio::spawn(apply_batch(
                 records,
-                &applier,
-                &consumer,
-                &dead_letters,
-                &dead_letter_topic,
-                &metrics,
-                &shutdown,
-            )
-            .await
-            {
-                break Err(e);
-            }
+                sinks.clone(),
+                shutdown.clone(),
+            )));
         }
     };
     // Finish what was read, unless OpenSearch keeps us from it.
+    if let Some(previous) = in_flight.take() {
+        match finished(previous.await) {
+            Ok(done) => store_offsets(&consumer, &metrics, done),
+            Err(e) => warn!(error = %e, "the last batch failed"),
+        }
+    }
     if result.is_ok() && !batch.is_empty() {
         let records = std::mem::take(&mut batch);
-        let (_, never) = watch::channel(false);
-        let finishing = tokio::time::timeout(
+        let (_keep, never) = watch::channel(false);
+        match tokio::time::timeout(
             Duration::from_secs(10),
-            apply_batch(
-                records,
-                &applier,
-                &consumer,
-                &dead_letters,
-                &dead_letter_topic,
-                &metrics,
-                &never,
-            ),
+            apply_batch(records, sinks.clone(), never),
         )
-        .await;
-        if finishing.is_err() {
-            warn!(
+        .await
+        {
+            Ok(result) => match result {
+                Ok(done) => store_offsets(&consumer, &metrics, done),
+                Err(e) => warn!(error = %e, "the last batch failed"),
+            },
+            Err(_) => warn!(
                 "OpenSearch did not take the last batch within 10 s; it will be re-read on the next start"
-            );
+            ),
         }
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -296,17 +313,53 @@ pub async fn run(
     result
 }
 
-/// Applies one batch, dead-letters what cannot be applied, then stores the
-/// offsets. Returns an error only if the dead-letter topic cannot be written.
+/// Where an applied batch goes: OpenSearch, the dead-letter topic, metrics.
+#[derive(Clone)]
+struct Sinks {
+    applier: Applier,
+    dead_letters: FutureProducer,
+    dead_letter_topic: String,
+    metrics: Arc<Metrics>,
+}
+
+/// The last record of each partition in an applied batch: topic,
+/// partition, offset, Kafka timestamp.
+type Done = Vec<(String, i32, i64, Option<i64>)>;
+
+fn finished(
+    joined: Result<anyhow::Result<Option<Done>>, tokio::task::JoinError>,
+) -> anyhow::Result<Option<Done>> {
+    joined.map_err(|e| anyhow::anyhow!("batch task failed: {e}"))?
+}
+
+/// Stores the offsets of an applied batch; `None` (interrupted) stores
+/// nothing, so those records are read again.
+fn store_offsets(consumer: &StreamConsumer<GroupContext>, metrics: &Metrics, done: Option<Done>) {
+    for (topic, partition, offset, timestamp) in done.unwrap_or_default() {
+        match consumer.store_offset(&topic, partition, offset) {
+            Ok(()) => metrics.applied_through(&topic, partition, timestamp),
+            // Revoked meanwhile: the new owner re-applies from the last commit.
+            Err(e) => {
+                debug!(topic, partition, offset, error = %e, "offset not stored (partition revoked)")
+            }
+        }
+    }
+}
+
+/// Applies one batch and dead-letters what cannot be applied. Returns the
+/// positions to store, `None` when stopped while OpenSearch was failing, or
+/// an error when the dead-letter topic cannot be written.
 async fn apply_batch(
     records: Vec<Record>,
-    applier: &Applier,
-    consumer: &StreamConsumer<GroupContext>,
-    dead_letters: &FutureProducer,
-    dead_letter_topic: &str,
-    metrics: &Metrics,
-    stop: &watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+    sinks: Sinks,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<Done>> {
+    let Sinks {
+        applier,
+        dead_letters,
+        dead_letter_topic,
+        metrics,
+    } = sinks;
     let mut writes = Vec::new();
     let mut write_of = Vec::with_capacity(records.len());
     for record in &records {
@@ -318,11 +371,11 @@ async fn apply_batch(
             Err(_) => write_of.push(None),
         }
     }
-    let outcomes = match applier.apply(writes, stop).await {
+    let outcomes = match applier.apply(writes, &stop).await {
         Ok(outcomes) => outcomes,
         Err(interrupted) => {
             info!("{interrupted}; offsets of the unfinished batch are not stored");
-            return Ok(());
+            return Ok(None);
         }
     };
     for (record, slot) in records.iter().zip(&write_of) {
@@ -350,14 +403,13 @@ async fn apply_batch(
                     reason = %reason,
                     "record sent to the dead-letter topic"
                 );
-                send_dead_letter(dead_letters, dead_letter_topic, record, event, reason).await?;
+                send_dead_letter(&dead_letters, &dead_letter_topic, record, event, reason).await?;
                 metrics.dead_letter();
             }
             _ => {}
         }
     }
-    // Store the last offset of each partition (records of one partition
-    // are in offset order).
+    // Records of one partition are in offset order: the last one counts.
     let mut last: HashMap<(&str, i32), (i64, Option<i64>)> = HashMap::new();
     for record in &records {
         last.insert(
@@ -365,16 +417,13 @@ async fn apply_batch(
             (record.offset, record.timestamp_ms),
         );
     }
-    for ((topic, partition), (offset, timestamp)) in last {
-        match consumer.store_offset(topic, partition, offset) {
-            Ok(()) => metrics.applied_through(topic, partition, timestamp),
-            // Revoked meanwhile: the new owner re-applies from the last commit.
-            Err(e) => {
-                debug!(topic, partition, offset, error = %e, "offset not stored (partition revoked)")
-            }
-        }
-    }
-    Ok(())
+    Ok(Some(
+        last.into_iter()
+            .map(|((topic, partition), (offset, timestamp))| {
+                (topic.to_owned(), partition, offset, timestamp)
+            })
+            .collect(),
+    ))
 }
 
 /// A dead letter names where the record came from and why it was set
