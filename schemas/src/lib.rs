@@ -8,6 +8,7 @@
 pub mod config;
 mod envelope;
 mod lsn;
+pub mod partition;
 
 pub use envelope::{
     ChangeEvent, EnvelopeError, FORMAT_VERSION, Operation, Row, Source, record_key,
