@@ -6,4 +6,12 @@
 //! through the consumer's apply path; and every command that writes shows its
 //! target and counts first and needs `--dry-run` or an explicit confirmation.
 //!
-//! Not built yet; see the replay and audit issues.
+//! Built so far: `history` (a row's changes from Kafka, with field diffs).
+//! `window` and `audit` are the next pieces (see their issues).
+//!
+//! Modules: `history`, `keys` (key arguments -> the producer's key object),
+//! `time` (RFC 3339 and relative times).
+
+pub mod history;
+pub mod keys;
+pub mod time;

@@ -1,0 +1,146 @@
+//! `tidemark-replay`: the incident tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tidemark_producer::source::ConnInfo;
+use tidemark_replay::{history, keys, time};
+use tidemark_schemas::Source;
+use tidemark_schemas::config::Config;
+
+/// Incident tools for a Tidemark deployment, with the pipeline's config.
+///
+/// Exit codes: 0 done (something found), 1 nothing found or refused,
+/// 2 error. Environment: as the producer and consumer
+/// (TIDEMARK_PG_PASSWORD, TIDEMARK_KAFKA_BROKERS, ...); RUST_LOG.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark-replay", version)]
+struct Args {
+    /// The deployment's TOML config file (see config/example.toml).
+    #[arg(long, env = "TIDEMARK_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every change of one row found in Kafka, oldest first, with operation,
+    /// commit time, transaction id, LSN and a field-level diff from the
+    /// previous state. Reads only the partition the key hashes to.
+    History {
+        /// The table, schema.table (one of the config's [[tables]]).
+        #[arg(long)]
+        table: String,
+        /// The row's primary key: 42 (one-column key), tenant=7,id=1, or
+        /// JSON {"id": 42}. The first two read the key's columns and types
+        /// from PostgreSQL.
+        #[arg(long)]
+        key: String,
+        /// Only changes committed at or after this time: RFC 3339
+        /// (2026-11-22T10:00:00Z) or relative (-2h, -30m, -1d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tidemark-replay: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tidemark-replay: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let path = args
+        .config
+        .context("--config (or TIDEMARK_CONFIG) is required: the deployment's TOML file")?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let config = Config::from_toml(&text, |name| std::env::var(name).ok())
+        .with_context(|| format!("config file {}", path.display()))?;
+    match args.command {
+        Command::History {
+            table,
+            key,
+            since,
+            format,
+        } => {
+            let Some(entry) = config.tables.iter().find(|t| t.table == table) else {
+                anyhow::bail!(
+                    "--table {table}: not in the config's [[tables]] ({})",
+                    config
+                        .tables
+                        .iter()
+                        .map(|t| t.table.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            let (schema, name) = entry.parts();
+            let columns = if keys::needs_catalog(&key) {
+                let client = ConnInfo::from_config(&config)?
+                    .connect("tidemark-replay")
+                    .await?;
+                keys::primary_key(&client, schema, name).await?
+            } else {
+                Vec::new()
+            };
+            let key = keys::parse_key(&key, &table, &columns).map_err(anyhow::Error::msg)?;
+            let since_ms = since
+                .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .map(|t| t.as_millisecond());
+            let database = ConnInfo::from_config(&config)?.database;
+            let source = Source {
+                database,
+                schema: schema.to_owned(),
+                table: name.to_owned(),
+            };
+            let topic = config.kafka.table_topic(schema, name);
+            let brokers = config.kafka.brokers.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                history::read_history(&brokers, &topic, &source, &key, since_ms)
+            })
+            .await
+            .context("history task")??;
+            match format {
+                Format::Text => print!("{}", history::render_text(&found)),
+                Format::Json => println!("{:#}", history::render_json(&found)),
+            }
+            Ok(if found.steps.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
