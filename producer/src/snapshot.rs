@@ -248,6 +248,32 @@ fn snapshot_event(
     consistent_point: Lsn,
     commit_time: &str,
 ) -> Result<ChangeEvent, ChangeError> {
+    let (key, after) = row_values(table, mappings, key_index, row)?;
+    Ok(ChangeEvent {
+        format: FORMAT_VERSION,
+        source: source.clone(),
+        op: Operation::Snapshot,
+        key,
+        before: None,
+        after: Some(after),
+        unchanged_toast: Vec::new(),
+        commit_lsn: consistent_point,
+        lsn: consistent_point,
+        xid: None,
+        commit_time: commit_time.to_owned(),
+    })
+}
+
+/// A row read as text (`SELECT` of `table.columns`, in order) mapped to
+/// JSON exactly as the snapshot and the stream map it: the key and the
+/// whole row. Replay and audit use it, so "what a row maps to" is the same
+/// everywhere.
+pub fn row_values(
+    table: &CatalogTable,
+    mappings: &[Mapping],
+    key_index: &[usize],
+    row: &tokio_postgres::SimpleQueryRow,
+) -> Result<(Row, Row), ChangeError> {
     let mut after = Row::new();
     for (i, ((column, _), mapping)) in table.columns.iter().zip(mappings).enumerate() {
         let value = match row.get(i) {
@@ -276,17 +302,5 @@ fn snapshot_event(
             }
         }
     }
-    Ok(ChangeEvent {
-        format: FORMAT_VERSION,
-        source: source.clone(),
-        op: Operation::Snapshot,
-        key,
-        before: None,
-        after: Some(after),
-        unchanged_toast: Vec::new(),
-        commit_lsn: consistent_point,
-        lsn: consistent_point,
-        xid: None,
-        commit_time: commit_time.to_owned(),
-    })
+    Ok((key, after))
 }
