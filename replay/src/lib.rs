@@ -12,6 +12,7 @@
 //! Modules: `history`, `keys` (key arguments -> the producer's key object),
 //! `time` (RFC 3339 and relative times).
 
+pub mod audit;
 pub mod history;
 pub mod keys;
 pub mod time;

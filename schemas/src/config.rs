@@ -243,6 +243,9 @@ pub struct Table {
     /// to the config file), used when the consumer creates the index.
     #[serde(default)]
     pub mappings_file: Option<std::path::PathBuf>,
+    /// An `updated_at`-style column; audit dates drifted rows by it.
+    #[serde(default)]
+    pub audit_time_column: Option<String>,
 }
 
 impl Table {

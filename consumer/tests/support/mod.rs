@@ -118,6 +118,24 @@ impl ConsumerProcess {
     }
 }
 
+/// A consumer running inside the test process.
+pub struct InProcessConsumer {
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub stop: watch::Sender<bool>,
+    pub metrics: Arc<tidemark_consumer::metrics::Metrics>,
+}
+
+impl InProcessConsumer {
+    /// Stops it the way SIGTERM does: finish, commit, leave the group.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.handle
+            .await
+            .expect("consumer task")
+            .expect("consumer run");
+    }
+}
+
 impl Drop for ConsumerProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -263,7 +281,14 @@ impl Pipeline {
         let path = self.dir.join(format!("consumer-{run}.toml"));
         std::fs::write(&path, self.config_text(port, extra)).expect("write config");
         let log = self.dir.join(format!("consumer-{run}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_tidemark-consumer"))
+        // Built by `cargo test` for the consumer's own tests; other crates'
+        // tests that include this module run the consumer in-process.
+        let Some(binary) = option_env!("CARGO_BIN_EXE_tidemark-consumer") else {
+            panic!(
+                "the consumer binary is only known to the consumer's tests; use start_consumer_in_process"
+            );
+        };
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info,tidemark_consumer=debug")
@@ -279,6 +304,60 @@ impl Pipeline {
             run,
             log,
         }
+    }
+
+    /// Runs a consumer in this process (for tests of other crates); stop
+    /// it with the returned sender.
+    pub async fn start_consumer_in_process(&self) -> InProcessConsumer {
+        let config = self.config();
+        let (search, mappings) = tidemark_consumer::run::prepare(&config, &self.dir)
+            .await
+            .expect("consumer prepare");
+        let metrics = Arc::new(tidemark_consumer::metrics::Metrics::new(300));
+        let (stop, shutdown) = watch::channel(false);
+        let handle = tokio::spawn(tidemark_consumer::run::run(
+            config,
+            search,
+            mappings,
+            metrics.clone(),
+            shutdown,
+        ));
+        InProcessConsumer {
+            handle,
+            stop,
+            metrics,
+        }
+    }
+
+    /// Moves the consumer group's committed offsets to the end of every
+    /// partition of `table`'s topic, as a sync job that silently dropped
+    /// records would: what was not applied yet is lost to the index. The
+    /// group must have no running member.
+    pub fn skip_consumer_offsets(&self, table: &str) {
+        use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+        let topic = self.topic(table);
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.stack.kafka_brokers)
+            .set("group.id", &self.name)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            offsets
+                .add_partition_offset(&topic, p, rdkafka::Offset::Offset(high))
+                .expect("offset");
+        }
+        consumer
+            .commit(&offsets, CommitMode::Sync)
+            .expect("commit skipped offsets");
     }
 
     pub fn start_consumer(&mut self) -> ConsumerProcess {
@@ -319,7 +398,8 @@ impl Pipeline {
     }
 
     /// Every row of a table as the producer maps it, by id: `to_jsonb`,
-    /// which agrees with the producer for int, bigint, text and bool columns.
+    /// which agrees with the producer for int, bigint, text and bool columns,
+    /// and for timestamptz once +00:00 is written Z.
     pub async fn rows(&self, table: &str) -> BTreeMap<String, Value> {
         self.pg
             .query(
@@ -331,10 +411,22 @@ impl Pipeline {
             .iter()
             .map(|r| {
                 let json: String = r.get(1);
-                (
-                    r.get::<_, String>(0),
-                    serde_json::from_str(&json).expect("row json"),
-                )
+                let mut row: Value = serde_json::from_str(&json).expect("row json");
+                // to_jsonb writes timestamptz in UTC as +00:00; the producer
+                // writes Z. Same instant, same text after this.
+                if let Some(map) = row.as_object_mut() {
+                    for value in map.values_mut() {
+                        let utc = value
+                            .as_str()
+                            .and_then(|t| t.strip_suffix("+00:00"))
+                            .filter(|t| t.contains('T'))
+                            .map(|t| format!("{t}Z"));
+                        if let Some(utc) = utc {
+                            *value = Value::String(utc);
+                        }
+                    }
+                }
+                (r.get::<_, String>(0), row)
             })
             .collect()
     }

@@ -46,6 +46,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Compares each table with its index: missing (row without document),
+    /// extra (document without row), stale (document differs from what the
+    /// row maps to), and when the drift began. Exit 0 clean, 1 drift found,
+    /// 2 error, so it can alert from cron or CI.
+    Audit {
+        /// Only these tables (schema.table); default: every configured table.
+        #[arg(long)]
+        table: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds to wait before re-checking what looked drifted (rows that
+        /// change during the audit, consumer lag).
+        #[arg(long, default_value_t = 5)]
+        recheck_after: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -87,6 +105,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = Config::from_toml(&text, |name| std::env::var(name).ok())
         .with_context(|| format!("config file {}", path.display()))?;
     match args.command {
+        Command::Audit {
+            table,
+            format,
+            out,
+            recheck_after,
+        } => audit(&config, &table, format, out, recheck_after).await,
         Command::History {
             table,
             key,
@@ -143,4 +167,62 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn audit(
+    config: &Config,
+    tables: &[String],
+    format: Format,
+    out: Option<PathBuf>,
+    recheck_after: u64,
+) -> anyhow::Result<ExitCode> {
+    for t in tables {
+        if !config.tables.iter().any(|c| &c.table == t) {
+            anyhow::bail!("--table {t}: not in the config's [[tables]]");
+        }
+    }
+    let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
+    search.info().await?;
+    let mut client = ConnInfo::from_config(config)?
+        .connect("tidemark-audit")
+        .await?;
+    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mut reports = Vec::new();
+    for entry in &config.tables {
+        if !tables.is_empty() && !tables.contains(&entry.table) {
+            continue;
+        }
+        let (schema, name) = entry.parts();
+        let Some(mapping) = mappings.get(schema, name) else {
+            continue;
+        };
+        let target = tidemark_replay::audit::Target {
+            mapping,
+            time_column: entry.audit_time_column.as_deref(),
+        };
+        reports.push(
+            tidemark_replay::audit::audit_table(
+                &mut client,
+                &search,
+                &target,
+                std::time::Duration::from_secs(recheck_after),
+            )
+            .await?,
+        );
+    }
+    let text = match format {
+        Format::Text => tidemark_replay::audit::render_text(&reports),
+        Format::Json => format!("{:#}\n", serde_json::json!({"tables": reports})),
+    };
+    match out {
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("--out {}: cannot write", path.display()))?,
+        None => print!("{text}"),
+    }
+    let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
+    Ok(if drifted > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

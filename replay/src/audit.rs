@@ -1,0 +1,499 @@
+//! Audit: compare each configured table with its index and report what
+//! drifted: **missing** (a row without a document), **extra** (a document
+//! without a row), **stale** (a document whose content hash differs from
+//! what the current row maps to, through the consumer's own mapping code).
+//!
+//! How, with memory bounded by the chunk size plus the drift found:
+//! 1. Rows: one REPEATABLE READ transaction; a cursor over the table,
+//!    fetched in chunks; each row mapped exactly as the producer and
+//!    consumer map it; a realtime multi-get of the chunk's document ids
+//!    fetching only `_tidemark.hash` and `_tidemark.commit_time`.
+//! 2. Documents: a scroll over the index fetching only `_tidemark.key`;
+//!    each chunk's keys looked up in the same PostgreSQL snapshot.
+//! 3. Re-check: rows keep changing while an audit runs and the consumer
+//!    lags a little, so every candidate is looked at again after
+//!    `recheck_after` (fresh snapshot, fresh multi-get); only drift that is
+//!    still there is reported.
+//!
+//! When drift began: each drifted row is dated by the table's
+//! `updated_at`-style column when the config names one (`audit_time_column`),
+//! else by the document's last applied commit time, and counted per hour.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use opensearch::{ClearScrollParts, ScrollParts, SearchParts};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tidemark_consumer::mapping::{TableMapping, content_hash};
+use tidemark_consumer::search::Search;
+use tidemark_producer::snapshot::row_values;
+use tidemark_producer::source::{CatalogTable, TypeResolver, describe_table, quote_ident};
+use tidemark_producer::values::Mapping;
+use tidemark_schemas::Row;
+use tokio_postgres::{Client, GenericClient, SimpleQueryMessage};
+use tracing::info;
+
+const CHUNK: usize = 2_000;
+/// Keys shown per kind of drift in a report.
+const EXAMPLES: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Missing,
+    Extra,
+    Stale,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Missing => "missing",
+            Kind::Extra => "extra",
+            Kind::Stale => "stale",
+        }
+    }
+}
+
+/// One drifted document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drift {
+    pub kind: Kind,
+    pub id: String,
+    pub key: Row,
+    /// When the row last changed (time column) or, without one, when the
+    /// document was last applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Counts {
+    pub missing: u64,
+    pub extra: u64,
+    pub stale: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub index: String,
+    pub rows: u64,
+    pub documents: u64,
+    pub counts: Counts,
+    /// Drift per hour (`2026-11-22T10`), by kind.
+    pub timeline: BTreeMap<String, BTreeMap<Kind, u64>>,
+    /// Up to 20 examples per kind.
+    pub examples: Vec<Drift>,
+    /// Candidates that were consistent on re-check (changing while audited).
+    pub settled_on_recheck: u64,
+}
+
+impl TableReport {
+    pub fn drifted(&self) -> u64 {
+        self.counts.missing + self.counts.extra + self.counts.stale
+    }
+}
+
+/// What an audit needs to know about one table.
+#[derive(Debug)]
+pub struct Target<'a> {
+    pub mapping: &'a TableMapping,
+    pub time_column: Option<&'a str>,
+}
+
+/// The table as the catalog describes it, with type mappings and key types.
+struct Described {
+    table: CatalogTable,
+    mappings: Vec<Mapping>,
+    key_index: Vec<usize>,
+    /// `regtype` text of each key column, for typed literals.
+    key_types: Vec<String>,
+    select: String,
+}
+
+async fn describe(client: &Client, schema: &str, name: &str) -> anyhow::Result<Described> {
+    let table = describe_table(client, schema, name)
+        .await
+        .with_context(|| format!("table {schema}.{name}"))?;
+    let mut types = TypeResolver::default();
+    let mut mappings = Vec::new();
+    for (_, oid) in &table.columns {
+        mappings.push(types.mapping(client, *oid).await?);
+    }
+    let key_index: Vec<usize> = table
+        .key
+        .iter()
+        .filter_map(|k| table.columns.iter().position(|(c, _)| c == k))
+        .collect();
+    let mut key_types = Vec::new();
+    for &i in &key_index {
+        let row = client
+            .query_one("SELECT $1::oid::regtype::text", &[&table.columns[i].1])
+            .await?;
+        key_types.push(row.get(0));
+    }
+    let select = format!(
+        "SELECT {} FROM {}.{}",
+        table
+            .columns
+            .iter()
+            .map(|(c, _)| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        quote_ident(&table.schema),
+        quote_ident(&table.name)
+    );
+    Ok(Described {
+        table,
+        mappings,
+        key_index,
+        key_types,
+        select,
+    })
+}
+
+/// A JSON key value as a typed SQL literal.
+fn literal(value: &Value, sql_type: &str) -> String {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    format!("'{}'::{sql_type}", text.replace('\'', "''"))
+}
+
+/// The current rows (mapped) of the given keys, by document id.
+async fn rows_by_keys(
+    client: &impl GenericClient,
+    d: &Described,
+    mapping: &TableMapping,
+    keys: &[&Row],
+) -> anyhow::Result<HashMap<String, Row>> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let key_columns: Vec<&str> = d
+        .key_index
+        .iter()
+        .map(|&i| d.table.columns[i].0.as_str())
+        .collect();
+    let mut tuples = Vec::with_capacity(keys.len());
+    for key in keys {
+        let mut parts = Vec::with_capacity(key_columns.len());
+        for (column, sql_type) in key_columns.iter().zip(&d.key_types) {
+            let Some(value) = key.get(*column) else {
+                // A document whose key lacks a column matches no row.
+                parts.clear();
+                break;
+            };
+            parts.push(literal(value, sql_type));
+        }
+        if !parts.is_empty() {
+            tuples.push(format!("({})", parts.join(", ")));
+        }
+    }
+    if tuples.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = format!(
+        "{} WHERE ({}) IN ({})",
+        d.select,
+        key_columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        tuples.join(", ")
+    );
+    let mut out = HashMap::new();
+    for message in client
+        .simple_query(&sql)
+        .await
+        .with_context(|| format!("table {}: looking up keys", d.table.qualified()))?
+    {
+        if let SimpleQueryMessage::Row(row) = message {
+            let (key, after) = row_values(&d.table, &d.mappings, &d.key_index, &row)?;
+            out.insert(mapping.doc_id(&key)?, after);
+        }
+    }
+    Ok(out)
+}
+
+/// `_tidemark` of documents by id (only hash and commit time).
+async fn doc_meta(
+    search: &Search,
+    index: &str,
+    ids: &[&str],
+) -> anyhow::Result<HashMap<String, Value>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let found = search
+        .current_fields(index, ids, &["_tidemark.hash", "_tidemark.commit_time"])
+        .await
+        .with_context(|| format!("index {index}: multi-get"))?;
+    Ok(found
+        .into_iter()
+        .map(|(id, source)| (id, source.get("_tidemark").cloned().unwrap_or(Value::Null)))
+        .collect())
+}
+
+/// Compares one row with its document: the drift kind, if any.
+fn compare(mapping: &TableMapping, row: Option<&Row>, doc: Option<&Value>) -> Option<Kind> {
+    match (row, doc) {
+        (None, None) => None,
+        (Some(_), None) => Some(Kind::Missing),
+        (None, Some(_)) => Some(Kind::Extra),
+        (Some(row), Some(meta)) => {
+            let expected = content_hash(&mapping.fields(row));
+            (meta["hash"].as_str() != Some(expected.as_str())).then_some(Kind::Stale)
+        }
+    }
+}
+
+/// Audits one table. `recheck_after` is how long to wait before looking at
+/// candidates again (the consumer's lag plus a margin).
+pub async fn audit_table(
+    client: &mut Client,
+    search: &Search,
+    target: &Target<'_>,
+    recheck_after: Duration,
+) -> anyhow::Result<TableReport> {
+    let mapping = target.mapping;
+    let name = mapping.qualified();
+    let index = mapping.index.clone();
+    let d = describe(client, &mapping.schema, &mapping.table).await?;
+    let mut report = TableReport {
+        table: name.clone(),
+        index: index.clone(),
+        rows: 0,
+        documents: 0,
+        counts: Counts::default(),
+        timeline: BTreeMap::new(),
+        examples: Vec::new(),
+        settled_on_recheck: 0,
+    };
+    // Candidates: document id -> (kind, key).
+    let mut candidates: Vec<(String, Row)> = Vec::new();
+    let started = Instant::now();
+
+    // 1. Rows -> documents.
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    tx.batch_execute(&format!(
+        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {}",
+        d.select
+    ))
+    .await
+    .with_context(|| format!("table {name}: cannot read it"))?;
+    let fetch = format!("FETCH {CHUNK} FROM tidemark_audit");
+    loop {
+        let mut chunk: Vec<(String, Row, Row)> = Vec::with_capacity(CHUNK);
+        for message in tx.simple_query(&fetch).await? {
+            if let SimpleQueryMessage::Row(row) = message {
+                let (key, after) = row_values(&d.table, &d.mappings, &d.key_index, &row)?;
+                chunk.push((mapping.doc_id(&key)?, key, after));
+            }
+        }
+        let fetched = chunk.len();
+        report.rows += fetched as u64;
+        let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| id.as_str()).collect();
+        let docs = doc_meta(search, &index, &ids).await?;
+        for (id, key, after) in &chunk {
+            if compare(mapping, Some(after), docs.get(id)).is_some() {
+                candidates.push((id.clone(), key.clone()));
+            }
+        }
+        if fetched < CHUNK {
+            break;
+        }
+        if report.rows % 100_000 < CHUNK as u64 {
+            info!(table = %name, rows = report.rows, elapsed_s = started.elapsed().as_secs(), "audit: rows compared");
+        }
+    }
+    tx.batch_execute("CLOSE tidemark_audit").await?;
+
+    // 2. Documents -> rows, in the same snapshot.
+    let mut scroll_id: Option<String> = None;
+    let mut first = true;
+    loop {
+        let response = if first {
+            first = false;
+            search
+                .client()
+                .search(SearchParts::Index(&[&index]))
+                .scroll("2m")
+                .body(json!({"size": CHUNK, "sort": ["_doc"], "_source": ["_tidemark.key"]}))
+                .send()
+                .await
+        } else {
+            search
+                .client()
+                .scroll(ScrollParts::None)
+                .body(json!({"scroll": "2m", "scroll_id": scroll_id}))
+                .send()
+                .await
+        }
+        .with_context(|| format!("index {index}: cannot scroll"))?;
+        if !response.status_code().is_success() {
+            let status = response.status_code();
+            let text = response.text().await.unwrap_or_default();
+            anyhow::bail!("index {index}: scroll answered {status}: {text}");
+        }
+        let body: Value = response.json().await?;
+        scroll_id = body["_scroll_id"].as_str().map(str::to_owned);
+        let hits = body["hits"]["hits"].as_array().cloned().unwrap_or_default();
+        if hits.is_empty() {
+            break;
+        }
+        report.documents += hits.len() as u64;
+        let docs: Vec<(String, Row)> = hits
+            .iter()
+            .map(|h| {
+                (
+                    h["_id"].as_str().unwrap_or_default().to_owned(),
+                    h["_source"]["_tidemark"]["key"]
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        let keys: Vec<&Row> = docs.iter().map(|(_, k)| k).collect();
+        let rows = rows_by_keys(&tx, &d, mapping, &keys).await?;
+        for (id, key) in docs {
+            if !rows.contains_key(&id) {
+                candidates.push((id, key));
+            }
+        }
+    }
+    if let Some(id) = scroll_id {
+        let _ = search
+            .client()
+            .clear_scroll(ClearScrollParts::None)
+            .body(json!({"scroll_id": [id]}))
+            .send()
+            .await;
+    }
+    tx.commit().await?;
+    candidates.sort_by(|a, b| a.0.cmp(&b.0));
+    candidates.dedup_by(|a, b| a.0 == b.0);
+
+    // 3. Re-check what looked wrong, later and in a fresh snapshot.
+    if !candidates.is_empty() {
+        info!(table = %name, candidates = candidates.len(), wait_s = recheck_after.as_secs(), "audit: re-checking candidates");
+        tokio::time::sleep(recheck_after).await;
+    }
+    for chunk in candidates.chunks(CHUNK / 4) {
+        let keys: Vec<&Row> = chunk.iter().map(|(_, k)| k).collect();
+        let rows = rows_by_keys(&*client, &d, mapping, &keys).await?;
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let docs = doc_meta(search, &index, &ids).await?;
+        for (id, key) in chunk {
+            let row = rows.get(id);
+            let doc = docs.get(id);
+            let Some(kind) = compare(mapping, row, doc) else {
+                report.settled_on_recheck += 1;
+                continue;
+            };
+            let since = target
+                .time_column
+                .and_then(|c| row.and_then(|r| r.get(c)))
+                .and_then(Value::as_str)
+                .or_else(|| doc.and_then(|m| m["commit_time"].as_str()))
+                .map(str::to_owned);
+            match kind {
+                Kind::Missing => report.counts.missing += 1,
+                Kind::Extra => report.counts.extra += 1,
+                Kind::Stale => report.counts.stale += 1,
+            }
+            let hour = since
+                .as_deref()
+                .map(|s| s.get(..13).unwrap_or(s).to_owned())
+                .unwrap_or_else(|| "unknown".to_owned());
+            *report
+                .timeline
+                .entry(hour)
+                .or_default()
+                .entry(kind)
+                .or_default() += 1;
+            if report.examples.iter().filter(|e| e.kind == kind).count() < EXAMPLES {
+                report.examples.push(Drift {
+                    kind,
+                    id: id.clone(),
+                    key: key.clone(),
+                    since,
+                });
+            }
+        }
+    }
+    info!(table = %name, rows = report.rows, documents = report.documents,
+        missing = report.counts.missing, extra = report.counts.extra, stale = report.counts.stale,
+        elapsed_s = started.elapsed().as_secs(), "audit: table done");
+    Ok(report)
+}
+
+/// The terminal summary.
+pub fn render_text(reports: &[TableReport]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        out.push_str(&format!(
+            "{} -> {}: {} rows, {} documents: {} missing, {} extra, {} stale{}\n",
+            r.table,
+            r.index,
+            r.rows,
+            r.documents,
+            r.counts.missing,
+            r.counts.extra,
+            r.counts.stale,
+            if r.settled_on_recheck > 0 {
+                format!(
+                    " ({} changed while audited, consistent on re-check)",
+                    r.settled_on_recheck
+                )
+            } else {
+                String::new()
+            }
+        ));
+        if r.drifted() == 0 {
+            continue;
+        }
+        out.push_str("  when (hour, UTC)   missing  extra  stale\n");
+        for (hour, kinds) in &r.timeline {
+            let n = |k| kinds.get(&k).copied().unwrap_or(0);
+            out.push_str(&format!(
+                "  {hour:<17} {:>8} {:>6} {:>6}\n",
+                n(Kind::Missing),
+                n(Kind::Extra),
+                n(Kind::Stale)
+            ));
+        }
+        for e in &r.examples {
+            out.push_str(&format!(
+                "  {:<7} id {}  key {}{}\n",
+                e.kind.as_str(),
+                e.id,
+                Value::Object(e.key.clone()),
+                e.since
+                    .as_deref()
+                    .map(|s| format!("  since {s}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_typed_and_quoted() {
+        assert_eq!(literal(&json!(42), "integer"), "'42'::integer");
+        assert_eq!(literal(&json!("o'clock"), "text"), "'o''clock'::text");
+    }
+}
