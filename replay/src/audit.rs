@@ -89,6 +89,12 @@ pub struct TableReport {
     pub examples: Vec<Drift>,
     /// Candidates that were consistent on re-check (changing while audited).
     pub settled_on_recheck: u64,
+    /// The fraction checked, when sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample: Option<f64>,
+    /// Only rows changed since then were checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 impl TableReport {
@@ -102,6 +108,11 @@ impl TableReport {
 pub struct Target<'a> {
     pub mapping: &'a TableMapping,
     pub time_column: Option<&'a str>,
+    /// Check only this fraction (0..1] of rows and of documents.
+    pub sample: Option<f64>,
+    /// Check only rows whose time column is at or after this, and documents
+    /// applied at or after it.
+    pub since: Option<jiff::Timestamp>,
 }
 
 /// The table as the catalog describes it, with type mappings and key types.
@@ -240,6 +251,18 @@ async fn doc_meta(
         .collect())
 }
 
+/// Whether a document id falls in the sample (a stable pseudo-random
+/// choice by id hash).
+fn sampled(id: &str, sample: Option<f64>) -> bool {
+    match sample {
+        None => true,
+        Some(fraction) => {
+            let h = xxhash_rust::xxh3::xxh3_64(id.as_bytes());
+            (h as f64 / u64::MAX as f64) < fraction
+        }
+    }
+}
+
 /// Compares one row with its document: the drift kind, if any.
 fn compare(mapping: &TableMapping, row: Option<&Row>, doc: Option<&Value>) -> Option<Kind> {
     match (row, doc) {
@@ -274,7 +297,24 @@ pub async fn audit_table(
         timeline: BTreeMap::new(),
         examples: Vec::new(),
         settled_on_recheck: 0,
+        sample: target.sample,
+        since: target.since.map(|t| t.to_string()),
     };
+    let mut query = d.select.clone();
+    if let Some(fraction) = target.sample {
+        query.push_str(&format!(" TABLESAMPLE BERNOULLI ({})", fraction * 100.0));
+    }
+    if let Some(since) = target.since {
+        let Some(column) = target.time_column else {
+            anyhow::bail!(
+                "--since: table {name} has no audit_time_column in the config, so its rows cannot be chosen by time"
+            );
+        };
+        query.push_str(&format!(
+            " WHERE {} >= '{since}'::timestamptz",
+            quote_ident(column)
+        ));
+    }
     // Candidates: document id -> (kind, key).
     let mut candidates: Vec<(String, Row)> = Vec::new();
     let started = Instant::now();
@@ -284,8 +324,7 @@ pub async fn audit_table(
     tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await?;
     tx.batch_execute(&format!(
-        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {}",
-        d.select
+        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {query}"
     ))
     .await
     .with_context(|| format!("table {name}: cannot read it"))?;
@@ -317,6 +356,10 @@ pub async fn audit_table(
     tx.batch_execute("CLOSE tidemark_audit").await?;
 
     // 2. Documents -> rows, in the same snapshot.
+    let doc_query = match target.since {
+        Some(since) => json!({"range": {"_tidemark.commit_time": {"gte": since.to_string()}}}),
+        None => json!({"match_all": {}}),
+    };
     let mut scroll_id: Option<String> = None;
     let mut first = true;
     loop {
@@ -326,7 +369,7 @@ pub async fn audit_table(
                 .client()
                 .search(SearchParts::Index(&[&index]))
                 .scroll("2m")
-                .body(json!({"size": CHUNK, "sort": ["_doc"], "_source": ["_tidemark.key"]}))
+                .body(json!({"size": CHUNK, "sort": ["_doc"], "_source": ["_tidemark.key"], "query": doc_query.clone()}))
                 .send()
                 .await
         } else {
@@ -365,7 +408,7 @@ pub async fn audit_table(
         let keys: Vec<&Row> = docs.iter().map(|(_, k)| k).collect();
         let rows = rows_by_keys(&tx, &d, mapping, &keys).await?;
         for (id, key) in docs {
-            if !rows.contains_key(&id) {
+            if !rows.contains_key(&id) && sampled(&id, target.sample) {
                 candidates.push((id, key));
             }
         }
@@ -440,6 +483,16 @@ pub async fn audit_table(
 pub fn render_text(reports: &[TableReport]) -> String {
     let mut out = String::new();
     for r in reports {
+        if let Some(fraction) = r.sample {
+            out.push_str(&format!(
+                "{}: SAMPLED, about {:.1}% of rows and documents checked; counts are of the sample\n",
+                r.table,
+                fraction * 100.0
+            ));
+        }
+        if let Some(since) = &r.since {
+            out.push_str(&format!("{}: only rows changed since {since}\n", r.table));
+        }
         out.push_str(&format!(
             "{} -> {}: {} rows, {} documents: {} missing, {} extra, {} stale{}\n",
             r.table,
@@ -487,9 +540,168 @@ pub fn render_text(reports: &[TableReport]) -> String {
     out
 }
 
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A self-contained HTML report (no external assets): per-table counts, the
+/// drift timeline as an SVG bar chart, example keys.
+pub fn render_html(reports: &[TableReport], generated_at: &str) -> String {
+    let drifted: u64 = reports.iter().map(TableReport::drifted).sum();
+    let mut out = String::new();
+    out.push_str(&format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Tidemark audit: {verdict}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem; color: #1d2733; max-width: 72rem; }}
+code {{ word-break: break-all; }}
+h1 {{ font-size: 1.6rem; margin-bottom: .2rem; }}
+.verdict {{ display: inline-block; padding: .2rem .7rem; border-radius: .3rem; font-weight: 600; color: #fff; background: {color}; }}
+table {{ border-collapse: collapse; margin: .8rem 0 1.5rem; }}
+th, td {{ border-bottom: 1px solid #d8dee6; padding: .3rem .8rem; text-align: left; }}
+td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+code {{ font-size: .9em; }}
+.missing {{ fill: #d9822b; }} .extra {{ fill: #7157d9; }} .stale {{ fill: #c23030; }}
+.legend span {{ display: inline-block; width: .8rem; height: .8rem; margin: 0 .3rem 0 1rem; vertical-align: middle; }}
+</style></head><body>
+<h1>Tidemark audit</h1>
+<p>Generated {generated}. <span class="verdict">{verdict}</span></p>
+<table><tr><th>table</th><th>index</th><th>rows</th><th>documents</th><th>missing</th><th>extra</th><th>stale</th></tr>
+"#,
+        verdict = if drifted == 0 { "clean".to_owned() } else { format!("{drifted} documents drifted") },
+        color = if drifted == 0 { "#2b8a3e" } else { "#c23030" },
+        generated = escape(generated_at),
+    ));
+    for r in reports {
+        out.push_str(&format!(
+            "<tr><td><code>{}</code></td><td><code>{}</code></td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td></tr>\n",
+            escape(&r.table), escape(&r.index), r.rows, r.documents, r.counts.missing, r.counts.extra, r.counts.stale
+        ));
+    }
+    out.push_str("</table>\n");
+    for r in reports.iter().filter(|r| r.drifted() > 0) {
+        out.push_str(&format!("<h2>{}</h2>\n", escape(&r.table)));
+        if let Some(fraction) = r.sample {
+            out.push_str(&format!(
+                "<p><strong>Sampled:</strong> about {:.1}% of rows and documents were checked; counts are of the sample.</p>\n",
+                fraction * 100.0
+            ));
+        }
+        out.push_str("<p>When the drifted rows last changed (per hour, UTC):</p>\n");
+        out.push_str(&timeline_svg(&r.timeline));
+        out.push_str(r#"<p class="legend"><span class="missing" style="background:#d9822b"></span>missing<span style="background:#7157d9"></span>extra<span style="background:#c23030"></span>stale</p>"#);
+        out.push_str(
+            "\n<table><tr><th>kind</th><th>document id</th><th>key</th><th>since</th></tr>\n",
+        );
+        for e in &r.examples {
+            out.push_str(&format!(
+                "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td></tr>\n",
+                e.kind.as_str(),
+                escape(&e.id),
+                escape(&Value::Object(e.key.clone()).to_string()),
+                escape(e.since.as_deref().unwrap_or("unknown"))
+            ));
+        }
+        out.push_str("</table>\n");
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// Stacked bars, one per hour, in an inline SVG.
+fn timeline_svg(timeline: &BTreeMap<String, BTreeMap<Kind, u64>>) -> String {
+    let bar = 36.0;
+    let gap = 14.0;
+    let height = 160.0;
+    let top = timeline
+        .values()
+        .map(|k| k.values().sum::<u64>())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let width = 60.0 + timeline.len() as f64 * (bar + gap);
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{:.0}" role="img" aria-label="drift per hour">
+<line x1="40" y1="{height:.0}" x2="{width:.0}" y2="{height:.0}" stroke="#8a96a3"/>
+<text x="4" y="14" font-size="12">{top:.0}</text><text x="4" y="{height:.0}" font-size="12">0</text>
+"##,
+        height + 50.0
+    );
+    for (i, (hour, kinds)) in timeline.iter().enumerate() {
+        let x = 48.0 + i as f64 * (bar + gap);
+        let mut y = height;
+        for kind in [Kind::Missing, Kind::Extra, Kind::Stale] {
+            let n = kinds.get(&kind).copied().unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            let h = (n as f64 / top) * (height - 20.0);
+            y -= h;
+            svg.push_str(&format!(
+                r#"<rect class="{}" x="{x:.1}" y="{y:.1}" width="{bar:.0}" height="{h:.1}"><title>{} {}: {n}</title></rect>
+"#,
+                kind.as_str(),
+                escape(hour),
+                kind.as_str()
+            ));
+        }
+        let label = match hour.get(5..) {
+            Some(day_hour) if hour != "unknown" => format!("{day_hour}h"),
+            _ => hour.clone(),
+        };
+        svg.push_str(&format!(
+            r#"<text x="{:.1}" y="{:.0}" font-size="11" transform="rotate(35 {:.1} {:.0})">{}</text>
+"#,
+            x,
+            height + 14.0,
+            x,
+            height + 14.0,
+            escape(&label)
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn html_is_self_contained_and_escaped() {
+        let mut timeline = BTreeMap::new();
+        timeline.insert(
+            "2026-11-22T10".to_owned(),
+            BTreeMap::from([(Kind::Stale, 3u64), (Kind::Missing, 1)]),
+        );
+        let report = TableReport {
+            table: "public.a<b>".into(),
+            index: "a".into(),
+            rows: 10,
+            documents: 9,
+            counts: Counts {
+                missing: 1,
+                extra: 0,
+                stale: 3,
+            },
+            timeline,
+            examples: vec![],
+            settled_on_recheck: 0,
+            sample: None,
+            since: None,
+        };
+        let html = render_html(&[report], "2026-11-22T11:00:00Z");
+        assert!(html.contains("public.a&lt;b&gt;"));
+        assert!(html.contains("<svg") && html.contains("class=\"stale\""));
+        assert!(html.contains("4 documents drifted"));
+        assert!(
+            !html.contains("src=\"http") && !html.contains("href=\"http"),
+            "no external assets"
+        );
+    }
 
     #[test]
     fn literals_are_typed_and_quoted() {

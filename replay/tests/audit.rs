@@ -155,6 +155,59 @@ async fn audit_finds_exactly_the_drift_a_lost_burst_leaves() {
     assert!(text.contains("2 missing, 2 extra, 2 stale"), "{text}");
     assert!(text.contains("stale   id 10"), "{text}");
 
+    // --since narrows to recent changes (by updated_at / commit time);
+    // --sample checks a fraction and says so.
+    let (code, out, err) = audit(
+        &p,
+        &["--format", "json", "--since", "-1h", "--recheck-after", "1"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let recent: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(recent["tables"][0]["counts"]["stale"], 2, "{recent:#}");
+    assert_eq!(recent["tables"][0]["counts"]["missing"], 2, "{recent:#}");
+    let (code, out, err) = audit(&p, &["--format", "json", "--since", "2100-01-01T00:00:00Z"]);
+    assert_eq!(code, Some(0), "nothing changed since then: {out}\n{err}");
+    let (_, out, err) = audit(&p, &["--sample", "0.5", "--recheck-after", "1"]);
+    assert!(out.contains("SAMPLED, about 50.0%"), "{out}\n{err}");
+    let (code, _, err) = audit(&p, &["--sample", "2"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--sample 2: must be a fraction"), "{err}");
+
+    // The HTML report renders in a real browser: a screenshot of it is a
+    // 1000x800 PNG with far more on it than a blank page's.
+    let html = p.dir.join("audit.html");
+    let (code, _, err) = audit(
+        &p,
+        &[
+            "--format",
+            "html",
+            "--out",
+            &html.display().to_string(),
+            "--recheck-after",
+            "1",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let page = std::fs::read_to_string(&html).expect("HTML report");
+    assert!(
+        page.contains("<svg") && page.contains("6 documents drifted"),
+        "{page}"
+    );
+    let report_png = screenshot(&p, &format!("file://{}", html.display()), "report");
+    let blank_png = screenshot(&p, "about:blank", "blank");
+    for png in [&report_png, &blank_png] {
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+        let width = u32::from_be_bytes([png[16], png[17], png[18], png[19]]);
+        let height = u32::from_be_bytes([png[20], png[21], png[22], png[23]]);
+        assert_eq!((width, height), (1000, 800));
+    }
+    assert!(
+        report_png.len() > 3 * blank_png.len(),
+        "the report rendered nearly blank: {} bytes vs {} for a blank page",
+        report_png.len(),
+        blank_png.len()
+    );
+
     // An unknown table is an error that names it.
     let (code, _, err) = audit(&p, &["--table", "public.nope"]);
     assert_eq!(code, Some(2));
@@ -162,4 +215,31 @@ async fn audit_finds_exactly_the_drift_a_lost_burst_leaves() {
 
     consumer.stop().await;
     p.cleanup(&[&table]).await;
+}
+
+/// A headless Chromium screenshot of `url`, as PNG bytes.
+fn screenshot(p: &Pipeline, url: &str, name: &str) -> Vec<u8> {
+    let shot = p.dir.join(format!("{name}.png"));
+    let output = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1000,800",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            p.dir.join(format!("chromium-{name}")).display()
+        ))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(url)
+        .output()
+        .expect("chromium (dev/stack up installs it)");
+    std::fs::read(&shot).unwrap_or_else(|e| {
+        panic!(
+            "no screenshot of {url} ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }

@@ -41,7 +41,7 @@ enum Command {
         key: String,
         /// Only changes committed at or after this time: RFC 3339
         /// (2026-11-22T10:00:00Z) or relative (-2h, -30m, -1d).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         since: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
@@ -54,8 +54,10 @@ enum Command {
         /// Only these tables (schema.table); default: every configured table.
         #[arg(long)]
         table: Vec<String>,
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
+        /// text (terminal summary), json (for machines), html (a
+        /// self-contained page with the drift timeline chart).
+        #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
+        format: AuditFormat,
         /// Write the report here instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -63,7 +65,22 @@ enum Command {
         /// change during the audit, consumer lag).
         #[arg(long, default_value_t = 5)]
         recheck_after: u64,
+        /// Check only a random fraction (0 < F <= 1) of rows and documents,
+        /// for very large tables; the report says so.
+        #[arg(long)]
+        sample: Option<f64>,
+        /// Check only rows changed at or after this time (needs the table's
+        /// audit_time_column): RFC 3339 or relative (-2h, -1d).
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AuditFormat {
+    Text,
+    Json,
+    Html,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -110,7 +127,20 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             format,
             out,
             recheck_after,
-        } => audit(&config, &table, format, out, recheck_after).await,
+            sample,
+            since,
+        } => {
+            if let Some(f) = sample {
+                if !(f > 0.0 && f <= 1.0) {
+                    anyhow::bail!("--sample {f}: must be a fraction in (0, 1], e.g. 0.01");
+                }
+            }
+            let since = since
+                .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            audit(&config, &table, format, out, recheck_after, sample, since).await
+        }
         Command::History {
             table,
             key,
@@ -172,9 +202,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 async fn audit(
     config: &Config,
     tables: &[String],
-    format: Format,
+    format: AuditFormat,
     out: Option<PathBuf>,
     recheck_after: u64,
+    sample: Option<f64>,
+    since: Option<jiff::Timestamp>,
 ) -> anyhow::Result<ExitCode> {
     for t in tables {
         if !config.tables.iter().any(|c| &c.table == t) {
@@ -199,6 +231,8 @@ async fn audit(
         let target = tidemark_replay::audit::Target {
             mapping,
             time_column: entry.audit_time_column.as_deref(),
+            sample,
+            since,
         };
         reports.push(
             tidemark_replay::audit::audit_table(
@@ -211,8 +245,11 @@ async fn audit(
         );
     }
     let text = match format {
-        Format::Text => tidemark_replay::audit::render_text(&reports),
-        Format::Json => format!("{:#}\n", serde_json::json!({"tables": reports})),
+        AuditFormat::Text => tidemark_replay::audit::render_text(&reports),
+        AuditFormat::Json => format!("{:#}\n", serde_json::json!({"tables": reports})),
+        AuditFormat::Html => {
+            tidemark_replay::audit::render_html(&reports, &jiff::Timestamp::now().to_string())
+        }
     };
     match out {
         Some(path) => std::fs::write(&path, text)
