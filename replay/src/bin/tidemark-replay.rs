@@ -130,10 +130,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             sample,
             since,
         } => {
-            if let Some(f) = sample {
-                if !(f > 0.0 && f <= 1.0) {
-                    anyhow::bail!("--sample {f}: must be a fraction in (0, 1], e.g. 0.01");
-                }
+            if let Some(f) = sample
+                && !(f > 0.0 && f <= 1.0)
+            {
+                anyhow::bail!("--sample {f}: must be a fraction in (0, 1], e.g. 0.01");
             }
             let since = since
                 .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
