@@ -117,6 +117,34 @@ impl TableMapping {
     }
 }
 
+impl TableMapping {
+    /// The columns the document id is made of, in id order: the configured
+    /// `id`, else the key columns in name order.
+    pub fn id_columns(&self, key_columns: &[String]) -> Vec<String> {
+        match &self.id_columns {
+            Some(columns) => columns.clone(),
+            None => {
+                let mut sorted = key_columns.to_vec();
+                sorted.sort();
+                sorted
+            }
+        }
+    }
+
+    /// The id's parts (as text), reversing [`TableMapping::doc_id`] for a
+    /// key of `columns` columns; `None` when the id cannot be one.
+    pub fn split_id(&self, id: &str, columns: usize) -> Option<Vec<String>> {
+        if columns == 1 {
+            return Some(vec![id.to_owned()]);
+        }
+        let parts: Vec<String> = id
+            .split('/')
+            .map(|p| p.replace("%2F", "/").replace("%25", "%"))
+            .collect();
+        (parts.len() == columns).then_some(parts)
+    }
+}
+
 /// A key value as id text: strings as they are, numbers as their digits,
 /// anything else as compact JSON.
 fn id_text(value: &Value) -> String {
@@ -367,6 +395,22 @@ mod tests {
         assert_eq!(t.doc_id(&key).expect("id"), "a%2Fb%25c/7");
         // A single string key is used as it is.
         assert_eq!(t.doc_id(&row(json!({"k": "a/b"}))).expect("id"), "a/b");
+    }
+
+    #[test]
+    fn ids_decode_back_to_their_key() {
+        let m = Mappings::new(&config("[[tables]]\ntable = \"public.articles\""));
+        let t = m.get("public", "articles").expect("configured");
+        let key = row(json!({"slug": "a/b%c", "tenant": 7}));
+        let id = t.doc_id(&key).expect("id");
+        let columns = t.id_columns(&["tenant".to_owned(), "slug".to_owned()]);
+        assert_eq!(columns, ["slug", "tenant"]);
+        assert_eq!(
+            t.split_id(&id, 2),
+            Some(vec!["a/b%c".to_owned(), "7".to_owned()])
+        );
+        assert_eq!(t.split_id("no-slash", 2), None);
+        assert_eq!(t.split_id("a/b", 1), Some(vec!["a/b".to_owned()]));
     }
 
     #[test]
