@@ -233,6 +233,53 @@ async fn rows_by_keys(
 }
 
 /// `_tidemark` of documents by id (only hash and commit time).
+/// `_tidemark` hash and commit time of documents by id, from doc values
+/// (columnar, no source parsing): the fast path of the first pass. Sees
+/// what the last refresh made visible; the re-check uses [`doc_meta`].
+async fn doc_meta_searched(
+    search: &Search,
+    index: &str,
+    ids: &[&str],
+) -> anyhow::Result<HashMap<String, Value>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let response = search
+        .client()
+        .search(SearchParts::Index(&[index]))
+        .body(json!({
+            "size": ids.len(),
+            "_source": false,
+            "query": {"ids": {"values": ids}},
+            "docvalue_fields": ["_tidemark.hash", {"field": "_tidemark.commit_time", "format": "strict_date_optional_time_nanos"}],
+        }))
+        .send()
+        .await
+        .with_context(|| format!("index {index}: search by ids"))?;
+    if !response.status_code().is_success() {
+        let status = response.status_code();
+        let text = response.text().await.unwrap_or_default();
+        anyhow::bail!("index {index}: search by ids answered {status}: {text}");
+    }
+    let body: Value = response.json().await?;
+    Ok(body["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            let fields = &h["fields"];
+            (
+                h["_id"].as_str().unwrap_or_default().to_owned(),
+                json!({
+                    "hash": fields["_tidemark.hash"][0],
+                    "commit_time": fields["_tidemark.commit_time"][0],
+                }),
+            )
+        })
+        .collect())
+}
+
+/// `_tidemark` of documents by id, realtime (not refresh-bound).
 async fn doc_meta(
     search: &Search,
     index: &str,
@@ -249,6 +296,43 @@ async fn doc_meta(
         .into_iter()
         .map(|(id, source)| (id, source.get("_tidemark").cloned().unwrap_or(Value::Null)))
         .collect())
+}
+
+/// The key a document id was made from, if it decodes into values the key
+/// columns' types accept (so a hand-written id like `foreign-1` on an
+/// integer key is simply a document without a row, not an SQL error).
+fn key_from_id(
+    mapping: &TableMapping,
+    id_columns: &[String],
+    types: &HashMap<String, String>,
+    id: &str,
+) -> Option<Row> {
+    let parts = mapping.split_id(id, id_columns.len())?;
+    let mut key = Row::new();
+    for (column, text) in id_columns.iter().zip(parts) {
+        let value = match types.get(column).map(String::as_str) {
+            Some("smallint" | "integer" | "bigint") => Value::from(text.parse::<i64>().ok()?),
+            Some("numeric") => {
+                text.parse::<f64>().ok()?;
+                Value::String(text)
+            }
+            Some("uuid") => {
+                let hex = text.chars().filter(|c| *c != '-').count();
+                if hex != 32 || !text.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                    return None;
+                }
+                Value::String(text)
+            }
+            Some("boolean") => Value::Bool(match text.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return None,
+            }),
+            _ => Value::String(text),
+        };
+        key.insert(column.clone(), value);
+    }
+    Some(key)
 }
 
 /// Whether a document id falls in the sample (a stable pseudo-random
@@ -329,7 +413,9 @@ pub async fn audit_table(
     .await
     .with_context(|| format!("table {name}: cannot read it"))?;
     let fetch = format!("FETCH {CHUNK} FROM tidemark_audit");
-    loop {
+    // The next chunk is read and mapped while the current one's documents
+    // are looked up: PostgreSQL and OpenSearch work at the same time.
+    let read_chunk = || async {
         let mut chunk: Vec<(String, Row, Row)> = Vec::with_capacity(CHUNK);
         for message in tx.simple_query(&fetch).await? {
             if let SimpleQueryMessage::Row(row) = message {
@@ -337,25 +423,46 @@ pub async fn audit_table(
                 chunk.push((mapping.doc_id(&key)?, key, after));
             }
         }
+        anyhow::Ok(chunk)
+    };
+    let mut chunk = read_chunk().await?;
+    loop {
         let fetched = chunk.len();
         report.rows += fetched as u64;
         let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| id.as_str()).collect();
-        let docs = doc_meta(search, &index, &ids).await?;
+        let last = fetched < CHUNK;
+        let (docs, next) = tokio::join!(doc_meta_searched(search, &index, &ids), async {
+            if last {
+                Ok(Vec::new())
+            } else {
+                read_chunk().await
+            }
+        });
+        let docs = docs?;
         for (id, key, after) in &chunk {
             if compare(mapping, Some(after), docs.get(id)).is_some() {
                 candidates.push((id.clone(), key.clone()));
             }
         }
-        if fetched < CHUNK {
+        if last {
             break;
         }
         if report.rows % 100_000 < CHUNK as u64 {
             info!(table = %name, rows = report.rows, elapsed_s = started.elapsed().as_secs(), "audit: rows compared");
         }
+        chunk = next?;
     }
     tx.batch_execute("CLOSE tidemark_audit").await?;
+    info!(table = %name, rows = report.rows, elapsed_ms = started.elapsed().as_millis() as u64, "audit: rows pass done");
 
     // 2. Documents -> rows, in the same snapshot.
+    let id_columns = mapping.id_columns(&d.table.key);
+    let key_types: HashMap<String, String> = d
+        .key_index
+        .iter()
+        .map(|&i| d.table.columns[i].0.clone())
+        .zip(d.key_types.iter().cloned())
+        .collect();
     let doc_query = match target.since {
         Some(since) => json!({"range": {"_tidemark.commit_time": {"gte": since.to_string()}}}),
         None => json!({"match_all": {}}),
@@ -369,7 +476,7 @@ pub async fn audit_table(
                 .client()
                 .search(SearchParts::Index(&[&index]))
                 .scroll("2m")
-                .body(json!({"size": CHUNK, "sort": ["_doc"], "_source": ["_tidemark.key"], "query": doc_query.clone()}))
+                .body(json!({"size": CHUNK, "sort": ["_doc"], "_source": false, "query": doc_query.clone()}))
                 .send()
                 .await
         } else {
@@ -393,16 +500,15 @@ pub async fn audit_table(
             break;
         }
         report.documents += hits.len() as u64;
+        // Ids only (no source): the key comes back from the id, whose
+        // encoding the mapping can reverse. An id that does not decode has
+        // no row, so it stays with an empty key and is reported extra.
         let docs: Vec<(String, Row)> = hits
             .iter()
             .map(|h| {
-                (
-                    h["_id"].as_str().unwrap_or_default().to_owned(),
-                    h["_source"]["_tidemark"]["key"]
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                )
+                let id = h["_id"].as_str().unwrap_or_default().to_owned();
+                let key = key_from_id(mapping, &id_columns, &key_types, &id).unwrap_or_default();
+                (id, key)
             })
             .collect();
         let keys: Vec<&Row> = docs.iter().map(|(_, k)| k).collect();
@@ -422,6 +528,7 @@ pub async fn audit_table(
             .await;
     }
     tx.commit().await?;
+    info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents pass done");
     candidates.sort_by(|a, b| a.0.cmp(&b.0));
     candidates.dedup_by(|a, b| a.0 == b.0);
 

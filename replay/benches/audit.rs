@@ -1,0 +1,222 @@
+//! Audit speed and memory on a large table, against the local stack.
+//!
+//!     dev/stack up && cargo bench -p tidemark-replay --bench audit
+//!
+//! Environment: `TIDEMARK_BENCH_ROWS` (default 1000000).
+//!
+//! Sets up a table of N rows and its index with the documents the consumer
+//! would write (through the consumer's own mapping and bulk lines), then
+//! measures, in the same run:
+//! (a) baseline: reading the table through a cursor in the audit's chunk
+//!     size (PostgreSQL alone), rows/s;
+//! (b) `tidemark-replay audit` (release binary) on the clean table and
+//!     index: rows compared per second, and its peak RSS (VmHWM).
+//! Goal (issue): (b) >= 100,000 rows/s with RSS under 200 MB.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use serde_json::{Value, json};
+use tidemark_consumer::apply::{ApplyStats, bulk_lines};
+use tidemark_consumer::mapping::Mappings;
+use tidemark_consumer::search::Search;
+use tidemark_schemas::config::Config;
+use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Source};
+use tidemark_testkit::{Stack, unique_name};
+use tokio_postgres::NoTls;
+
+fn rows_env() -> usize {
+    std::env::var("TIDEMARK_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = rows_env();
+    let stack = Stack::get();
+    let name = unique_name("bench_audit");
+    let table = format!("{name}_t");
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config_text = format!(
+        "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{name}\"\n\
+         [opensearch]\nurl = \"{}\"\n\
+         [[tables]]\ntable = \"public.{table}\"\n\
+         index_settings = {{ number_of_shards = 1, number_of_replicas = 0, refresh_interval = \"30s\" }}\n",
+        stack.pg_url, stack.kafka_brokers, stack.opensearch_url
+    );
+    let config_path = dir.join("tidemark.toml");
+    std::fs::write(&config_path, &config_text).expect("config");
+    let config = Config::from_toml(&config_text, |_| None).expect("config");
+    let (pg, connection) = tokio_postgres::connect(&stack.pg_url, NoTls)
+        .await
+        .expect("PostgreSQL");
+    tokio::spawn(connection);
+    println!("audit bench: {rows} rows");
+
+    let t0 = Instant::now();
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, title text NOT NULL, n int NOT NULL);
+         INSERT INTO {table} SELECT g, 'article number ' || g, g % 1000 FROM generate_series(1, {rows}) g;
+         ANALYZE {table};"
+    ))
+    .await
+    .expect("table");
+    let search = Search::connect(config.opensearch().expect("opensearch")).expect("search");
+    let mappings = Mappings::new(&config);
+    let mapping = mappings.get("public", &table).expect("mapping");
+    search
+        .ensure_index(mapping, &config.tables[0], &dir)
+        .await
+        .expect("index");
+    let stats = ApplyStats::default();
+    let source = Source {
+        database: "tidemark".into(),
+        schema: "public".into(),
+        table: table.clone(),
+    };
+    let mut body = BytesMut::new();
+    let mut in_body = 0;
+    for id in 1..=rows as i64 {
+        let after = json!({"id": id, "title": format!("article number {id}"), "n": id % 1000});
+        let Value::Object(after) = after else {
+            unreachable!()
+        };
+        let mut key = serde_json::Map::new();
+        key.insert("id".into(), json!(id));
+        let event = ChangeEvent {
+            format: FORMAT_VERSION,
+            source: source.clone(),
+            op: Operation::Snapshot,
+            key,
+            before: None,
+            after: Some(after),
+            unchanged_toast: vec![],
+            commit_lsn: Lsn(1_000),
+            lsn: Lsn(1_000),
+            xid: None,
+            commit_time: "2026-11-22T10:00:00.000000Z".into(),
+        };
+        body.put_slice(&bulk_lines(&mappings.write(&event).expect("maps"), &stats));
+        in_body += 1;
+        if in_body == 10_000 || id == rows as i64 {
+            let answer: Value = search
+                .client()
+                .bulk(opensearch::BulkParts::None)
+                .body(vec![std::mem::take(&mut body).freeze()])
+                .send()
+                .await
+                .expect("bulk")
+                .json()
+                .await
+                .expect("bulk answer");
+            assert_eq!(answer["errors"], json!(false), "setup bulk failed");
+            in_body = 0;
+        }
+    }
+    search
+        .client()
+        .indices()
+        .refresh(opensearch::indices::IndicesRefreshParts::Index(&[
+            &mapping.index
+        ]))
+        .send()
+        .await
+        .expect("refresh");
+    println!(
+        "setup (table + index of {rows}): {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // (a) PostgreSQL alone: the same cursor, the same chunk size.
+    let t0 = Instant::now();
+    pg.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+         DECLARE bench NO SCROLL CURSOR FOR SELECT id, title, n FROM {table}"
+    ))
+    .await
+    .expect("cursor");
+    let mut read = 0usize;
+    loop {
+        let got = pg
+            .simple_query("FETCH 2000 FROM bench")
+            .await
+            .expect("fetch")
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        read += got;
+        if got < 2000 {
+            break;
+        }
+    }
+    pg.batch_execute("COMMIT").await.expect("commit");
+    let baseline = read as f64 / t0.elapsed().as_secs_f64();
+
+    // (b) the audit, as a user runs it.
+    let t0 = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["audit", "--format", "json", "--recheck-after", "1"])
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_OPENSEARCH_URL")
+        .stdout(Stdio::piped())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .expect("audit");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path)
+            && let Some(kb) = text
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak_kb = peak_kb.max(kb);
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut out = String::new();
+    use std::io::Read;
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    assert!(
+        status.success(),
+        "the audit found drift or failed: {status}\n{out}"
+    );
+    let report: Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(report["tables"][0]["rows"], json!(rows));
+    assert_eq!(report["tables"][0]["documents"], json!(rows));
+    let rate = rows as f64 / elapsed;
+    println!(
+        "(a) PostgreSQL cursor read alone: {baseline:>9.0} rows/s\n\
+         (b) tidemark-replay audit:        {rate:>9.0} rows/s  (b)/(a) = {:.2}; {elapsed:.1} s in all  (goal >= 100000 rows/s)\n\
+         peak RSS of the audit: {:.1} MB  (goal < 200 MB)",
+        rate / baseline,
+        peak_kb as f64 / 1024.0
+    );
+
+    let _ = pg.batch_execute(&format!("DROP TABLE {table}")).await;
+    let _ = search
+        .client()
+        .indices()
+        .delete(opensearch::indices::IndicesDeleteParts::Index(&[
+            &mapping.index
+        ]))
+        .send()
+        .await;
+}
