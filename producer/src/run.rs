@@ -326,6 +326,57 @@ async fn create_and_snapshot(
     Ok((repl, progress))
 }
 
+/// A consistent snapshot whose LSN is known exactly, for tools that read
+/// rows and write them with that LSN as their version (replay's source
+/// mode): a TEMPORARY logical slot created with an exported snapshot.
+/// PostgreSQL keeps the snapshot importable (`SET TRANSACTION SNAPSHOT`)
+/// while `session` is open and drops the slot when it closes.
+pub struct ExportedSnapshot {
+    pub session: ReplicationClient,
+    pub name: String,
+    pub lsn: Lsn,
+}
+
+impl std::fmt::Debug for ExportedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportedSnapshot")
+            .field("name", &self.name)
+            .field("lsn", &self.lsn)
+            .finish()
+    }
+}
+
+pub async fn export_snapshot(
+    config: &Config,
+    conn: &ConnInfo,
+    slot: &str,
+) -> Result<ExportedSnapshot, RunError> {
+    let mut session = ReplicationClient::connect_gated(replication_config(conn, config)).await?;
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')",
+            quote_ident(slot)
+        ))
+        .await?;
+    let text = |i: usize| {
+        rows.first()
+            .and_then(|row| row.get(i))
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let lsn = text(1)
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| RunError::SlotCreation {
+            slot: slot.to_owned(),
+            what: "consistent point",
+        })?;
+    let name = text(2).ok_or_else(|| RunError::SlotCreation {
+        slot: slot.to_owned(),
+        what: "snapshot name",
+    })?;
+    Ok(ExportedSnapshot { session, name, lsn })
+}
+
 async fn drop_slot(sql: &Client, slot: &str) -> Result<(), SourceError> {
     sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
