@@ -116,7 +116,7 @@ pub struct Target<'a> {
 }
 
 /// The table as the catalog describes it, with type mappings and key types.
-struct Described {
+pub(crate) struct Described {
     table: CatalogTable,
     mappings: Vec<Mapping>,
     key_index: Vec<usize>,
@@ -125,7 +125,11 @@ struct Described {
     select: String,
 }
 
-async fn describe(client: &Client, schema: &str, name: &str) -> anyhow::Result<Described> {
+pub(crate) async fn describe(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> anyhow::Result<Described> {
     let table = describe_table(client, schema, name)
         .await
         .with_context(|| format!("table {schema}.{name}"))?;
@@ -176,7 +180,7 @@ fn literal(value: &Value, sql_type: &str) -> String {
 }
 
 /// The current rows (mapped) of the given keys, by document id.
-async fn rows_by_keys(
+pub(crate) async fn rows_by_keys(
     client: &impl GenericClient,
     d: &Described,
     mapping: &TableMapping,
@@ -280,7 +284,7 @@ async fn doc_meta_searched(
 }
 
 /// `_tidemark` of documents by id, realtime (not refresh-bound).
-async fn doc_meta(
+pub(crate) async fn doc_meta(
     search: &Search,
     index: &str,
     ids: &[&str],

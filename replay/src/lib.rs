@@ -15,4 +15,6 @@
 pub mod audit;
 pub mod history;
 pub mod keys;
+pub mod runs;
 pub mod time;
+pub mod window;

@@ -210,9 +210,13 @@ impl Pipeline {
             ))
             .await
             .unwrap_or_else(|e| panic!("create {table}: {e}"));
+        let settings = if mapping.contains("index_settings") {
+            ""
+        } else {
+            "index_settings = { number_of_shards = 1, number_of_replicas = 0 }\n"
+        };
         self.tables_toml.push_str(&format!(
-            "[[tables]]\ntable = \"public.{table}\"\n\
-             index_settings = {{ number_of_shards = 1, number_of_replicas = 0 }}\n{mapping}\n"
+            "[[tables]]\ntable = \"public.{table}\"\n{settings}{mapping}\n"
         ));
     }
 

@@ -27,6 +27,43 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Repairs a time window: finds the rows changed in it (from Kafka),
+    /// reads them from PostgreSQL at one exported snapshot, and writes them
+    /// through the consumer's apply path with that snapshot's LSN as their
+    /// version (deleting documents whose row is gone), so nothing newer is
+    /// overwritten and nothing deleted comes back. Prints the target first;
+    /// without --yes it is a dry run that writes nothing. Every run is
+    /// recorded in the tidemark-runs index. Exit 0 done, 1 nothing to do,
+    /// 2 error.
+    Window {
+        /// Start of the window: RFC 3339 or relative (-4h).
+        #[arg(long, allow_hyphen_values = true)]
+        from: String,
+        /// End of the window: RFC 3339, relative (-1h) or now.
+        #[arg(long, allow_hyphen_values = true)]
+        to: String,
+        /// Only these tables (schema.table); default: every configured one.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Only these keys (as for history); needs exactly one --table.
+        #[arg(long)]
+        key: Vec<String>,
+        /// Write nothing; report what would change (the default without --yes).
+        #[arg(long)]
+        dry_run: bool,
+        /// Write: the confirmation that the printed target is the right one.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+    /// Lists recorded replay runs, newest first.
+    Runs {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Every change of one row found in Kafka, oldest first, with operation,
     /// commit time, transaction id, LSN and a field-level diff from the
     /// previous state. Reads only the partition the key hashes to.
@@ -122,6 +159,60 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = Config::from_toml(&text, |name| std::env::var(name).ok())
         .with_context(|| format!("config file {}", path.display()))?;
     match args.command {
+        Command::Window {
+            from,
+            to,
+            table,
+            key,
+            dry_run,
+            yes,
+            output,
+        } => {
+            let now = jiff::Timestamp::now();
+            let from = time::parse_time(&from, now).map_err(|e| anyhow::anyhow!("--from {e}"))?;
+            let to = time::parse_time(&to, now).map_err(|e| anyhow::anyhow!("--to {e}"))?;
+            if from >= to {
+                anyhow::bail!("--from {from} is not before --to {to}");
+            }
+            window(&config, from, to, &table, &key, yes && !dry_run, output).await
+        }
+        Command::Runs { limit, format } => {
+            let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
+            let runs = tidemark_replay::runs::list(&search, limit).await?;
+            match format {
+                Format::Json => println!("{:#}", serde_json::Value::Array(runs.clone())),
+                Format::Text => {
+                    for r in &runs {
+                        println!(
+                            "{}  {:<8} {:<9} {}@{}  {}  {}",
+                            r["started"].as_str().unwrap_or("-"),
+                            r["command"].as_str().unwrap_or("-"),
+                            if r["dry_run"] == true {
+                                "dry-run"
+                            } else {
+                                "write"
+                            },
+                            r["user"].as_str().unwrap_or("-"),
+                            r["host"].as_str().unwrap_or("-"),
+                            r["outcome"].as_str().unwrap_or("-"),
+                            r["arguments"]
+                                .as_array()
+                                .map(|a| a
+                                    .iter()
+                                    .filter_map(|v| v.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(" "))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(if runs.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Audit {
             table,
             format,
@@ -258,6 +349,169 @@ async fn audit(
     }
     let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
     Ok(if drifted > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn window(
+    config: &Config,
+    from: jiff::Timestamp,
+    to: jiff::Timestamp,
+    tables: &[String],
+    keys: &[String],
+    write: bool,
+    output: Format,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::window;
+    let started = jiff::Timestamp::now();
+    for t in tables {
+        if !config.tables.iter().any(|c| &c.table == t) {
+            anyhow::bail!("--table {t}: not in the config's [[tables]]");
+        }
+    }
+    if !keys.is_empty() && tables.len() != 1 {
+        anyhow::bail!("--key needs exactly one --table (keys belong to a table)");
+    }
+    let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
+    let cluster = search.info().await?;
+    let conn = ConnInfo::from_config(config)?;
+    let client = conn.connect("tidemark-replay").await?;
+    let system_id = match client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => "unknown (reading it needs pg_monitor)".to_owned(),
+    };
+    let brokers = config.kafka.brokers.clone();
+    let kafka_cluster = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .ok()?;
+        consumer
+            .client()
+            .fetch_cluster_id(rdkafka::util::Timeout::After(
+                std::time::Duration::from_secs(10),
+            ))
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| "unknown".into());
+    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mut found = Vec::new();
+    for entry in &config.tables {
+        if !tables.is_empty() && !tables.contains(&entry.table) {
+            continue;
+        }
+        let (schema, name) = entry.parts();
+        let Some(mapping) = mappings.get(schema, name) else {
+            continue;
+        };
+        let only = if keys.is_empty() {
+            None
+        } else {
+            let columns = keys::primary_key(&client, schema, name).await?;
+            let mut record_keys = Vec::new();
+            for k in keys {
+                let key = keys::parse_key(k, &entry.table, &columns).map_err(anyhow::Error::msg)?;
+                record_keys.push(window::record_key_of(mapping, &key));
+            }
+            Some(record_keys)
+        };
+        let topic = config.kafka.table_topic(schema, name);
+        let brokers = config.kafka.brokers.clone();
+        let owned = mapping.clone();
+        let (from_ms, to_ms) = (from.as_millisecond(), to.as_millisecond());
+        let keys_found = tokio::task::spawn_blocking(move || {
+            window::collect_keys(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+        })
+        .await??;
+        found.push((mapping, keys_found));
+    }
+    let total_keys: usize = found.iter().map(|(_, f)| f.keys.len()).sum();
+    let total_events: u64 = found.iter().map(|(_, f)| f.events).sum();
+    let target = format!(
+        "target:\n  PostgreSQL  system {system_id}, database {}\n  Kafka       cluster {kafka_cluster}, topics {}\n  OpenSearch  cluster {} ({}), indices {}\n  window      {from} .. {to}\n  found       {total_events} changes of {total_keys} keys\n  mode        {}\n",
+        conn.database,
+        found
+            .iter()
+            .map(|(m, _)| config.kafka.table_topic(&m.schema, &m.table))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cluster.cluster_name,
+        cluster.cluster_uuid,
+        found
+            .iter()
+            .map(|(m, _)| m.index.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if write {
+            "WRITE (--yes)"
+        } else {
+            "dry run: nothing is written; pass --yes to write"
+        },
+    );
+    eprint!("{target}");
+    let stats = std::sync::Arc::new(tidemark_consumer::apply::ApplyStats::default());
+    let search = std::sync::Arc::new(search);
+    let applier = tidemark_consumer::apply::Applier::new(search.clone(), stats);
+    let job = window::Job {
+        config,
+        search: &search,
+        applier: &applier,
+        write,
+    };
+    let mut results = Vec::new();
+    let mut failure = None;
+    if total_keys > 0 {
+        for (mapping, keys_found) in &found {
+            match window::run_table(&job, mapping, keys_found).await {
+                Ok(result) => results.push(result),
+                Err(e) => {
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+    }
+    let (user, host) = tidemark_replay::runs::who();
+    let outcome = match (&failure, total_keys) {
+        (Some(e), _) => format!("error: {e}"),
+        (None, 0) => "nothing to do".to_owned(),
+        (None, _) => "done".to_owned(),
+    };
+    let record = tidemark_replay::runs::RunRecord {
+        command: "window".into(),
+        user,
+        host,
+        started: started.to_string(),
+        finished: jiff::Timestamp::now().to_string(),
+        arguments: std::env::args().skip(1).collect(),
+        dry_run: !write,
+        outcome: outcome.clone(),
+        results: window::to_json(&results),
+    };
+    tidemark_replay::runs::record(&search, &record).await?;
+    if let Some(e) = failure {
+        anyhow::bail!(e);
+    }
+    match output {
+        Format::Text => print!("{}", window::render_text(&results, write)),
+        Format::Json => println!(
+            "{:#}",
+            serde_json::json!({"dry_run": !write, "window": {"from": from.to_string(), "to": to.to_string()}, "tables": window::to_json(&results)})
+        ),
+    }
+    Ok(if total_keys == 0 {
+        eprintln!("nothing to do: no changes in the window");
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

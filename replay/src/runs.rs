@@ -1,0 +1,111 @@
+//! Every replay run is recorded (who, when, where, arguments, counts,
+//! outcome) in the `tidemark-runs` index of the target cluster, so the team
+//! finds later what was done to the index; `tidemark-replay runs` lists them.
+
+use anyhow::Context;
+use opensearch::SearchParts;
+use opensearch::indices::{IndicesCreateParts, IndicesExistsParts};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tidemark_consumer::search::Search;
+
+/// Where runs are recorded.
+pub const RUNS_INDEX: &str = "tidemark-runs";
+
+#[derive(Debug, Serialize)]
+pub struct RunRecord {
+    pub command: String,
+    pub user: String,
+    pub host: String,
+    pub started: String,
+    pub finished: String,
+    pub arguments: Vec<String>,
+    pub dry_run: bool,
+    pub outcome: String,
+    pub results: Value,
+}
+
+/// The user and host running this process.
+pub fn who() -> (String, String) {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    (user, host)
+}
+
+async fn ensure_index(search: &Search) -> anyhow::Result<()> {
+    let exists = search
+        .client()
+        .indices()
+        .exists(IndicesExistsParts::Index(&[RUNS_INDEX]))
+        .send()
+        .await?
+        .status_code();
+    if exists.is_success() {
+        return Ok(());
+    }
+    let response = search
+        .client()
+        .indices()
+        .create(IndicesCreateParts::Index(RUNS_INDEX))
+        .body(json!({
+            "mappings": {"properties": {
+                "command": {"type": "keyword"}, "user": {"type": "keyword"}, "host": {"type": "keyword"},
+                "started": {"type": "date"}, "finished": {"type": "date"},
+                "arguments": {"type": "keyword"}, "dry_run": {"type": "boolean"},
+                "outcome": {"type": "keyword"}, "results": {"type": "object", "enabled": false}
+            }}
+        }))
+        .send()
+        .await?;
+    let status = response.status_code();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() && !text.contains("resource_already_exists_exception") {
+        anyhow::bail!("cannot create the {RUNS_INDEX} index: {status} {text}");
+    }
+    Ok(())
+}
+
+/// Records a run; the record is searchable when this returns.
+pub async fn record(search: &Search, run: &RunRecord) -> anyhow::Result<()> {
+    ensure_index(search).await?;
+    let response = search
+        .client()
+        .index(opensearch::IndexParts::Index(RUNS_INDEX))
+        .refresh(opensearch::params::Refresh::WaitFor)
+        .body(json!(run))
+        .send()
+        .await
+        .with_context(|| format!("cannot record the run in {RUNS_INDEX}"))?;
+    if !response.status_code().is_success() {
+        let text = response.text().await.unwrap_or_default();
+        anyhow::bail!("cannot record the run in {RUNS_INDEX}: {text}");
+    }
+    Ok(())
+}
+
+/// The latest runs, newest first.
+pub async fn list(search: &Search, limit: usize) -> anyhow::Result<Vec<Value>> {
+    let response = search
+        .client()
+        .search(SearchParts::Index(&[RUNS_INDEX]))
+        .body(json!({"size": limit, "sort": [{"started": "desc"}]}))
+        .send()
+        .await?;
+    if response.status_code().as_u16() == 404 {
+        return Ok(Vec::new());
+    }
+    let body: Value = response.json().await?;
+    Ok(body["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["_source"].clone())
+        .collect())
+}

@@ -1,0 +1,497 @@
+//! `window`: repair a time window after an incident ("updates between 10:00
+//! and 14:00 never reached search; put them back"), in source mode.
+//!
+//! 1. **Which rows.** Every partition of each chosen table topic is read from
+//!    `offsets_for_times(from - 60 s)` (Kafka timestamps are commit times but
+//!    not strictly monotonic) until its end as of the start, or until
+//!    records are more than 60 s past `to`; a change counts when its
+//!    envelope's commit time lies in `[from, to]`. The distinct keys (and
+//!    `--key` narrows them) are what gets repaired.
+//! 2. **Read the truth.** A temporary replication slot exports a snapshot
+//!    whose LSN `V` is exact; the keys' rows are read at that snapshot in
+//!    chunks.
+//! 3. **Write through the consumer's apply path** with version `V`: a row
+//!    becomes its document, a key without a row a versioned delete. Anything
+//!    the index has that is newer than `V` wins (version conflict), so
+//!    nothing regresses; a delete committed after `V` has a higher LSN, so
+//!    it wins too, while its tombstone lives.
+//! 4. **Close the race** the tombstone cannot (`index.gc_deletes`): after
+//!    writing, the written keys are read again at a newer exported snapshot
+//!    `V2` and every one whose row changed or vanished since `V` is written
+//!    again at `V2`.
+//!
+//! A dry run (the default without `--yes`) writes nothing and classifies
+//! each key against the index: create, update, delete, or already right.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use serde_json::Value;
+use tidemark_consumer::apply::{Applier, Outcome};
+use tidemark_consumer::mapping::{TableMapping, Write, content_hash};
+use tidemark_consumer::search::Search;
+use tidemark_schemas::{ChangeEvent, Lsn, Operation, Row, Source, record_key};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+use tracing::info;
+
+use crate::audit::{Described, describe, doc_meta, rows_by_keys};
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys read and written per round trip.
+const CHUNK: usize = 1_000;
+/// Keys listed per class in a report.
+const SAMPLE: usize = 10;
+
+/// The keys a window touched in one table.
+#[derive(Debug, Default)]
+pub struct WindowKeys {
+    /// Document id -> key.
+    pub keys: BTreeMap<String, Row>,
+    /// Changes in the window.
+    pub events: u64,
+    /// Truncates in the window (not repairable by key; audit the table).
+    pub truncates: u64,
+}
+
+/// Reads the table's topic and collects the keys changed in the window.
+/// `only` narrows to these keys' record keys.
+pub fn collect_keys(
+    brokers: &str,
+    topic: &str,
+    mapping: &TableMapping,
+    from_ms: i64,
+    to_ms: i64,
+    only: Option<&[Vec<u8>]>,
+) -> anyhow::Result<WindowKeys> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "tidemark-replay-window")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
+        })?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
+    if partitions == 0 {
+        anyhow::bail!(
+            "topic {topic} does not exist: has the producer run for {}?",
+            mapping.qualified()
+        );
+    }
+    let mut query = TopicPartitionList::new();
+    for p in 0..partitions {
+        query.add_partition_offset(topic, p, Offset::Offset(from_ms - 60_000))?;
+    }
+    let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
+    let mut assignment = TopicPartitionList::new();
+    // Partition -> end offset (exclusive) as of now.
+    let mut open: HashMap<i32, i64> = HashMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
+        let start = match starts.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o.max(low),
+            _ => high,
+        };
+        if start < high {
+            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+            open.insert(p, high);
+        }
+    }
+    let mut found = WindowKeys::default();
+    if open.is_empty() {
+        return Ok(found);
+    }
+    consumer.assign(&assignment)?;
+    let mut last_report = Instant::now();
+    let mut scanned = 0u64;
+    while !open.is_empty() {
+        let Some(message) = consumer.poll(Duration::from_secs(1)) else {
+            continue;
+        };
+        let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
+        let partition = message.partition();
+        let offset = message.offset();
+        scanned += 1;
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            info!(topic, scanned, "reading the window");
+        }
+        let Some(&end) = open.get(&partition) else {
+            continue;
+        };
+        let past_window = message
+            .timestamp()
+            .to_millis()
+            .is_some_and(|t| t > to_ms + 60_000);
+        if offset + 1 >= end || past_window {
+            open.remove(&partition);
+            let _ = consumer.incremental_unassign(&{
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, partition);
+                tpl
+            });
+            if past_window {
+                continue;
+            }
+        }
+        if let (Some(only), Some(key)) = (only, message.key())
+            && !only.iter().any(|k| k.as_slice() == key)
+        {
+            continue;
+        }
+        let event = ChangeEvent::from_slice(message.payload().unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+        let Some(at) = event
+            .commit_time
+            .parse::<jiff::Timestamp>()
+            .ok()
+            .map(|t| t.as_millisecond())
+        else {
+            continue;
+        };
+        if at < from_ms || at > to_ms {
+            continue;
+        }
+        found.events += 1;
+        if event.op == Operation::Truncate {
+            found.truncates += 1;
+            continue;
+        }
+        let id = mapping
+            .doc_id(&event.key)
+            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+        found.keys.insert(id, event.key);
+    }
+    Ok(found)
+}
+
+/// The record key of a table row (to narrow a window to `--key`s).
+pub fn record_key_of(mapping: &TableMapping, key: &Row) -> Vec<u8> {
+    let source = Source {
+        database: String::new(),
+        schema: mapping.schema.clone(),
+        table: mapping.table.clone(),
+    };
+    record_key(&source, key)
+}
+
+/// What a key needs, or needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Create,
+    Update,
+    Delete,
+    AlreadyRight,
+}
+
+/// Per table: counts and sample keys per class, and what writing did.
+#[derive(Debug, Default, Serialize)]
+pub struct TableResult {
+    pub table: String,
+    pub index: String,
+    pub keys: u64,
+    pub events: u64,
+    pub truncates: u64,
+    pub counts: BTreeMap<Class, u64>,
+    pub samples: BTreeMap<Class, Vec<String>>,
+    /// Written (real run): applied, or refused because the index had newer.
+    pub applied: u64,
+    pub newer_in_index: u64,
+    pub rejected: u64,
+    /// Keys whose row changed between the read and the end, written again.
+    pub rewritten_after_recheck: u64,
+    /// The snapshot LSN the documents were written with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_lsn: Option<String>,
+}
+
+/// Reads the keys' rows at `snapshot` (an exported snapshot name) and
+/// returns per key: the write at `version` and its class against the index.
+#[allow(clippy::too_many_arguments)]
+async fn plan(
+    client: &mut Client,
+    snapshot: &str,
+    d: &Described,
+    mapping: &TableMapping,
+    search: &Search,
+    keys: &[(&String, &Row)],
+    version: Lsn,
+    commit_time: &str,
+) -> anyhow::Result<Vec<(String, Write, Class, Option<String>)>> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await?;
+    let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| *k).collect();
+    let rows = rows_by_keys(&tx, d, mapping, &key_rows).await?;
+    tx.commit().await?;
+    let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
+    let docs = doc_meta(search, &mapping.index, &ids).await?;
+    let mut out = Vec::with_capacity(keys.len());
+    for (id, key) in keys {
+        let doc = docs.get(id.as_str());
+        match rows.get(id.as_str()) {
+            Some(row) => {
+                let fields = mapping.fields(row);
+                let hash = content_hash(&fields);
+                let class = match doc {
+                    None => Class::Create,
+                    Some(meta) if meta["hash"].as_str() == Some(hash.as_str()) => {
+                        Class::AlreadyRight
+                    }
+                    Some(_) => Class::Update,
+                };
+                out.push((
+                    (*id).clone(),
+                    Write::Index {
+                        index: mapping.index.clone(),
+                        id: (*id).clone(),
+                        version: version.0,
+                        fields,
+                        missing: Vec::new(),
+                        key: (*key).clone(),
+                        lsn: version,
+                        commit_time: commit_time.to_owned(),
+                    },
+                    class,
+                    Some(hash),
+                ));
+            }
+            None => out.push((
+                (*id).clone(),
+                Write::Delete {
+                    index: mapping.index.clone(),
+                    id: (*id).clone(),
+                    version: version.0,
+                },
+                if doc.is_some() {
+                    Class::Delete
+                } else {
+                    Class::AlreadyRight
+                },
+                None,
+            )),
+        }
+    }
+    Ok(out)
+}
+
+/// Everything a run needs.
+#[derive(Debug)]
+pub struct Job<'a> {
+    pub config: &'a tidemark_schemas::config::Config,
+    pub search: &'a Search,
+    pub applier: &'a Applier,
+    pub write: bool,
+}
+
+/// Repairs (or, without `write`, classifies) one table's window keys.
+pub async fn run_table(
+    job: &Job<'_>,
+    mapping: &TableMapping,
+    found: &WindowKeys,
+) -> anyhow::Result<TableResult> {
+    let mut result = TableResult {
+        table: mapping.qualified(),
+        index: mapping.index.clone(),
+        keys: found.keys.len() as u64,
+        events: found.events,
+        truncates: found.truncates,
+        ..TableResult::default()
+    };
+    if found.keys.is_empty() {
+        return Ok(result);
+    }
+    let conn = tidemark_producer::source::ConnInfo::from_config(job.config)?;
+    let mut client = conn.connect("tidemark-replay").await?;
+    let d = describe(&client, &mapping.schema, &mapping.table).await?;
+    let slot = format!("tidemark_replay_{}", std::process::id());
+    let snapshot = tidemark_producer::run::export_snapshot(job.config, &conn, &slot).await?;
+    let version = snapshot.lsn;
+    result.version_lsn = Some(version.to_string());
+    let now = jiff::Timestamp::now().to_string();
+    let keys: Vec<(&String, &Row)> = found.keys.iter().collect();
+    let (_keep, never) = watch::channel(false);
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_report = Instant::now();
+    let mut written: Vec<(String, Row, Option<String>)> = Vec::new();
+    let mut done = 0usize;
+    for chunk in keys.chunks(CHUNK) {
+        let planned = plan(
+            &mut client,
+            &snapshot.name,
+            &d,
+            mapping,
+            job.search,
+            chunk,
+            version,
+            &now,
+        )
+        .await?;
+        let mut writes = Vec::new();
+        for ((id, write, class, hash), (_, key)) in planned.into_iter().zip(chunk) {
+            *result.counts.entry(class).or_default() += 1;
+            let sample = result.samples.entry(class).or_default();
+            if sample.len() < SAMPLE {
+                sample.push(id.clone());
+            }
+            if job.write && class != Class::AlreadyRight {
+                writes.push(write);
+                written.push((id, (*key).clone(), hash));
+            }
+        }
+        if job.write && !writes.is_empty() {
+            pause_between_read_and_write().await;
+            let outcomes = job
+                .applier
+                .apply(writes, &never)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Applied | Outcome::Superseded => result.applied += 1,
+                    Outcome::Stale => result.newer_in_index += 1,
+                    Outcome::Rejected(reason) => {
+                        result.rejected += 1;
+                        tracing::warn!(table = %mapping.qualified(), %reason, "document refused by OpenSearch");
+                    }
+                }
+            }
+        }
+        done += chunk.len();
+        if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
+            last_report = Instant::now();
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = (keys.len() - done) as f64 / rate.max(1.0);
+            if terminal {
+                eprint!(
+                    "\r{}: {done}/{} keys, {rate:.0} keys/s, ETA {eta:.0} s   ",
+                    mapping.qualified(),
+                    keys.len()
+                );
+            } else {
+                info!(table = %mapping.qualified(), done, total = keys.len(), rate = rate as u64, eta_s = eta as u64, "window progress");
+            }
+        }
+    }
+    if terminal && keys.len() > CHUNK {
+        eprintln!();
+    }
+    drop(snapshot);
+
+    // Rows deleted or changed after the first read: with the tombstone
+    // possibly gone, write them again at a newer exact version.
+    if job.write && !written.is_empty() {
+        let recheck =
+            tidemark_producer::run::export_snapshot(job.config, &conn, &format!("{slot}_re"))
+                .await?;
+        let now = jiff::Timestamp::now().to_string();
+        for chunk in written.chunks(CHUNK) {
+            let keys: Vec<(&String, &Row)> = chunk.iter().map(|(id, key, _)| (id, key)).collect();
+            let planned = plan(
+                &mut client,
+                &recheck.name,
+                &d,
+                mapping,
+                job.search,
+                &keys,
+                recheck.lsn,
+                &now,
+            )
+            .await?;
+            let writes: Vec<Write> = planned
+                .into_iter()
+                .zip(chunk)
+                .filter(|((_, _, _, hash_now), (_, _, hash_then))| hash_now != hash_then)
+                .map(|((_, write, _, _), _)| write)
+                .collect();
+            if writes.is_empty() {
+                continue;
+            }
+            result.rewritten_after_recheck += writes.len() as u64;
+            job.applier
+                .apply(writes, &never)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+        }
+    }
+    Ok(result)
+}
+
+/// Fault injection for the race test: `TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS`
+/// widens the gap between reading rows and writing them, so a test can
+/// delete a row inside it. Unset in normal use.
+async fn pause_between_read_and_write() {
+    if let Some(ms) = std::env::var("TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        eprintln!("pausing {ms} ms between read and write (TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS)");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+/// The text report of a run.
+pub fn render_text(results: &[TableResult], write: bool) -> String {
+    let mut out = String::new();
+    for r in results {
+        let n = |c: Class| r.counts.get(&c).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "{} -> {}: {} changes of {} keys in the window{}\n",
+            r.table,
+            r.index,
+            r.events,
+            r.keys,
+            if r.truncates > 0 {
+                format!(
+                    " ({} truncates: not repairable by key; run `tidemark-replay audit --table {}`)",
+                    r.truncates, r.table
+                )
+            } else {
+                String::new()
+            }
+        ));
+        let verb = if write { "" } else { "would be " };
+        out.push_str(&format!(
+            "  {} {verb}created, {} {verb}updated, {} {verb}deleted, {} already right\n",
+            n(Class::Create),
+            n(Class::Update),
+            n(Class::Delete),
+            n(Class::AlreadyRight)
+        ));
+        for (class, keys) in &r.samples {
+            out.push_str(&format!("    {class:?}: {}\n", keys.join(", ")));
+        }
+        if write {
+            out.push_str(&format!(
+                "  written at version {}: {} applied, {} kept a newer version, {} refused; {} re-written after the final check\n",
+                r.version_lsn.as_deref().unwrap_or("-"),
+                r.applied,
+                r.newer_in_index,
+                r.rejected,
+                r.rewritten_after_recheck
+            ));
+        }
+    }
+    out
+}
+
+/// A JSON value for reports and the runs index.
+pub fn to_json(results: &[TableResult]) -> Value {
+    serde_json::json!(results)
+}

@@ -1,0 +1,298 @@
+//! The incident drill, automated: the sync job loses a window of changes
+//! (for real: its offsets move past them), then `tidemark-replay window`
+//! puts them back. The index ends equal to the table; a row updated after
+//! the window keeps its newer value; a row deleted after the window stays
+//! deleted with `index.gc_deletes` at 0; the dry run touches nothing and its
+//! counts are what the real run then does; a second run is a no-op; a run
+//! concurrent with live traffic ends exact; every run is recorded.
+
+#[path = "../../consumer/tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::Pipeline;
+use tidemark_testkit::topic_record_count;
+
+fn replay(p: &Pipeline, args: &[&str]) -> (Option<i32>, String, String) {
+    let config = p.dir.join("replay.toml");
+    std::fs::write(&config, p.config_text(1, "")).expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_OPENSEARCH_URL")
+        .output()
+        .expect("run tidemark-replay");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn counts(report: &Value) -> Value {
+    report["tables"][0]["counts"].clone()
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} did not happen in 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn window_repairs_a_lost_burst_exactly_and_safely() {
+    let mut p = Pipeline::new("r_window").await;
+    let table = p.table("t");
+    p.create_table(
+        &table,
+        "id int PRIMARY KEY, title text, n int",
+        "index_settings = { number_of_shards = 1, number_of_replicas = 0, gc_deletes = \"0s\" }",
+    )
+    .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 100) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&table, 90, &[]).await;
+    let index = p.index(&table);
+
+    // The incident: the sync job is down while a burst happens, and comes
+    // back past it.
+    consumer.stop().await;
+    let window_start = jiff::Timestamp::now();
+    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET title = 'lost update' WHERE id <= 20;
+         INSERT INTO {table} SELECT g, 'lost insert', 0 FROM generate_series(200, 209) g;
+         DELETE FROM {table} WHERE id BETWEEN 50 AND 54;"
+    ))
+    .await
+    .expect("burst");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 35 {
+        assert!(Instant::now() < deadline, "burst not in Kafka");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let window_end = jiff::Timestamp::now();
+    p.skip_consumer_offsets(&table);
+    let consumer = p.start_consumer_in_process().await;
+
+    // After the window, live traffic: row 1 gets newer, row 2 is deleted
+    // (and with gc_deletes 0 its tombstone is forgotten at once).
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET title = 'newer than the window' WHERE id = 1; DELETE FROM {table} WHERE id = 2;"
+    ))
+    .await
+    .expect("after the window");
+    wait_for("live changes after the window", async || {
+        let docs = p.docs(&index).await;
+        docs.get("1")
+            .is_some_and(|d| d["title"] == "newer than the window")
+            && !docs.contains_key("2")
+    })
+    .await;
+    let lost = p.docs(&index).await;
+    assert_eq!(lost["3"]["title"], "row 3", "the loss is real");
+    assert!(!lost.contains_key("200") && lost.contains_key("50"));
+
+    let (from, to) = (window_start.to_string(), window_end.to_string());
+    let window = ["window", "--from", &from, "--to", &to, "--output", "json"];
+
+    // Dry run: prints the target, writes nothing, counts what would change.
+    let (code, out, err) = replay(&p, &window);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("dry run: nothing is written"), "{err}");
+    assert!(err.contains("OpenSearch  cluster tidemark-dev"), "{err}");
+    assert!(err.contains("found       35 changes of 35 keys"), "{err}");
+    let dry: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(
+        counts(&dry),
+        json!({"create": 10, "update": 18, "delete": 5, "already_right": 2}),
+        "{dry:#}"
+    );
+    assert_eq!(p.docs(&index).await, lost, "the dry run changed the index");
+
+    // The real run, while rows outside the window keep changing.
+    let writer = {
+        let url = p.stack.pg_url.clone();
+        let table = table.clone();
+        tokio::spawn(async move {
+            let client = support::pg(&url).await;
+            for _ in 0..30 {
+                client
+                    .batch_execute(&format!(
+                        "UPDATE {table} SET n = n + 1 WHERE id BETWEEN 60 AND 80"
+                    ))
+                    .await
+                    .expect("live update");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut args = window.to_vec();
+    args.push("--yes");
+    let (code, out, err) = replay(&p, &args);
+    writer.await.expect("writer");
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let real: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        counts(&real),
+        counts(&dry),
+        "the dry run predicted the real run"
+    );
+    assert_eq!(real["tables"][0]["applied"], 33, "{real:#}");
+    let docs = p.wait_converged(&table, 60, &[]).await;
+    assert_eq!(
+        docs["1"]["title"], "newer than the window",
+        "a newer row regressed"
+    );
+    assert!(
+        !docs.contains_key("2"),
+        "a row deleted after the window came back"
+    );
+    assert_eq!(docs["3"]["title"], "lost update");
+
+    // A second run finds nothing to change.
+    let (code, out, err) = replay(&p, &args);
+    assert_eq!(code, Some(0), "{err}");
+    let again: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        counts(&again),
+        json!({"already_right": 35}),
+        "the second run is not a no-op: {again:#}"
+    );
+
+    // --key narrows the window to one row.
+    let qualified = format!("public.{table}");
+    let (code, out, err) = replay(
+        &p,
+        &[
+            "window", "--from", &from, "--to", &to, "--table", &qualified, "--key", "3",
+            "--output", "json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let one: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(one["tables"][0]["keys"], 1, "{one:#}");
+    assert_eq!(counts(&one), json!({"already_right": 1}));
+
+    // The race: a row deleted after replay read it and before it wrote it,
+    // with the tombstone forgotten at once (gc_deletes 0). The final check
+    // at a newer snapshot must delete it again.
+    consumer.stop().await;
+    let race_start = jiff::Timestamp::now();
+    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET title = 'lost again' WHERE id = 30"
+    ))
+    .await
+    .expect("lost update");
+    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let race_end = jiff::Timestamp::now();
+    p.skip_consumer_offsets(&table);
+    let consumer = p.start_consumer_in_process().await;
+    let config = p.dir.join("replay.toml");
+    let (race_from, race_to) = (race_start.to_string(), race_end.to_string());
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "window", "--from", &race_from, "--to", &race_to, "--yes", "--output", "json",
+        ])
+        .env("TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS", "4000")
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_OPENSEARCH_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("replay");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    p.pg.batch_execute(&format!("DELETE FROM {table} WHERE id = 30"))
+        .await
+        .expect("delete inside the gap");
+    wait_for("the live delete of row 30", async || {
+        !p.docs(&index).await.contains_key("30")
+    })
+    .await;
+    let output = tokio::time::timeout(Duration::from_secs(60), async {
+        let status = run.wait().await.expect("replay exit");
+        let mut out = String::new();
+        use tokio::io::AsyncReadExt;
+        if let Some(mut stdout) = run.stdout.take() {
+            let _ = stdout.read_to_string(&mut out).await;
+        }
+        (status, out)
+    })
+    .await
+    .expect("replay finished");
+    assert!(output.0.success(), "{}", output.1);
+    let raced: Value = serde_json::from_str(&output.1).expect("JSON");
+    assert_eq!(
+        raced["tables"][0]["rewritten_after_recheck"], 1,
+        "{raced:#}"
+    );
+    let docs = p.wait_converged(&table, 60, &[]).await;
+    assert!(
+        !docs.contains_key("30"),
+        "replay resurrected a row deleted during it"
+    );
+
+    // Every run is recorded, newest first.
+    let (code, out, _) = replay(&p, &["runs", "--format", "json"]);
+    assert_eq!(code, Some(0));
+    let runs: Value = serde_json::from_str(&out).expect("JSON");
+    let mine: Vec<&Value> = runs
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter(|r| {
+            r["arguments"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == &json!(from)))
+        })
+        .collect();
+    assert_eq!(mine.len(), 4, "{runs:#}");
+    assert_eq!(mine[3]["dry_run"], true);
+    assert_eq!(mine[0]["outcome"], "done");
+    assert!(mine[0]["user"].is_string() && mine[0]["host"].is_string());
+
+    // Nothing in an empty window: exit 1. Bad input names the argument.
+    let (code, _, err) = replay(
+        &p,
+        &[
+            "window",
+            "--from",
+            "2001-01-01T00:00:00Z",
+            "--to",
+            "2001-01-01T01:00:00Z",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let (code, _, err) = replay(&p, &["window", "--from", "-1h", "--to", "-2h"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is not before --to"), "{err}");
+    let (code, _, err) = replay(
+        &p,
+        &["window", "--from", "-1h", "--to", "now", "--key", "1"],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--key needs exactly one --table"), "{err}");
+
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}
