@@ -95,6 +95,9 @@ pub struct TableReport {
     /// Only rows changed since then were checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// Every drifted document (id, key), for `--repair`.
+    #[serde(skip)]
+    pub drifted_keys: Vec<(String, Row)>,
 }
 
 impl TableReport {
@@ -387,6 +390,7 @@ pub async fn audit_table(
         settled_on_recheck: 0,
         sample: target.sample,
         since: target.since.map(|t| t.to_string()),
+        drifted_keys: Vec::new(),
     };
     let mut query = d.select.clone();
     if let Some(fraction) = target.sample {
@@ -574,6 +578,7 @@ pub async fn audit_table(
                 .or_default()
                 .entry(kind)
                 .or_default() += 1;
+            report.drifted_keys.push((id.clone(), key.clone()));
             if report.examples.iter().filter(|e| e.kind == kind).count() < EXAMPLES {
                 report.examples.push(Drift {
                     kind,
@@ -588,6 +593,29 @@ pub async fn audit_table(
         missing = report.counts.missing, extra = report.counts.extra, stale = report.counts.stale,
         elapsed_s = started.elapsed().as_secs(), "audit: table done");
     Ok(report)
+}
+
+/// Checks given documents again (after a repair): how many still drift.
+pub async fn recheck(
+    client: &Client,
+    search: &Search,
+    mapping: &TableMapping,
+    keys: &[(String, Row)],
+) -> anyhow::Result<u64> {
+    let d = describe(client, &mapping.schema, &mapping.table).await?;
+    let mut still = 0;
+    for chunk in keys.chunks(CHUNK / 4) {
+        let key_rows: Vec<&Row> = chunk.iter().map(|(_, k)| k).collect();
+        let rows = rows_by_keys(client, &d, mapping, &key_rows).await?;
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let docs = doc_meta(search, &mapping.index, &ids).await?;
+        for (id, _) in chunk {
+            if compare(mapping, rows.get(id), docs.get(id)).is_some() {
+                still += 1;
+            }
+        }
+    }
+    Ok(still)
 }
 
 /// The terminal summary.
@@ -803,6 +831,7 @@ mod tests {
             settled_on_recheck: 0,
             sample: None,
             since: None,
+            drifted_keys: Vec::new(),
         };
         let html = render_html(&[report], "2026-11-22T11:00:00Z");
         assert!(html.contains("public.a&lt;b&gt;"));

@@ -208,6 +208,24 @@ async fn audit_finds_exactly_the_drift_a_lost_burst_leaves() {
         blank_png.len()
     );
 
+    // --repair: a dry run first, then the real one, and the audit is clean.
+    let (code, out, err) = audit(&p, &["--repair", "--recheck-after", "1"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("dry run: nothing is written"), "{err}");
+    assert!(
+        out.contains("2 would be created, 2 would be updated, 2 would be deleted"),
+        "{out}"
+    );
+    let (code, out, err) = audit(&p, &["--repair", "--yes", "--recheck-after", "1"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("after the repair: 0 of the drifted documents still differ"),
+        "{out}"
+    );
+    let (code, out, err) = audit(&p, &["--recheck-after", "1"]);
+    assert_eq!(code, Some(0), "clean after the repair: {out}\n{err}");
+    p.wait_converged(&table, 30, &[]).await;
+
     // An unknown table is an error that names it.
     let (code, _, err) = audit(&p, &["--table", "public.nope"]);
     assert_eq!(code, Some(2));

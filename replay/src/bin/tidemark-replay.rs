@@ -110,6 +110,14 @@ enum Command {
         /// audit_time_column): RFC 3339 or relative (-2h, -1d).
         #[arg(long, allow_hyphen_values = true)]
         since: Option<String>,
+        /// Repair what drifted through window's source mode (rows read at an
+        /// exported snapshot, written at its LSN), then check those
+        /// documents again. Without --yes, a dry run of the repair.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: write.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -220,6 +228,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             recheck_after,
             sample,
             since,
+            repair,
+            yes,
         } => {
             if let Some(f) = sample
                 && !(f > 0.0 && f <= 1.0)
@@ -230,7 +240,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            audit(&config, &table, format, out, recheck_after, sample, since).await
+            let options = AuditOptions {
+                format,
+                out,
+                recheck_after,
+                sample,
+                since,
+                repair,
+                yes,
+            };
+            audit(&config, &table, options).await
         }
         Command::History {
             table,
@@ -290,15 +309,31 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn audit(
-    config: &Config,
-    tables: &[String],
+#[derive(Debug)]
+struct AuditOptions {
     format: AuditFormat,
     out: Option<PathBuf>,
     recheck_after: u64,
     sample: Option<f64>,
     since: Option<jiff::Timestamp>,
+    repair: bool,
+    yes: bool,
+}
+
+async fn audit(
+    config: &Config,
+    tables: &[String],
+    options: AuditOptions,
 ) -> anyhow::Result<ExitCode> {
+    let AuditOptions {
+        format,
+        out,
+        recheck_after,
+        sample,
+        since,
+        repair,
+        yes,
+    } = options;
     for t in tables {
         if !config.tables.iter().any(|c| &c.table == t) {
             anyhow::bail!("--table {t}: not in the config's [[tables]]");
@@ -348,6 +383,9 @@ async fn audit(
         None => print!("{text}"),
     }
     let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
+    if repair && drifted > 0 {
+        return repair_drift(config, &reports, &mut client, yes).await;
+    }
     Ok(if drifted > 0 {
         ExitCode::from(1)
     } else {
@@ -515,5 +553,95 @@ async fn window(
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// Feeds the drifted documents to window's source mode, then checks them
+/// again. Exit 0 when nothing drifts any more.
+async fn repair_drift(
+    config: &Config,
+    reports: &[tidemark_replay::audit::TableReport],
+    client: &mut tokio_postgres::Client,
+    write: bool,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::window;
+    let search = std::sync::Arc::new(tidemark_consumer::search::Search::connect(
+        config.opensearch()?,
+    )?);
+    let cluster = search.info().await?;
+    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    eprintln!(
+        "repair target: OpenSearch cluster {} ({}), {} drifted documents in {}; {}",
+        cluster.cluster_name,
+        cluster.cluster_uuid,
+        reports.iter().map(|r| r.drifted()).sum::<u64>(),
+        reports
+            .iter()
+            .filter(|r| r.drifted() > 0)
+            .map(|r| r.index.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if write {
+            "WRITE (--yes)"
+        } else {
+            "dry run: nothing is written; pass --yes to write"
+        }
+    );
+    let applier = tidemark_consumer::apply::Applier::new(search.clone(), std::sync::Arc::default());
+    let job = window::Job {
+        config,
+        search: &search,
+        applier: &applier,
+        write,
+    };
+    let started = jiff::Timestamp::now();
+    let mut results = Vec::new();
+    let mut still = 0;
+    for report in reports.iter().filter(|r| r.drifted() > 0) {
+        let Some((schema, name)) = report.table.split_once('.') else {
+            continue;
+        };
+        let Some(mapping) = mappings.get(schema, name) else {
+            continue;
+        };
+        let keys = window::WindowKeys {
+            keys: report.drifted_keys.iter().cloned().collect(),
+            events: 0,
+            truncates: 0,
+        };
+        results.push(window::run_table(&job, mapping, &keys).await?);
+        if write {
+            still +=
+                tidemark_replay::audit::recheck(client, &search, mapping, &report.drifted_keys)
+                    .await?;
+        }
+    }
+    print!("{}", window::render_text(&results, write));
+    if write {
+        println!("after the repair: {still} of the drifted documents still differ");
+    }
+    let (user, host) = tidemark_replay::runs::who();
+    let record = tidemark_replay::runs::RunRecord {
+        command: "audit --repair".into(),
+        user,
+        host,
+        started: started.to_string(),
+        finished: jiff::Timestamp::now().to_string(),
+        arguments: std::env::args().skip(1).collect(),
+        dry_run: !write,
+        outcome: if !write {
+            "dry run".into()
+        } else if still == 0 {
+            "repaired".into()
+        } else {
+            format!("{still} still drift")
+        },
+        results: window::to_json(&results),
+    };
+    tidemark_replay::runs::record(&search, &record).await?;
+    Ok(if write && still == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }
