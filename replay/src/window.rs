@@ -495,3 +495,215 @@ pub fn render_text(results: &[TableResult], write: bool) -> String {
 pub fn to_json(results: &[TableResult]) -> Value {
     serde_json::json!(results)
 }
+
+/// Log mode's view of a window: the last change of every key in it, and
+/// which keys changed again after it.
+#[derive(Debug, Default)]
+pub struct LogWindow {
+    /// Document id -> the key's last change inside the window.
+    pub last: BTreeMap<String, ChangeEvent>,
+    /// Document id -> (partition, offset) of a newer change after the window.
+    pub newer: BTreeMap<String, (i32, i64)>,
+    pub events: u64,
+    pub truncates: u64,
+}
+
+/// Reads every partition of the table's topic from the window's start to
+/// its end as of now. Proof that no newer change exists for a key is
+/// having read its whole partition past the window without meeting one.
+pub fn collect_log(
+    brokers: &str,
+    topic: &str,
+    mapping: &TableMapping,
+    from_ms: i64,
+    to_ms: i64,
+    only: Option<&[Vec<u8>]>,
+) -> anyhow::Result<LogWindow> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "tidemark-replay-window")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
+        })?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
+    if partitions == 0 {
+        anyhow::bail!(
+            "topic {topic} does not exist: has the producer run for {}?",
+            mapping.qualified()
+        );
+    }
+    let mut query = TopicPartitionList::new();
+    for p in 0..partitions {
+        query.add_partition_offset(topic, p, Offset::Offset(from_ms - 60_000))?;
+    }
+    let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut open: HashMap<i32, i64> = HashMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
+        let start = match starts.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o.max(low),
+            _ => high,
+        };
+        if start < high {
+            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+            open.insert(p, high);
+        }
+    }
+    let mut found = LogWindow::default();
+    if open.is_empty() {
+        return Ok(found);
+    }
+    consumer.assign(&assignment)?;
+    while !open.is_empty() {
+        let Some(message) = consumer.poll(Duration::from_secs(1)) else {
+            continue;
+        };
+        let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
+        let (partition, offset) = (message.partition(), message.offset());
+        let Some(&end) = open.get(&partition) else {
+            continue;
+        };
+        if offset + 1 >= end {
+            open.remove(&partition);
+        }
+        if let (Some(only), Some(key)) = (only, message.key())
+            && !only.iter().any(|k| k.as_slice() == key)
+        {
+            continue;
+        }
+        let event = ChangeEvent::from_slice(message.payload().unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+        let Some(at) = event
+            .commit_time
+            .parse::<jiff::Timestamp>()
+            .ok()
+            .map(|t| t.as_millisecond())
+        else {
+            continue;
+        };
+        if at < from_ms {
+            continue;
+        }
+        if event.op == Operation::Truncate {
+            if at <= to_ms {
+                found.events += 1;
+                found.truncates += 1;
+            }
+            continue;
+        }
+        let id = mapping
+            .doc_id(&event.key)
+            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+        if at <= to_ms {
+            found.events += 1;
+            found.last.insert(id, event);
+        } else if found.last.contains_key(&id) {
+            found.newer.entry(id).or_insert((partition, offset));
+        }
+    }
+    Ok(found)
+}
+
+/// Log mode: re-applies each key's last change in the window, with its own
+/// commit LSN as version, for keys proven to have no newer change; refuses
+/// the others (source mode handles them).
+pub async fn run_log(
+    job: &Job<'_>,
+    mapping: &TableMapping,
+    mappings: &tidemark_consumer::mapping::Mappings,
+    found: &LogWindow,
+) -> anyhow::Result<LogResult> {
+    let mut result = LogResult {
+        table: mapping.qualified(),
+        index: mapping.index.clone(),
+        keys: found.last.len() as u64,
+        events: found.events,
+        truncates: found.truncates,
+        ..LogResult::default()
+    };
+    let mut writes = Vec::new();
+    for (id, event) in &found.last {
+        if let Some((partition, offset)) = found.newer.get(id) {
+            result.refused += 1;
+            if result.refused_sample.len() < SAMPLE {
+                result.refused_sample.push(format!(
+                    "{id} (newer change at partition {partition} offset {offset})"
+                ));
+            }
+            continue;
+        }
+        writes.push(mappings.write(event).map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    result.to_apply = writes.len() as u64;
+    if job.write {
+        let (_keep, never) = watch::channel(false);
+        for chunk in writes.chunks(CHUNK) {
+            let outcomes = job
+                .applier
+                .apply(chunk.to_vec(), &never)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Applied | Outcome::Superseded => result.applied += 1,
+                    Outcome::Stale => result.newer_in_index += 1,
+                    Outcome::Rejected(_) => result.rejected += 1,
+                }
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// What log mode did (or would do) in one table.
+#[derive(Debug, Default, Serialize)]
+pub struct LogResult {
+    pub table: String,
+    pub index: String,
+    pub keys: u64,
+    pub events: u64,
+    pub truncates: u64,
+    /// Keys whose last window change would be (or was) re-applied.
+    pub to_apply: u64,
+    /// Keys refused: a newer change exists after the window.
+    pub refused: u64,
+    pub refused_sample: Vec<String>,
+    pub applied: u64,
+    pub newer_in_index: u64,
+    pub rejected: u64,
+}
+
+pub fn render_log_text(results: &[LogResult], write: bool) -> String {
+    let mut out = String::new();
+    for r in results {
+        out.push_str(&format!(
+            "{} -> {} (log mode): {} changes of {} keys in the window; {} {}re-applied, {} refused (changed again after the window; use source mode)\n",
+            r.table,
+            r.index,
+            r.events,
+            r.keys,
+            r.to_apply,
+            if write { "" } else { "would be " },
+            r.refused
+        ));
+        for refused in &r.refused_sample {
+            out.push_str(&format!("    refused: {refused}\n"));
+        }
+        if write {
+            out.push_str(&format!(
+                "  {} applied, {} kept a newer version, {} refused by OpenSearch\n",
+                r.applied, r.newer_in_index, r.rejected
+            ));
+        }
+    }
+    out
+}

@@ -252,6 +252,66 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
         "replay resurrected a row deleted during it"
     );
 
+    // Log mode: a lost burst on rows 40 and 41, then 41 changes again
+    // after the window. 40's last change is re-applied; 41 is refused (a
+    // newer change exists), and keeps the newer value the consumer applied.
+    consumer.stop().await;
+    let log_start = jiff::Timestamp::now();
+    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET title = 'log lost' WHERE id IN (40, 41)"
+    ))
+    .await
+    .expect("lost burst");
+    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let log_end = jiff::Timestamp::now();
+    p.skip_consumer_offsets(&table);
+    let consumer = p.start_consumer_in_process().await;
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET title = 'newest' WHERE id = 41"
+    ))
+    .await
+    .expect("after the log window");
+    wait_for("row 41's newest value", async || {
+        p.docs(&index)
+            .await
+            .get("41")
+            .is_some_and(|d| d["title"] == "newest")
+    })
+    .await;
+    let (log_from, log_to) = (log_start.to_string(), log_end.to_string());
+    let log_args = [
+        "window", "--mode", "log", "--from", &log_from, "--to", &log_to, "--output", "json",
+    ];
+    let (code, out, err) = replay(&p, &log_args);
+    assert_eq!(code, Some(0), "{err}");
+    let dry: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(dry["tables"][0]["to_apply"], 1, "{dry:#}");
+    assert_eq!(dry["tables"][0]["refused"], 1, "{dry:#}");
+    assert!(
+        dry["tables"][0]["refused_sample"][0]
+            .as_str()
+            .is_some_and(|r| r.starts_with("41 (newer change at partition")),
+        "{dry:#}"
+    );
+    assert_eq!(
+        p.docs(&index).await["40"]["title"],
+        "row 40",
+        "the log dry run wrote"
+    );
+    let mut args = log_args.to_vec();
+    args.push("--yes");
+    let (code, out, err) = replay(&p, &args);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let real: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(real["tables"][0]["applied"], 1, "{real:#}");
+    let docs = p.wait_converged(&table, 60, &[]).await;
+    assert_eq!(docs["40"]["title"], "log lost");
+    assert_eq!(docs["41"]["title"], "newest");
+
     // Every run is recorded, newest first.
     let (code, out, _) = replay(&p, &["runs", "--format", "json"]);
     assert_eq!(code, Some(0));

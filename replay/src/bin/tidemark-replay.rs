@@ -54,6 +54,12 @@ enum Command {
         /// Write: the confirmation that the printed target is the right one.
         #[arg(long)]
         yes: bool,
+        /// source (default): re-read the rows from PostgreSQL. log: re-apply
+        /// each key's last change in the window, only for keys proven to
+        /// have no newer change (the rest are refused), for when the source
+        /// cannot be read.
+        #[arg(long, value_enum, default_value_t = Mode::Source)]
+        mode: Mode,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
@@ -121,6 +127,12 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Source,
+    Log,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum AuditFormat {
     Text,
@@ -174,6 +186,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             key,
             dry_run,
             yes,
+            mode,
             output,
         } => {
             let now = jiff::Timestamp::now();
@@ -182,7 +195,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if from >= to {
                 anyhow::bail!("--from {from} is not before --to {to}");
             }
-            window(&config, from, to, &table, &key, yes && !dry_run, output).await
+            window(
+                &config,
+                from,
+                to,
+                &table,
+                &key,
+                yes && !dry_run,
+                mode,
+                output,
+            )
+            .await
         }
         Command::Runs { limit, format } => {
             let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
@@ -393,6 +416,7 @@ async fn audit(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn window(
     config: &Config,
     from: jiff::Timestamp,
@@ -400,9 +424,28 @@ async fn window(
     tables: &[String],
     keys: &[String],
     write: bool,
+    mode: Mode,
     output: Format,
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::window;
+    enum Found {
+        Source(window::WindowKeys),
+        Log(window::LogWindow),
+    }
+    impl Found {
+        fn keys(&self) -> usize {
+            match self {
+                Found::Source(f) => f.keys.len(),
+                Found::Log(f) => f.last.len(),
+            }
+        }
+        fn events(&self) -> u64 {
+            match self {
+                Found::Source(f) => f.events,
+                Found::Log(f) => f.events,
+            }
+        }
+    }
     let started = jiff::Timestamp::now();
     for t in tables {
         if !config.tables.iter().any(|c| &c.table == t) {
@@ -468,16 +511,23 @@ async fn window(
         let brokers = config.kafka.brokers.clone();
         let owned = mapping.clone();
         let (from_ms, to_ms) = (from.as_millisecond(), to.as_millisecond());
-        let keys_found = tokio::task::spawn_blocking(move || {
-            window::collect_keys(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+        let keys_found = tokio::task::spawn_blocking(move || match mode {
+            Mode::Source => {
+                window::collect_keys(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+                    .map(Found::Source)
+            }
+            Mode::Log => {
+                window::collect_log(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+                    .map(Found::Log)
+            }
         })
         .await??;
         found.push((mapping, keys_found));
     }
-    let total_keys: usize = found.iter().map(|(_, f)| f.keys.len()).sum();
-    let total_events: u64 = found.iter().map(|(_, f)| f.events).sum();
+    let total_keys: usize = found.iter().map(|(_, f)| f.keys()).sum();
+    let total_events: u64 = found.iter().map(|(_, f)| f.events()).sum();
     let target = format!(
-        "target:\n  PostgreSQL  system {system_id}, database {}\n  Kafka       cluster {kafka_cluster}, topics {}\n  OpenSearch  cluster {} ({}), indices {}\n  window      {from} .. {to}\n  found       {total_events} changes of {total_keys} keys\n  mode        {}\n",
+        "target:\n  PostgreSQL  system {system_id}, database {}\n  Kafka       cluster {kafka_cluster}, topics {}\n  OpenSearch  cluster {} ({}), indices {}\n  window      {from} .. {to}\n  found       {total_events} changes of {total_keys} keys\n  mode        {}, {}\n",
         conn.database,
         found
             .iter()
@@ -491,6 +541,7 @@ async fn window(
             .map(|(m, _)| m.index.as_str())
             .collect::<Vec<_>>()
             .join(", "),
+        if mode == Mode::Log { "log" } else { "source" },
         if write {
             "WRITE (--yes)"
         } else {
@@ -508,18 +559,28 @@ async fn window(
         write,
     };
     let mut results = Vec::new();
+    let mut log_results = Vec::new();
     let mut failure = None;
     if total_keys > 0 {
         for (mapping, keys_found) in &found {
-            match window::run_table(&job, mapping, keys_found).await {
-                Ok(result) => results.push(result),
-                Err(e) => {
-                    failure = Some(format!("{e:#}"));
-                    break;
-                }
+            let done = match keys_found {
+                Found::Source(f) => window::run_table(&job, mapping, f)
+                    .await
+                    .map(|r| results.push(r)),
+                Found::Log(f) => window::run_log(&job, mapping, &mappings, f)
+                    .await
+                    .map(|r| log_results.push(r)),
+            };
+            if let Err(e) = done {
+                failure = Some(format!("{e:#}"));
+                break;
             }
         }
     }
+    let results_json = match mode {
+        Mode::Source => window::to_json(&results),
+        Mode::Log => serde_json::json!(log_results),
+    };
     let (user, host) = tidemark_replay::runs::who();
     let outcome = match (&failure, total_keys) {
         (Some(e), _) => format!("error: {e}"),
@@ -535,17 +596,19 @@ async fn window(
         arguments: std::env::args().skip(1).collect(),
         dry_run: !write,
         outcome: outcome.clone(),
-        results: window::to_json(&results),
+        results: results_json.clone(),
     };
     tidemark_replay::runs::record(&search, &record).await?;
     if let Some(e) = failure {
         anyhow::bail!(e);
     }
-    match output {
-        Format::Text => print!("{}", window::render_text(&results, write)),
-        Format::Json => println!(
+    match (output, mode) {
+        (Format::Text, Mode::Source) => print!("{}", window::render_text(&results, write)),
+        (Format::Text, Mode::Log) => print!("{}", window::render_log_text(&log_results, write)),
+        (Format::Json, _) => println!(
             "{:#}",
-            serde_json::json!({"dry_run": !write, "window": {"from": from.to_string(), "to": to.to_string()}, "tables": window::to_json(&results)})
+            serde_json::json!({"dry_run": !write, "mode": if mode == Mode::Log { "log" } else { "source" },
+                "window": {"from": from.to_string(), "to": to.to_string()}, "tables": results_json})
         ),
     }
     Ok(if total_keys == 0 {
