@@ -43,7 +43,7 @@ use crate::audit::{Described, describe, doc_meta, rows_by_keys};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys read and written per round trip.
-const CHUNK: usize = 1_000;
+const CHUNK: usize = 5_000;
 /// Keys listed per class in a report.
 const SAMPLE: usize = 10;
 
@@ -225,7 +225,8 @@ async fn plan(
     snapshot: &str,
     d: &Described,
     mapping: &TableMapping,
-    search: &Search,
+    // None: the caller needs the writes and hashes, not the classes.
+    search: Option<&Search>,
     keys: &[(&String, &Row)],
     version: Lsn,
     commit_time: &str,
@@ -240,7 +241,10 @@ async fn plan(
     let rows = rows_by_keys(&tx, d, mapping, &key_rows).await?;
     tx.commit().await?;
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
-    let docs = doc_meta(search, &mapping.index, &ids).await?;
+    let docs = match search {
+        Some(search) => doc_meta(search, &mapping.index, &ids).await?,
+        None => HashMap::new(),
+    };
     let mut out = Vec::with_capacity(keys.len());
     for (id, key) in keys {
         let doc = docs.get(id.as_str());
@@ -331,20 +335,29 @@ pub async fn run_table(
     let mut last_report = Instant::now();
     let mut written: Vec<(String, Row, Option<String>)> = Vec::new();
     let mut done = 0usize;
-    for chunk in keys.chunks(CHUNK) {
-        let planned = plan(
-            &mut client,
-            &snapshot.name,
-            &d,
-            mapping,
-            job.search,
-            chunk,
-            version,
-            &now,
-        )
-        .await?;
+    // Chunk i is written while chunk i + 1 is read and classified.
+    let chunks: Vec<&[(&String, &Row)]> = keys.chunks(CHUNK).collect();
+    let mut planned = match chunks.first() {
+        Some(first) => {
+            plan(
+                &mut client,
+                &snapshot.name,
+                &d,
+                mapping,
+                Some(job.search),
+                first,
+                version,
+                &now,
+            )
+            .await?
+        }
+        None => Vec::new(),
+    };
+    for (i, chunk) in chunks.iter().enumerate() {
         let mut writes = Vec::new();
-        for ((id, write, class, hash), (_, key)) in planned.into_iter().zip(chunk) {
+        for ((id, write, class, hash), (_, key)) in
+            std::mem::take(&mut planned).into_iter().zip(chunk.iter())
+        {
             *result.counts.entry(class).or_default() += 1;
             let sample = result.samples.entry(class).or_default();
             if sample.len() < SAMPLE {
@@ -355,13 +368,35 @@ pub async fn run_table(
                 written.push((id, (*key).clone(), hash));
             }
         }
-        if job.write && !writes.is_empty() {
-            pause_between_read_and_write().await;
-            let outcomes = job
-                .applier
-                .apply(writes, &never)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+        let apply = async {
+            if job.write && !writes.is_empty() {
+                pause_between_read_and_write().await;
+                Some(job.applier.apply(writes, &never).await)
+            } else {
+                None
+            }
+        };
+        let next = async {
+            match chunks.get(i + 1) {
+                Some(next) => Some(
+                    plan(
+                        &mut client,
+                        &snapshot.name,
+                        &d,
+                        mapping,
+                        Some(job.search),
+                        next,
+                        version,
+                        &now,
+                    )
+                    .await,
+                ),
+                None => None,
+            }
+        };
+        let (applied, next) = tokio::join!(apply, next);
+        if let Some(outcomes) = applied {
+            let outcomes = outcomes.map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
             for outcome in outcomes {
                 match outcome {
                     Outcome::Applied | Outcome::Superseded => result.applied += 1,
@@ -372,6 +407,9 @@ pub async fn run_table(
                     }
                 }
             }
+        }
+        if let Some(next) = next {
+            planned = next?;
         }
         done += chunk.len();
         if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
@@ -408,7 +446,7 @@ pub async fn run_table(
                 &recheck.name,
                 &d,
                 mapping,
-                job.search,
+                None,
                 &keys,
                 recheck.lsn,
                 &now,
