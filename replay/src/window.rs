@@ -58,16 +58,16 @@ pub struct WindowKeys {
     pub truncates: u64,
 }
 
-/// Reads the table's topic and collects the keys changed in the window.
-/// `only` narrows to these keys' record keys.
-pub fn collect_keys(
+/// A consumer assigned to every partition of `topic` from
+/// `offsets_for_times(from - 60 s)` (Kafka timestamps are commit times but
+/// not strictly monotonic), with each partition's end (exclusive) as of now;
+/// `None` when no partition has anything from then on.
+fn open_window(
     brokers: &str,
     topic: &str,
     mapping: &TableMapping,
     from_ms: i64,
-    to_ms: i64,
-    only: Option<&[Vec<u8>]>,
-) -> anyhow::Result<WindowKeys> {
+) -> anyhow::Result<Option<(BaseConsumer, HashMap<i32, i64>)>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "tidemark-replay-window")
@@ -95,7 +95,6 @@ pub fn collect_keys(
     }
     let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
     let mut assignment = TopicPartitionList::new();
-    // Partition -> end offset (exclusive) as of now.
     let mut open: HashMap<i32, i64> = HashMap::new();
     for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
@@ -108,11 +107,27 @@ pub fn collect_keys(
             open.insert(p, high);
         }
     }
-    let mut found = WindowKeys::default();
     if open.is_empty() {
-        return Ok(found);
+        return Ok(None);
     }
     consumer.assign(&assignment)?;
+    Ok(Some((consumer, open)))
+}
+
+/// Reads the table's topic and collects the keys changed in the window.
+/// `only` narrows to these keys' record keys.
+pub fn collect_keys(
+    brokers: &str,
+    topic: &str,
+    mapping: &TableMapping,
+    from_ms: i64,
+    to_ms: i64,
+    only: Option<&[Vec<u8>]>,
+) -> anyhow::Result<WindowKeys> {
+    let Some((consumer, mut open)) = open_window(brokers, topic, mapping, from_ms)? else {
+        return Ok(WindowKeys::default());
+    };
+    let mut found = WindowKeys::default();
     let mut last_report = Instant::now();
     let mut scanned = 0u64;
     while !open.is_empty() {
@@ -557,50 +572,10 @@ pub fn collect_log(
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
 ) -> anyhow::Result<LogWindow> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "tidemark-replay-window")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
-        })?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
-    if partitions == 0 {
-        anyhow::bail!(
-            "topic {topic} does not exist: has the producer run for {}?",
-            mapping.qualified()
-        );
-    }
-    let mut query = TopicPartitionList::new();
-    for p in 0..partitions {
-        query.add_partition_offset(topic, p, Offset::Offset(from_ms - 60_000))?;
-    }
-    let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut open: HashMap<i32, i64> = HashMap::new();
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
-        let start = match starts.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o.max(low),
-            _ => high,
-        };
-        if start < high {
-            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
-            open.insert(p, high);
-        }
-    }
+    let Some((consumer, mut open)) = open_window(brokers, topic, mapping, from_ms)? else {
+        return Ok(LogWindow::default());
+    };
     let mut found = LogWindow::default();
-    if open.is_empty() {
-        return Ok(found);
-    }
-    consumer.assign(&assignment)?;
     while !open.is_empty() {
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
