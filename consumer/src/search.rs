@@ -295,14 +295,7 @@ impl Search {
             .send()
             .await
             .map_err(|e| SearchError::Transport(e.to_string()))?;
-        let status = response.status_code();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            return Err(SearchError::Status {
-                status: status.as_u16(),
-                body: truncate(&body),
-            });
-        }
+        let response = successful(response).await?;
         let parsed: BulkResponse = response
             .json()
             .await
@@ -339,14 +332,7 @@ impl Search {
             .send()
             .await
             .map_err(|e| SearchError::Transport(e.to_string()))?;
-        let status = response.status_code();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            return Err(SearchError::Status {
-                status: status.as_u16(),
-                body: truncate(&body),
-            });
-        }
+        let response = successful(response).await?;
         #[derive(Deserialize)]
         struct Doc {
             #[serde(rename = "_id")]
@@ -384,14 +370,7 @@ impl Search {
             .send()
             .await
             .map_err(|e| SearchError::Transport(e.to_string()))?;
-        let status = response.status_code();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            return Err(SearchError::Status {
-                status: status.as_u16(),
-                body: truncate(&body),
-            });
-        }
+        let response = successful(response).await?;
         let answer: Value = response.json().await.map_err(|e| {
             SearchError::Transport(format!("unreadable delete_by_query response: {e}"))
         })?;
@@ -403,6 +382,22 @@ impl Search {
         }
         Ok(answer["deleted"].as_u64().unwrap_or(0))
     }
+}
+
+/// The response if its status is a success, else the status and the start
+/// of the body as an error.
+async fn successful(
+    response: opensearch::http::response::Response,
+) -> Result<opensearch::http::response::Response, SearchError> {
+    let status = response.status_code();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(SearchError::Status {
+        status: status.as_u16(),
+        body: truncate(&body),
+    })
 }
 
 /// Error bodies can be long; logs and dead letters get the start.
