@@ -157,9 +157,14 @@ fn id_text(value: &Value) -> String {
 /// The content hash of mapped fields: xxh3-128 of their JSON with keys in
 /// name order (serde_json's map is ordered), as 32 hex digits.
 pub fn content_hash(fields: &Row) -> String {
+    format!("{:032x}", content_digest(fields))
+}
+
+/// [`content_hash`] as the number it prints (audit compares millions).
+pub fn content_digest(fields: &Row) -> u128 {
     // Serializing a map of JSON values into a Vec cannot fail.
     let bytes = serde_json::to_vec(fields).unwrap_or_default();
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    xxhash_rust::xxh3::xxh3_128(&bytes)
 }
 
 /// The `_tidemark` metadata object.

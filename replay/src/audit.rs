@@ -23,10 +23,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use opensearch::OpenSearch;
 use opensearch::{ClearScrollParts, ScrollParts, SearchParts};
+use serde::Deserialize;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tidemark_consumer::mapping::{TableMapping, content_hash};
+use tidemark_consumer::mapping::{TableMapping, content_digest, content_hash};
 use tidemark_consumer::search::Search;
 use tidemark_producer::snapshot::row_values;
 use tidemark_producer::source::{CatalogTable, TypeResolver, describe_table, quote_ident};
@@ -35,7 +37,15 @@ use tidemark_schemas::Row;
 use tokio_postgres::{Client, GenericClient, SimpleQueryMessage};
 use tracing::info;
 
+use crate::merge::{Entry, Mismatch, Sorter};
+
+/// Rows per cursor fetch and ids per lookup: large enough that round trips
+/// do not dominate, small enough that a chunk of wide rows stays a few MB.
 const CHUNK: usize = 2_000;
+/// Documents per scroll page (ids and a hash each, ~100 bytes in JSON).
+const SCROLL_PAGE: usize = 10_000;
+/// A progress line every this many rows or documents.
+const PROGRESS_EVERY: u64 = 100_000;
 /// Keys shown per kind of drift in a report.
 const EXAMPLES: usize = 20;
 
@@ -367,47 +377,280 @@ fn compare(mapping: &TableMapping, row: Option<&Row>, doc: Option<&Value>) -> Op
     }
 }
 
-/// Audits one table. `recheck_after` is how long to wait before looking at
-/// candidates again (the consumer's lag plus a margin).
-pub async fn audit_table(
+/// Full audit: both sides streamed once, sorted by document id and merged
+/// (see [`crate::merge`]). Rows are read in one REPEATABLE READ snapshot
+/// while the index is scrolled at the same time (ids and `_tidemark.hash`
+/// doc values only); what disagrees becomes a candidate for the re-check.
+async fn merged_candidates(
+    client: &mut Client,
+    search: &Search,
+    mapping: &TableMapping,
+    d: &Described,
+    query: &str,
+    report: &mut TableReport,
+) -> anyhow::Result<Vec<(String, Row)>> {
+    let name = mapping.qualified();
+    let started = Instant::now();
+    // The index is read on its own task (its own thread under the
+    // multi-threaded runtime) while this one maps rows; dropping the set
+    // on an error stops it.
+    let mut scroll = tokio::task::JoinSet::new();
+    scroll.spawn(sorted_documents(
+        search.client().clone(),
+        mapping.index.clone(),
+    ));
+    let rows = sorted_rows(client, d, mapping, query).await?;
+    report.rows = rows.count();
+    info!(table = %name, rows = report.rows, elapsed_ms = started.elapsed().as_millis() as u64, "audit: rows read");
+    let docs = scroll
+        .join_next()
+        .await
+        .context("the index scroll task vanished")???;
+    report.documents = docs.count();
+    info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents read");
+
+    let id_columns = mapping.id_columns(&d.table.key);
+    let key_types = key_types(d);
+    let mut candidates = Vec::new();
+    let mut bad_key = None;
+    crate::merge::merge(
+        rows.finish().context("audit: reading back sorted rows")?,
+        docs.finish()
+            .context("audit: reading back sorted documents")?,
+        |mismatch| {
+            let (id, key) = match mismatch {
+                Mismatch::Missing(row) | Mismatch::Stale { row } => {
+                    let key = row
+                        .key
+                        .as_deref()
+                        .map(serde_json::from_str::<Row>)
+                        .transpose();
+                    match key {
+                        Ok(key) => (row.id, key.unwrap_or_default()),
+                        Err(e) => {
+                            bad_key.get_or_insert(format!("document {}: {e}", row.id));
+                            return;
+                        }
+                    }
+                }
+                // An id that does not decode has no row: it stays with an
+                // empty key and is reported extra.
+                Mismatch::Extra(doc) => {
+                    let key =
+                        key_from_id(mapping, &id_columns, &key_types, &doc.id).unwrap_or_default();
+                    (doc.id, key)
+                }
+            };
+            candidates.push((id, key));
+        },
+    )
+    .context("audit: merging rows and documents")?;
+    if let Some(e) = bad_key {
+        anyhow::bail!("table {name}: a spilled key did not read back: {e}");
+    }
+    info!(table = %name, candidates = candidates.len(), elapsed_ms = started.elapsed().as_millis() as u64, "audit: merged");
+    Ok(candidates)
+}
+
+/// Every row of `query`, mapped as the consumer maps it and reduced to
+/// (document id, content hash, key), sorted by id.
+async fn sorted_rows(
+    client: &mut Client,
+    d: &Described,
+    mapping: &TableMapping,
+    query: &str,
+) -> anyhow::Result<Sorter> {
+    let name = mapping.qualified();
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    tx.batch_execute(&format!(
+        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {query}"
+    ))
+    .await
+    .with_context(|| format!("table {name}: cannot read it"))?;
+    let fetch = format!("FETCH {CHUNK} FROM tidemark_audit");
+    let mut sorter = Sorter::default();
+    let mut chunk = tx
+        .simple_query(&fetch)
+        .await
+        .with_context(|| format!("table {name}: reading rows"))?;
+    let mut next_report = PROGRESS_EVERY;
+    loop {
+        let fetched = chunk
+            .iter()
+            .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+            .count();
+        let last = fetched < CHUNK;
+        // PostgreSQL reads the next chunk while this one is mapped.
+        let (next, mapped) = tokio::join!(
+            async {
+                if last {
+                    Ok(Vec::new())
+                } else {
+                    tx.simple_query(&fetch).await
+                }
+            },
+            async {
+                for message in &chunk {
+                    if let SimpleQueryMessage::Row(row) = message {
+                        let (key, after) = row_values(&d.table, &d.mappings, &d.key_index, row)?;
+                        sorter.push(Entry {
+                            id: mapping.doc_id(&key)?,
+                            hash: Some(content_digest(&mapping.fields(&after))),
+                            key: Some(serde_json::to_string(&key)?),
+                        })?;
+                    }
+                }
+                anyhow::Ok(())
+            }
+        );
+        mapped?;
+        if sorter.count() >= next_report {
+            next_report += PROGRESS_EVERY;
+            info!(table = %name, rows = sorter.count(), elapsed_s = started.elapsed().as_secs(), "audit: rows read");
+        }
+        if last {
+            break;
+        }
+        chunk = next.with_context(|| format!("table {name}: reading rows"))?;
+    }
+    tx.batch_execute("CLOSE tidemark_audit").await?;
+    tx.commit().await?;
+    Ok(sorter)
+}
+
+/// One page of an id scroll, as `filter_path` trims it.
+#[derive(Debug, Deserialize)]
+struct ScrollPage {
+    #[serde(rename = "_scroll_id")]
+    scroll_id: Option<String>,
+    #[serde(default)]
+    hits: Option<ScrollHits>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScrollHits {
+    #[serde(default)]
+    hits: Vec<ScrollHit>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScrollHit {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(default)]
+    fields: Option<HitFields>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HitFields {
+    #[serde(rename = "_tidemark.hash", default)]
+    hash: Vec<String>,
+}
+
+/// Every document of the index as (id, content hash), sorted by id. Reads
+/// ids and the hash's doc values only (no `_source`), in index order.
+async fn sorted_documents(client: OpenSearch, index: String) -> anyhow::Result<Sorter> {
+    const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields";
+    let started = Instant::now();
+    let mut sorter = Sorter::default();
+    let mut scroll_id: Option<String> = None;
+    let mut next_report = PROGRESS_EVERY;
+    let result = async {
+        loop {
+            let response = match &scroll_id {
+                None => {
+                    client
+                        .search(SearchParts::Index(&[&index]))
+                        .scroll("2m")
+                        .filter_path(&[KEEP])
+                        .body(json!({
+                            "size": SCROLL_PAGE,
+                            "sort": ["_doc"],
+                            "_source": false,
+                            "docvalue_fields": ["_tidemark.hash"],
+                        }))
+                        .send()
+                        .await
+                }
+                Some(id) => {
+                    client
+                        .scroll(ScrollParts::None)
+                        .filter_path(&[KEEP])
+                        .body(json!({"scroll": "2m", "scroll_id": id}))
+                        .send()
+                        .await
+                }
+            }
+            .with_context(|| format!("index {index}: cannot scroll"))?;
+            if !response.status_code().is_success() {
+                let status = response.status_code();
+                let text = response.text().await.unwrap_or_default();
+                anyhow::bail!("index {index}: scroll answered {status}: {text}");
+            }
+            let page: ScrollPage = response
+                .json()
+                .await
+                .with_context(|| format!("index {index}: scroll answer"))?;
+            scroll_id = page.scroll_id;
+            let hits = page.hits.map(|h| h.hits).unwrap_or_default();
+            if hits.is_empty() {
+                return Ok(());
+            }
+            for hit in hits {
+                let hash = hit
+                    .fields
+                    .and_then(|f| f.hash.into_iter().next())
+                    .and_then(|h| u128::from_str_radix(&h, 16).ok());
+                sorter.push(Entry {
+                    id: hit.id,
+                    hash,
+                    key: None,
+                })?;
+            }
+            if sorter.count() >= next_report {
+                next_report += PROGRESS_EVERY;
+                info!(index = %index, documents = sorter.count(), elapsed_s = started.elapsed().as_secs(), "audit: documents read");
+            }
+        }
+    }
+    .await;
+    if let Some(id) = scroll_id {
+        let _ = client
+            .clear_scroll(ClearScrollParts::None)
+            .body(json!({"scroll_id": [id]}))
+            .send()
+            .await;
+    }
+    result.map(|()| sorter)
+}
+
+/// Key column -> its `regtype` text, to decode ids back into keys.
+fn key_types(d: &Described) -> HashMap<String, String> {
+    d.key_index
+        .iter()
+        .map(|&i| d.table.columns[i].0.clone())
+        .zip(d.key_types.iter().cloned())
+        .collect()
+}
+
+/// Subset audit (`--sample`, `--since`): each side's chosen rows or
+/// documents are looked up on the other side by key, which costs a round
+/// trip per chunk but reads only the subset. (A merge would need the same
+/// subset on both sides, which neither a sample nor a time filter gives.)
+async fn looked_up_candidates(
     client: &mut Client,
     search: &Search,
     target: &Target<'_>,
-    recheck_after: Duration,
-) -> anyhow::Result<TableReport> {
+    d: &Described,
+    query: &str,
+    report: &mut TableReport,
+) -> anyhow::Result<Vec<(String, Row)>> {
     let mapping = target.mapping;
     let name = mapping.qualified();
     let index = mapping.index.clone();
-    let d = describe(client, &mapping.schema, &mapping.table).await?;
-    let mut report = TableReport {
-        table: name.clone(),
-        index: index.clone(),
-        rows: 0,
-        documents: 0,
-        counts: Counts::default(),
-        timeline: BTreeMap::new(),
-        examples: Vec::new(),
-        settled_on_recheck: 0,
-        sample: target.sample,
-        since: target.since.map(|t| t.to_string()),
-        drifted_keys: Vec::new(),
-    };
-    let mut query = d.select.clone();
-    if let Some(fraction) = target.sample {
-        query.push_str(&format!(" TABLESAMPLE BERNOULLI ({})", fraction * 100.0));
-    }
-    if let Some(since) = target.since {
-        let Some(column) = target.time_column else {
-            anyhow::bail!(
-                "--since: table {name} has no audit_time_column in the config, so its rows cannot be chosen by time"
-            );
-        };
-        query.push_str(&format!(
-            " WHERE {} >= '{since}'::timestamptz",
-            quote_ident(column)
-        ));
-    }
-    // Candidates: document id -> (kind, key).
     let mut candidates: Vec<(String, Row)> = Vec::new();
     let started = Instant::now();
 
@@ -465,12 +708,7 @@ pub async fn audit_table(
 
     // 2. Documents -> rows, in the same snapshot.
     let id_columns = mapping.id_columns(&d.table.key);
-    let key_types: HashMap<String, String> = d
-        .key_index
-        .iter()
-        .map(|&i| d.table.columns[i].0.clone())
-        .zip(d.key_types.iter().cloned())
-        .collect();
+    let key_types = key_types(d);
     let doc_query = match target.since {
         Some(since) => json!({"range": {"_tidemark.commit_time": {"gte": since.to_string()}}}),
         None => json!({"match_all": {}}),
@@ -537,6 +775,57 @@ pub async fn audit_table(
     }
     tx.commit().await?;
     info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents pass done");
+    Ok(candidates)
+}
+
+/// Audits one table. `recheck_after` is how long to wait before looking at
+/// candidates again (the consumer's lag plus a margin).
+pub async fn audit_table(
+    client: &mut Client,
+    search: &Search,
+    target: &Target<'_>,
+    recheck_after: Duration,
+) -> anyhow::Result<TableReport> {
+    let mapping = target.mapping;
+    let name = mapping.qualified();
+    let index = mapping.index.clone();
+    let d = describe(client, &mapping.schema, &mapping.table).await?;
+    let mut report = TableReport {
+        table: name.clone(),
+        index: index.clone(),
+        rows: 0,
+        documents: 0,
+        counts: Counts::default(),
+        timeline: BTreeMap::new(),
+        examples: Vec::new(),
+        settled_on_recheck: 0,
+        sample: target.sample,
+        since: target.since.map(|t| t.to_string()),
+        drifted_keys: Vec::new(),
+    };
+    let mut query = d.select.clone();
+    if let Some(fraction) = target.sample {
+        query.push_str(&format!(" TABLESAMPLE BERNOULLI ({})", fraction * 100.0));
+    }
+    if let Some(since) = target.since {
+        let Some(column) = target.time_column else {
+            anyhow::bail!(
+                "--since: table {name} has no audit_time_column in the config, so its rows cannot be chosen by time"
+            );
+        };
+        query.push_str(&format!(
+            " WHERE {} >= '{since}'::timestamptz",
+            quote_ident(column)
+        ));
+    }
+    // Candidates: document id -> (kind, key).
+    let started = Instant::now();
+    let mut candidates = if target.sample.is_none() && target.since.is_none() {
+        merged_candidates(client, search, mapping, &d, &query, &mut report).await?
+    } else {
+        looked_up_candidates(client, search, target, &d, &query, &mut report).await?
+    };
+
     candidates.sort_by(|a, b| a.0.cmp(&b.0));
     candidates.dedup_by(|a, b| a.0 == b.0);
 

@@ -6,15 +6,16 @@
 //! through the consumer's apply path; and every command that writes shows its
 //! target and counts first and needs `--dry-run` or an explicit confirmation.
 //!
-//! Built so far: `history` (a row's changes from Kafka, with field diffs).
-//! `window` and `audit` are the next pieces (see their issues).
-//!
-//! Modules: `history`, `keys` (key arguments -> the producer's key object),
-//! `time` (RFC 3339 and relative times).
+//! Modules: `window` (repair a time window, source and log mode), `audit`
+//! (source against index) and `merge` (its key-ordered merge), `history` (a
+//! row's changes from Kafka), `runs` (the record of every run), `keys` (key
+//! arguments -> the producer's key object), `time` (RFC 3339 and relative
+//! times).
 
 pub mod audit;
 pub mod history;
 pub mod keys;
+pub mod merge;
 pub mod runs;
 pub mod time;
 pub mod window;
