@@ -287,7 +287,11 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
         "window", "--mode", "log", "--from", &log_from, "--to", &log_to, "--output", "json",
     ];
     let (code, out, err) = replay(&p, &log_args);
-    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(code, Some(1), "a refused key exits 1: {err}");
+    assert!(
+        err.contains("1 keys refused") && err.contains("source mode"),
+        "{err}"
+    );
     let dry: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(dry["tables"][0]["to_apply"], 1, "{dry:#}");
     assert_eq!(dry["tables"][0]["refused"], 1, "{dry:#}");
@@ -305,9 +309,10 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     let mut args = log_args.to_vec();
     args.push("--yes");
     let (code, out, err) = replay(&p, &args);
-    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(code, Some(1), "applied 40, refused 41: {out}\n{err}");
     let real: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(real["tables"][0]["applied"], 1, "{real:#}");
+    assert_eq!(real["tables"][0]["refused"], 1, "{real:#}");
     let docs = p.wait_converged(&table, 60, &[]).await;
     assert_eq!(docs["40"]["title"], "log lost");
     assert_eq!(docs["41"]["title"], "newest");

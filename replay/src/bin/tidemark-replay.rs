@@ -582,9 +582,13 @@ async fn window(
         Mode::Log => serde_json::json!(log_results),
     };
     let (user, host) = tidemark_replay::runs::who();
+    // Log mode refuses keys that changed again after the window; the run
+    // then did not do all it was asked, and says so in its exit code.
+    let refused: u64 = log_results.iter().map(|r| r.refused).sum();
     let outcome = match (&failure, total_keys) {
         (Some(e), _) => format!("error: {e}"),
         (None, 0) => "nothing to do".to_owned(),
+        (None, _) if refused > 0 => format!("done; {refused} keys refused (newer changes)"),
         (None, _) => "done".to_owned(),
     };
     let record = tidemark_replay::runs::RunRecord {
@@ -613,6 +617,12 @@ async fn window(
     }
     Ok(if total_keys == 0 {
         eprintln!("nothing to do: no changes in the window");
+        ExitCode::from(1)
+    } else if refused > 0 {
+        eprintln!(
+            "{refused} keys refused: they changed again after the window, so their window \
+             change is not the latest. Repair them with source mode (drop --mode log)"
+        );
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
