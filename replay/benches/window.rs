@@ -3,7 +3,8 @@
 //!     dev/stack up && cargo bench -p tidemark-replay --bench window
 //!
 //! Environment: `TIDEMARK_BENCH_ROWS` (rows changed in the window, default
-//! 100000).
+//! 100000); `RUST_LOG` (also shows the replay command's own log, e.g.
+//! `RUST_LOG=tidemark_replay=debug` for per-chunk timings).
 //!
 //! N rows are inserted while no consumer runs (the window), so the index
 //! lacks all of them. Then, each time into the emptied index, in one run:
@@ -78,6 +79,11 @@ fn replay(p: &Pipeline, args: &[&str]) -> f64 {
         .output()
         .expect("replay");
     let elapsed = t0.elapsed().as_secs_f64();
+    // With RUST_LOG set (e.g. `tidemark_replay=debug`), show the command's
+    // own log: its phases and per-chunk timings.
+    if std::env::var_os("RUST_LOG").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    }
     assert!(
         output.status.success(),
         "{}\n{}",

@@ -249,6 +249,66 @@ pub(crate) async fn rows_by_keys(
     Ok(out)
 }
 
+/// Which of `keys` have no row (positions into `keys`): an anti-join of
+/// the keys, as a VALUES list of typed literals, against the table. Only
+/// the vanished keys come back, so nothing is mapped or hashed.
+pub(crate) async fn keys_without_rows(
+    client: &impl GenericClient,
+    d: &Described,
+    keys: &[&Row],
+) -> anyhow::Result<Vec<usize>> {
+    let key_columns: Vec<&str> = d
+        .key_index
+        .iter()
+        .map(|&i| d.table.columns[i].0.as_str())
+        .collect();
+    let mut tuples = Vec::with_capacity(keys.len());
+    for (n, key) in keys.iter().enumerate() {
+        let mut parts = vec![n.to_string()];
+        for (column, sql_type) in key_columns.iter().zip(&d.key_types) {
+            match key.get(*column) {
+                Some(value) => parts.push(literal(value, sql_type)),
+                None => anyhow::bail!(
+                    "table {}: key {} lacks key column {column}",
+                    d.table.qualified(),
+                    Value::Object((*key).clone())
+                ),
+            }
+        }
+        tuples.push(format!("({})", parts.join(", ")));
+    }
+    if tuples.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = (0..key_columns.len()).map(|i| format!("k{i}")).collect();
+    let matches: Vec<String> = key_columns
+        .iter()
+        .zip(&names)
+        .map(|(c, k)| format!("t.{} = v.{k}", quote_ident(c)))
+        .collect();
+    let sql = format!(
+        "SELECT v.n FROM (VALUES {}) AS v(n, {}) WHERE NOT EXISTS (SELECT 1 FROM {}.{} t WHERE {})",
+        tuples.join(", "),
+        names.join(", "),
+        quote_ident(&d.table.schema),
+        quote_ident(&d.table.name),
+        matches.join(" AND ")
+    );
+    let mut vanished = Vec::new();
+    for message in client
+        .simple_query(&sql)
+        .await
+        .with_context(|| format!("table {}: checking keys", d.table.qualified()))?
+    {
+        if let SimpleQueryMessage::Row(row) = message
+            && let Some(n) = row.get(0).and_then(|n| n.parse::<usize>().ok())
+        {
+            vanished.push(n);
+        }
+    }
+    Ok(vanished)
+}
+
 /// `_tidemark` of documents by id (only hash and commit time).
 /// `_tidemark` hash and commit time of documents by id, from doc values
 /// (columnar, no source parsing): the fast path of the first pass. Sees
@@ -758,7 +818,7 @@ async fn looked_up_candidates(
             })
             .collect();
         let keys: Vec<&Row> = docs.iter().map(|(_, k)| k).collect();
-        let rows = rows_by_keys(&tx, &d, mapping, &keys).await?;
+        let rows = rows_by_keys(&tx, d, mapping, &keys).await?;
         for (id, key) in docs {
             if !rows.contains_key(&id) && sampled(&id, target.sample) {
                 candidates.push((id, key));

@@ -78,7 +78,9 @@ pub async fn record(search: &Search, run: &RunRecord) -> anyhow::Result<()> {
     let response = search
         .client()
         .index(opensearch::IndexParts::Index(RUNS_INDEX))
-        .refresh(opensearch::params::Refresh::WaitFor)
+        // An immediate refresh of this small index, not `wait_for`: that
+        // waited for the next scheduled refresh, up to a second per run.
+        .refresh(opensearch::params::Refresh::True)
         .body(json!(run))
         .send()
         .await

@@ -16,9 +16,12 @@
 //!    nothing regresses; a delete committed after `V` has a higher LSN, so
 //!    it wins too, while its tombstone lives.
 //! 4. **Close the race** the tombstone cannot (`index.gc_deletes`): after
-//!    writing, the written keys are read again at a newer exported snapshot
-//!    `V2` and every one whose row changed or vanished since `V` is written
-//!    again at `V2`.
+//!    writing, the written keys are checked again at a newer exported
+//!    snapshot `V2`, and every one whose row vanished since `V` is deleted
+//!    again at `V2`. A row that merely *changed* after `V` needs nothing:
+//!    its change carries a commit LSN above `V` through the live pipeline,
+//!    which wins over our write in whichever order the two land. Only a
+//!    delete can lose that race, once its tombstone is forgotten.
 //!
 //! A dry run (the default without `--yes`) writes nothing and classifies
 //! each key against the index: create, update, delete, or already right.
@@ -39,11 +42,14 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::info;
 
-use crate::audit::{Described, describe, doc_meta, rows_by_keys};
+use crate::audit::{Described, describe, doc_meta, keys_without_rows, rows_by_keys};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys read and written per round trip.
-const CHUNK: usize = 5_000;
+const CHUNK: usize = 10_000;
+/// Below this many writes per request, splitting a chunk in two costs more
+/// round trips than it gains.
+const MIN_CONCURRENT_BULK: usize = 500;
 /// Keys listed per class in a report.
 const SAMPLE: usize = 10;
 
@@ -93,6 +99,7 @@ fn open_window(
     for p in 0..partitions {
         query.add_partition_offset(topic, p, Offset::Offset(from_ms - 60_000))?;
     }
+    tracing::debug!(topic, partitions, "window: topic metadata read");
     let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
     let mut assignment = TopicPartitionList::new();
     let mut open: HashMap<i32, i64> = HashMap::new();
@@ -107,6 +114,7 @@ fn open_window(
             open.insert(p, high);
         }
     }
+    tracing::debug!(topic, "window: start offsets and ends known");
     if open.is_empty() {
         return Ok(None);
     }
@@ -128,6 +136,7 @@ pub fn collect_keys(
         return Ok(WindowKeys::default());
     };
     let mut found = WindowKeys::default();
+    let started = Instant::now();
     let mut last_report = Instant::now();
     let mut scanned = 0u64;
     while !open.is_empty() {
@@ -188,6 +197,13 @@ pub fn collect_keys(
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
         found.keys.insert(id, event.key);
     }
+    info!(
+        topic,
+        scanned,
+        keys = found.keys.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "window: keys collected"
+    );
     Ok(found)
 }
 
@@ -225,8 +241,8 @@ pub struct TableResult {
     pub applied: u64,
     pub newer_in_index: u64,
     pub rejected: u64,
-    /// Keys whose row changed between the read and the end, written again.
-    pub rewritten_after_recheck: u64,
+    /// Keys whose row vanished between the read and the end, deleted again.
+    pub deleted_after_recheck: u64,
     /// The snapshot LSN the documents were written with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version_lsn: Option<String>,
@@ -240,26 +256,30 @@ async fn plan(
     snapshot: &str,
     d: &Described,
     mapping: &TableMapping,
-    // None: the caller needs the writes and hashes, not the classes.
-    search: Option<&Search>,
+    search: &Search,
     keys: &[(&String, &Row)],
     version: Lsn,
     commit_time: &str,
-) -> anyhow::Result<Vec<(String, Write, Class, Option<String>)>> {
-    let tx = client.transaction().await?;
-    tx.batch_execute(&format!(
-        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-        snapshot.replace('\'', "''")
-    ))
-    .await?;
+) -> anyhow::Result<Vec<(String, Write, Class)>> {
+    let started = Instant::now();
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| *k).collect();
-    let rows = rows_by_keys(&tx, d, mapping, &key_rows).await?;
-    tx.commit().await?;
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
-    let docs = match search {
-        Some(search) => doc_meta(search, &mapping.index, &ids).await?,
-        None => HashMap::new(),
+    // The rows and the documents of the chunk are asked for at once.
+    let read = async {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await?;
+        let rows = rows_by_keys(&tx, d, mapping, &key_rows).await?;
+        tx.commit().await?;
+        anyhow::Ok(rows)
     };
+    let lookup = doc_meta(search, &mapping.index, &ids);
+    let (rows, docs) = tokio::try_join!(read, lookup)?;
+    tracing::debug!(table = %mapping.qualified(), keys = keys.len(),
+        read_and_lookup_ms = started.elapsed().as_millis() as u64, "window: chunk planned");
     let mut out = Vec::with_capacity(keys.len());
     for (id, key) in keys {
         let doc = docs.get(id.as_str());
@@ -287,7 +307,6 @@ async fn plan(
                         commit_time: commit_time.to_owned(),
                     },
                     class,
-                    Some(hash),
                 ));
             }
             None => out.push((
@@ -302,7 +321,6 @@ async fn plan(
                 } else {
                     Class::AlreadyRight
                 },
-                None,
             )),
         }
     }
@@ -348,7 +366,7 @@ pub async fn run_table(
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
     let mut last_report = Instant::now();
-    let mut written: Vec<(String, Row, Option<String>)> = Vec::new();
+    let mut written: Vec<(String, Row)> = Vec::new();
     let mut done = 0usize;
     // Chunk i is written while chunk i + 1 is read and classified.
     let chunks: Vec<&[(&String, &Row)]> = keys.chunks(CHUNK).collect();
@@ -359,7 +377,7 @@ pub async fn run_table(
                 &snapshot.name,
                 &d,
                 mapping,
-                Some(job.search),
+                job.search,
                 first,
                 version,
                 &now,
@@ -370,7 +388,7 @@ pub async fn run_table(
     };
     for (i, chunk) in chunks.iter().enumerate() {
         let mut writes = Vec::new();
-        for ((id, write, class, hash), (_, key)) in
+        for ((id, write, class), (_, key)) in
             std::mem::take(&mut planned).into_iter().zip(chunk.iter())
         {
             *result.counts.entry(class).or_default() += 1;
@@ -380,13 +398,16 @@ pub async fn run_table(
             }
             if job.write && class != Class::AlreadyRight {
                 writes.push(write);
-                written.push((id, (*key).clone(), hash));
+                written.push((id, (*key).clone()));
             }
         }
         let apply = async {
             if job.write && !writes.is_empty() {
                 pause_between_read_and_write().await;
-                Some(job.applier.apply(writes, &never).await)
+                let started = Instant::now();
+                let outcomes = apply_distinct(job.applier, writes, &never).await;
+                tracing::debug!(table = %mapping.qualified(), apply_ms = started.elapsed().as_millis() as u64, "window: chunk applied");
+                Some(outcomes)
             } else {
                 None
             }
@@ -399,7 +420,7 @@ pub async fn run_table(
                         &snapshot.name,
                         &d,
                         mapping,
-                        Some(job.search),
+                        job.search,
                         next,
                         version,
                         &now,
@@ -446,44 +467,78 @@ pub async fn run_table(
         eprintln!();
     }
     drop(snapshot);
+    info!(table = %mapping.qualified(), keys = keys.len(), elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
 
-    // Rows deleted or changed after the first read: with the tombstone
-    // possibly gone, write them again at a newer exact version.
+    // Rows deleted after the first read: with the tombstone possibly gone,
+    // delete them again at a newer exact version (see step 4 above).
     if job.write && !written.is_empty() {
         let recheck =
             tidemark_producer::run::export_snapshot(job.config, &conn, &format!("{slot}_re"))
                 .await?;
-        let now = jiff::Timestamp::now().to_string();
         for chunk in written.chunks(CHUNK) {
-            let keys: Vec<(&String, &Row)> = chunk.iter().map(|(id, key, _)| (id, key)).collect();
-            let planned = plan(
-                &mut client,
-                &recheck.name,
-                &d,
-                mapping,
-                None,
-                &keys,
-                recheck.lsn,
-                &now,
-            )
+            let keys: Vec<&Row> = chunk.iter().map(|(_, key)| key).collect();
+            let tx = client.transaction().await?;
+            tx.batch_execute(&format!(
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                recheck.name.replace('\'', "''")
+            ))
             .await?;
-            let writes: Vec<Write> = planned
-                .into_iter()
-                .zip(chunk)
-                .filter(|((_, _, _, hash_now), (_, _, hash_then))| hash_now != hash_then)
-                .map(|((_, write, _, _), _)| write)
-                .collect();
-            if writes.is_empty() {
+            let vanished = keys_without_rows(&tx, &d, &keys).await?;
+            tx.commit().await?;
+            if vanished.is_empty() {
                 continue;
             }
-            result.rewritten_after_recheck += writes.len() as u64;
+            let deletes: Vec<Write> = vanished
+                .iter()
+                .map(|&n| Write::Delete {
+                    index: mapping.index.clone(),
+                    id: chunk[n].0.clone(),
+                    version: recheck.lsn.0,
+                })
+                .collect();
+            result.deleted_after_recheck += deletes.len() as u64;
             job.applier
-                .apply(writes, &never)
+                .apply(deletes, &never)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
         }
+        info!(table = %mapping.qualified(), deleted_again = result.deleted_after_recheck, elapsed_ms = started.elapsed().as_millis() as u64, "window: final re-check done");
     }
     Ok(result)
+}
+
+/// Applies writes to distinct documents as two bulk requests at once, each
+/// on its own task: OpenSearch indexes on two write threads, and building
+/// bodies and reading answers runs beside the planning of the next chunk.
+/// (The consumer sends one request at a time because its batches keep
+/// per-key order; a window has one write per key, so no order is at stake.)
+/// Outcomes in input order.
+async fn apply_distinct(
+    applier: &Applier,
+    mut writes: Vec<Write>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<Outcome>> {
+    let spawn = |writes: Vec<Write>| {
+        let applier = applier.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { applier.apply(writes, &stop).await })
+    };
+    let halves = if writes.len() < 2 * MIN_CONCURRENT_BULK {
+        vec![spawn(writes)]
+    } else {
+        let second = writes.split_off(writes.len() / 2);
+        vec![spawn(writes), spawn(second)]
+    };
+    let mut outcomes = Vec::new();
+    for half in halves {
+        let applied = half
+            .await
+            .map_err(|e| anyhow::anyhow!("apply task failed: {e}"))?;
+        outcomes.extend(
+            applied.map_err(|_| anyhow::anyhow!("interrupted while OpenSearch was failing"))?,
+        );
+    }
+    Ok(outcomes)
 }
 
 /// Fault injection for the race test: `TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS`
@@ -532,12 +587,12 @@ pub fn render_text(results: &[TableResult], write: bool) -> String {
         }
         if write {
             out.push_str(&format!(
-                "  written at version {}: {} applied, {} kept a newer version, {} refused; {} re-written after the final check\n",
+                "  written at version {}: {} applied, {} kept a newer version, {} refused; {} deleted again after the final check\n",
                 r.version_lsn.as_deref().unwrap_or("-"),
                 r.applied,
                 r.newer_in_index,
                 r.rejected,
-                r.rewritten_after_recheck
+                r.deleted_after_recheck
             ));
         }
     }
@@ -660,9 +715,7 @@ pub async fn run_log(
     if job.write {
         let (_keep, never) = watch::channel(false);
         for chunk in writes.chunks(CHUNK) {
-            let outcomes = job
-                .applier
-                .apply(chunk.to_vec(), &never)
+            let outcomes = apply_distinct(job.applier, chunk.to_vec(), &never)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
             for outcome in outcomes {

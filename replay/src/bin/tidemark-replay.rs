@@ -455,21 +455,8 @@ async fn window(
     if !keys.is_empty() && tables.len() != 1 {
         anyhow::bail!("--key needs exactly one --table (keys belong to a table)");
     }
-    let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
-    let cluster = search.info().await?;
-    let conn = ConnInfo::from_config(config)?;
-    let client = conn.connect("tidemark-replay").await?;
-    let system_id = match client
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await
-    {
-        Ok(row) => row.get::<_, String>(0),
-        Err(_) => "unknown (reading it needs pg_monitor)".to_owned(),
-    };
     let brokers = config.kafka.brokers.clone();
+    // Asked on its own thread while the rest starts; awaited for the print.
     let kafka_cluster = tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -481,11 +468,24 @@ async fn window(
             .fetch_cluster_id(rdkafka::util::Timeout::After(
                 std::time::Duration::from_secs(10),
             ))
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| "unknown".into());
+    });
+    let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
+    let conn = ConnInfo::from_config(config)?;
+    // The three systems of the target print are asked at the same time.
+    let (cluster, client) = tokio::try_join!(search.info(), async {
+        anyhow::Ok(conn.connect("tidemark-replay").await?)
+    })?;
+    tracing::debug!("window: OpenSearch and PostgreSQL reached");
+    let system_id = match client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => "unknown (reading it needs pg_monitor)".to_owned(),
+    };
     let mappings = tidemark_consumer::mapping::Mappings::new(config);
     let mut found = Vec::new();
     for entry in &config.tables {
@@ -524,6 +524,11 @@ async fn window(
         .await??;
         found.push((mapping, keys_found));
     }
+    let kafka_cluster = kafka_cluster
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "unknown".into());
     let total_keys: usize = found.iter().map(|(_, f)| f.keys()).sum();
     let total_events: u64 = found.iter().map(|(_, f)| f.events()).sum();
     let target = format!(
