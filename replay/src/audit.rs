@@ -35,7 +35,7 @@ use tidemark_producer::source::{CatalogTable, TypeResolver, describe_table, quot
 use tidemark_producer::values::Mapping;
 use tidemark_schemas::Row;
 use tokio_postgres::{Client, GenericClient, SimpleQueryMessage};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::merge::{Entry, Mismatch, Sorter};
 
@@ -262,23 +262,25 @@ pub(crate) async fn keys_without_rows(
         .iter()
         .map(|&i| d.table.columns[i].0.as_str())
         .collect();
+    let mut vanished = Vec::new();
     let mut tuples = Vec::with_capacity(keys.len());
     for (n, key) in keys.iter().enumerate() {
         let mut parts = vec![n.to_string()];
         for (column, sql_type) in key_columns.iter().zip(&d.key_types) {
             match key.get(*column) {
                 Some(value) => parts.push(literal(value, sql_type)),
-                None => anyhow::bail!(
-                    "table {}: key {} lacks key column {column}",
-                    d.table.qualified(),
-                    Value::Object((*key).clone())
-                ),
+                // A key without all its columns matches no row.
+                None => break,
             }
         }
-        tuples.push(format!("({})", parts.join(", ")));
+        if parts.len() == key_columns.len() + 1 {
+            tuples.push(format!("({})", parts.join(", ")));
+        } else {
+            vanished.push(n);
+        }
     }
     if tuples.is_empty() {
-        return Ok(Vec::new());
+        return Ok(vanished);
     }
     let names: Vec<String> = (0..key_columns.len()).map(|i| format!("k{i}")).collect();
     let matches: Vec<String> = key_columns
@@ -294,7 +296,6 @@ pub(crate) async fn keys_without_rows(
         quote_ident(&d.table.name),
         matches.join(" AND ")
     );
-    let mut vanished = Vec::new();
     for message in client
         .simple_query(&sql)
         .await
@@ -306,6 +307,7 @@ pub(crate) async fn keys_without_rows(
             vanished.push(n);
         }
     }
+    vanished.sort_unstable();
     Ok(vanished)
 }
 
@@ -838,6 +840,27 @@ async fn looked_up_candidates(
     Ok(candidates)
 }
 
+/// Makes everything written to `index` visible to search. A failure (e.g.
+/// no permission to refresh) is only logged: the re-check reads realtime,
+/// so the audit stays right, only slower.
+async fn refresh(search: &Search, index: &str) {
+    let answer = search
+        .client()
+        .indices()
+        .refresh(opensearch::indices::IndicesRefreshParts::Index(&[index]))
+        .send()
+        .await;
+    match answer {
+        Ok(response) if response.status_code().is_success() => {}
+        Ok(response) => {
+            warn!(index, status = %response.status_code(), "audit: could not refresh the index; recently written documents go through the re-check")
+        }
+        Err(e) => {
+            warn!(index, error = %e, "audit: could not refresh the index; recently written documents go through the re-check")
+        }
+    }
+}
+
 /// Audits one table. `recheck_after` is how long to wait before looking at
 /// candidates again (the consumer's lag plus a margin).
 pub async fn audit_table(
@@ -850,6 +873,10 @@ pub async fn audit_table(
     let name = mapping.qualified();
     let index = mapping.index.clone();
     let d = describe(client, &mapping.schema, &mapping.table).await?;
+    // Search sees documents only after a refresh; without one, documents
+    // written in the last second (e.g. by a repair just before) would all
+    // look missing and go through the re-check one lookup each.
+    refresh(search, &index).await;
     let mut report = TableReport {
         table: name.clone(),
         index: index.clone(),
