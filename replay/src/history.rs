@@ -12,7 +12,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tidemark_schemas::partition::partition_for;
@@ -138,12 +138,8 @@ pub fn read_history(
     key: &Row,
     since_ms: Option<i64>,
 ) -> anyhow::Result<History> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "tidemark-replay-history")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()?;
+    let consumer: BaseConsumer =
+        crate::window::scanner_config(brokers, "tidemark-replay-history").create()?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| {

@@ -9,6 +9,9 @@
 //! anonymous temporary files (removed by the OS even if the process dies),
 //! then merges them. Memory is bounded whatever the table's size; disk use
 //! is about 60 bytes per row plus the id and key text.
+//!
+//! `window` uses the same sort for the keys of a time window
+//! ([`Sorter::finish_distinct`]): distinct, in id order, read back in chunks.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -172,6 +175,60 @@ impl Sorter {
         let mut pending = std::mem::take(&mut self.pending);
         pending.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         Merged::new(self.runs, pending)
+    }
+}
+
+impl Sorter {
+    /// The entries by id with one entry per id (the first pushed of equal
+    /// ids is not guaranteed; callers give equal ids equal contents), in
+    /// a file that can be read any number of times.
+    pub fn finish_distinct(self) -> io::Result<Distinct> {
+        let mut len = 0;
+        let mut last: Option<String> = None;
+        let mut merged = self.finish()?;
+        let distinct = std::iter::from_fn(|| {
+            loop {
+                match merged.next()? {
+                    Ok(entry) if last.as_deref() == Some(entry.id.as_str()) => continue,
+                    Ok(entry) => {
+                        last = Some(entry.id.clone());
+                        len += 1;
+                        return Some(Ok(entry));
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        });
+        let file = write_run(distinct)?;
+        Ok(Distinct { file, len })
+    }
+}
+
+/// Distinct entries sorted by id, on disk (see [`Sorter::finish_distinct`]).
+#[derive(Debug)]
+pub struct Distinct {
+    file: File,
+    len: u64,
+}
+
+impl Distinct {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads the entries from the start. One reader at a time: readers
+    /// share the file's position.
+    pub fn read(&self) -> io::Result<impl Iterator<Item = io::Result<Entry>> + use<>> {
+        let mut file = self.file.try_clone()?;
+        file.rewind()?;
+        let mut input = BufReader::with_capacity(1 << 16, file);
+        Ok(std::iter::from_fn(move || {
+            Entry::read_from(&mut input).transpose()
+        }))
     }
 }
 
@@ -373,6 +430,37 @@ mod tests {
             let mut expected = entries.clone();
             expected.sort_by(|a, b| a.id.cmp(&b.id));
             assert_eq!(out, expected, "run_bytes {run_bytes}");
+        }
+    }
+
+    #[test]
+    fn distinct_keeps_one_entry_per_id_and_rereads() {
+        let mut entries: Vec<Entry> = shuffled(3_000)
+            .iter()
+            .map(|id| {
+                entry(
+                    &(id.parse::<u64>().expect("number") % 1_000).to_string(),
+                    7,
+                    true,
+                )
+            })
+            .collect();
+        entries.reverse();
+        let mut sorter = Sorter::with_run_bytes(5_000);
+        for e in &entries {
+            sorter.push(e.clone()).expect("push");
+        }
+        let distinct = sorter.finish_distinct().expect("distinct");
+        assert_eq!(distinct.len(), 1_000);
+        let mut expected: Vec<String> = (0..1_000).map(|i: u64| i.to_string()).collect();
+        expected.sort();
+        for _ in 0..2 {
+            let ids: Vec<String> = distinct
+                .read()
+                .expect("read")
+                .map(|e| e.expect("entry").id)
+                .collect();
+            assert_eq!(ids, expected);
         }
     }
 

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -43,6 +44,7 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use crate::audit::{Described, describe, doc_meta, keys_without_rows, rows_by_keys};
+use crate::merge::{Distinct, Entry, Sorter};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys read and written per round trip.
@@ -53,15 +55,98 @@ const MIN_CONCURRENT_BULK: usize = 500;
 /// Keys listed per class in a report.
 const SAMPLE: usize = 10;
 
-/// The keys a window touched in one table.
+/// The keys a window touched in one table: distinct, sorted by document
+/// id, and spilled to a temporary file past a few MB (the same external
+/// sort as the audit's), so a window of any size is held in bounded
+/// memory.
 #[derive(Debug, Default)]
 pub struct WindowKeys {
-    /// Document id -> key.
-    pub keys: BTreeMap<String, Row>,
+    /// `None` until a key is found.
+    keys: Option<Distinct>,
     /// Changes in the window.
     pub events: u64,
     /// Truncates in the window (not repairable by key; audit the table).
     pub truncates: u64,
+}
+
+impl WindowKeys {
+    /// The given (document id, key) pairs (e.g. drift an audit found).
+    pub fn from_keys<'a>(
+        keys: impl IntoIterator<Item = &'a (String, Row)>,
+    ) -> anyhow::Result<WindowKeys> {
+        let mut sorter = Sorter::default();
+        for (id, key) in keys {
+            sorter.push(key_entry(id.clone(), key)?)?;
+        }
+        Ok(WindowKeys {
+            keys: Some(sorter.finish_distinct()?),
+            ..WindowKeys::default()
+        })
+    }
+
+    /// Distinct keys.
+    pub fn len(&self) -> u64 {
+        self.keys.as_ref().map_or(0, Distinct::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The keys in document id order, `CHUNK` at a time.
+    fn chunks(&self) -> anyhow::Result<KeyChunks> {
+        let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &self.keys {
+            Some(keys) => Box::new(keys.read()?),
+            None => Box::new(std::iter::empty()),
+        };
+        Ok(KeyChunks { entries })
+    }
+}
+
+/// A key as a sort entry: its document id, and the key as JSON.
+fn key_entry(id: String, key: &Row) -> anyhow::Result<Entry> {
+    Ok(Entry {
+        id,
+        hash: None,
+        key: Some(serde_json::to_string(key)?),
+    })
+}
+
+/// Reads sorted key entries back, a chunk at a time.
+struct KeyChunks {
+    entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send>,
+}
+
+impl KeyChunks {
+    /// Up to `CHUNK` (document id, key) pairs; empty at the end.
+    fn next_chunk(&mut self) -> anyhow::Result<Vec<(String, Row)>> {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        for entry in self.entries.by_ref().take(CHUNK) {
+            let entry = entry.context("reading the window's keys back from disk")?;
+            let key: Row = serde_json::from_str(entry.key.as_deref().unwrap_or("{}"))
+                .with_context(|| format!("document {}: its key did not read back", entry.id))?;
+            chunk.push((entry.id, key));
+        }
+        Ok(chunk)
+    }
+}
+
+/// Records librdkafka may fetch ahead of the reader, in KiB. Its default
+/// (64 MiB) was most of a window's memory; a topic scan reads records
+/// faster than it parses them, so a small read-ahead costs no speed.
+const SCAN_PREFETCH_KBYTES: &str = "32768";
+
+/// A consumer that reads topics on its own assignment and commits nothing
+/// (window and history scans).
+pub(crate) fn scanner_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("queued.max.messages.kbytes", SCAN_PREFETCH_KBYTES);
+    config
 }
 
 /// A consumer assigned to every partition of `topic` from
@@ -74,11 +159,7 @@ fn open_window(
     mapping: &TableMapping,
     from_ms: i64,
 ) -> anyhow::Result<Option<(BaseConsumer, HashMap<i32, i64>)>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "tidemark-replay-window")
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer: BaseConsumer = scanner_config(brokers, "tidemark-replay-window").create()?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| {
@@ -136,6 +217,7 @@ pub fn collect_keys(
         return Ok(WindowKeys::default());
     };
     let mut found = WindowKeys::default();
+    let mut keys = Sorter::default();
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut scanned = 0u64;
@@ -195,12 +277,13 @@ pub fn collect_keys(
         let id = mapping
             .doc_id(&event.key)
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
-        found.keys.insert(id, event.key);
+        keys.push(key_entry(id, &event.key)?)?;
     }
+    found.keys = Some(keys.finish_distinct()?);
     info!(
         topic,
         scanned,
-        keys = found.keys.len(),
+        keys = found.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "window: keys collected"
     );
@@ -257,12 +340,12 @@ async fn plan(
     d: &Described,
     mapping: &TableMapping,
     search: &Search,
-    keys: &[(&String, &Row)],
+    keys: &[(String, Row)],
     version: Lsn,
     commit_time: &str,
 ) -> anyhow::Result<Vec<(String, Write, Class)>> {
     let started = Instant::now();
-    let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| *k).collect();
+    let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
     // The rows and the documents of the chunk are asked for at once.
     let read = async {
@@ -342,15 +425,16 @@ pub async fn run_table(
     mapping: &TableMapping,
     found: &WindowKeys,
 ) -> anyhow::Result<TableResult> {
+    let total = found.len();
     let mut result = TableResult {
         table: mapping.qualified(),
         index: mapping.index.clone(),
-        keys: found.keys.len() as u64,
+        keys: total,
         events: found.events,
         truncates: found.truncates,
         ..TableResult::default()
     };
-    if found.keys.is_empty() {
+    if found.is_empty() {
         return Ok(result);
     }
     let conn = tidemark_producer::source::ConnInfo::from_config(job.config)?;
@@ -361,32 +445,29 @@ pub async fn run_table(
     let version = snapshot.lsn;
     result.version_lsn = Some(version.to_string());
     let now = jiff::Timestamp::now().to_string();
-    let keys: Vec<(&String, &Row)> = found.keys.iter().collect();
     let (_keep, never) = watch::channel(false);
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
     let mut last_report = Instant::now();
-    let mut written: Vec<(String, Row)> = Vec::new();
-    let mut done = 0usize;
+    // Keys written, for the final re-check: spilled like the window's keys.
+    let mut written = Sorter::default();
+    let mut done = 0u64;
+    let mut chunks = found.chunks()?;
     // Chunk i is written while chunk i + 1 is read and classified.
-    let chunks: Vec<&[(&String, &Row)]> = keys.chunks(CHUNK).collect();
-    let mut planned = match chunks.first() {
-        Some(first) => {
-            plan(
-                &mut client,
-                &snapshot.name,
-                &d,
-                mapping,
-                job.search,
-                first,
-                version,
-                &now,
-            )
-            .await?
-        }
-        None => Vec::new(),
-    };
-    for (i, chunk) in chunks.iter().enumerate() {
+    let mut chunk = chunks.next_chunk()?;
+    let mut planned = plan(
+        &mut client,
+        &snapshot.name,
+        &d,
+        mapping,
+        job.search,
+        &chunk,
+        version,
+        &now,
+    )
+    .await?;
+    while !chunk.is_empty() {
+        let next_chunk = chunks.next_chunk()?;
         let mut writes = Vec::new();
         for ((id, write, class), (_, key)) in
             std::mem::take(&mut planned).into_iter().zip(chunk.iter())
@@ -397,8 +478,12 @@ pub async fn run_table(
                 sample.push(id.clone());
             }
             if job.write && class != Class::AlreadyRight {
+                // Only a document written at V can outlive a later delete;
+                // a delete at V loses to any later insert by version.
+                if matches!(write, Write::Index { .. }) {
+                    written.push(key_entry(id, key)?)?;
+                }
                 writes.push(write);
-                written.push((id, (*key).clone()));
             }
         }
         let apply = async {
@@ -413,22 +498,22 @@ pub async fn run_table(
             }
         };
         let next = async {
-            match chunks.get(i + 1) {
-                Some(next) => Some(
-                    plan(
-                        &mut client,
-                        &snapshot.name,
-                        &d,
-                        mapping,
-                        job.search,
-                        next,
-                        version,
-                        &now,
-                    )
-                    .await,
-                ),
-                None => None,
+            if next_chunk.is_empty() {
+                return None;
             }
+            Some(
+                plan(
+                    &mut client,
+                    &snapshot.name,
+                    &d,
+                    mapping,
+                    job.search,
+                    &next_chunk,
+                    version,
+                    &now,
+                )
+                .await,
+            )
         };
         let (applied, next) = tokio::join!(apply, next);
         if let Some(outcomes) = applied {
@@ -447,35 +532,44 @@ pub async fn run_table(
         if let Some(next) = next {
             planned = next?;
         }
-        done += chunk.len();
+        done += chunk.len() as u64;
+        chunk = next_chunk;
         if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
             last_report = Instant::now();
             let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let eta = (keys.len() - done) as f64 / rate.max(1.0);
+            let eta = (total - done) as f64 / rate.max(1.0);
             if terminal {
                 eprint!(
-                    "\r{}: {done}/{} keys, {rate:.0} keys/s, ETA {eta:.0} s   ",
+                    "\r{}: {done}/{total} keys, {rate:.0} keys/s, ETA {eta:.0} s   ",
                     mapping.qualified(),
-                    keys.len()
                 );
             } else {
-                info!(table = %mapping.qualified(), done, total = keys.len(), rate = rate as u64, eta_s = eta as u64, "window progress");
+                info!(table = %mapping.qualified(), done, total, rate = rate as u64, eta_s = eta as u64, "window progress");
             }
         }
     }
-    if terminal && keys.len() > CHUNK {
+    if terminal && total > CHUNK as u64 {
         eprintln!();
     }
     drop(snapshot);
-    info!(table = %mapping.qualified(), keys = keys.len(), elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
+    info!(table = %mapping.qualified(), keys = total, elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
 
     // Rows deleted after the first read: with the tombstone possibly gone,
     // delete them again at a newer exact version (see step 4 above).
+    let written = WindowKeys {
+        keys: Some(written.finish_distinct()?),
+        ..WindowKeys::default()
+    };
     if job.write && !written.is_empty() {
         let recheck =
             tidemark_producer::run::export_snapshot(job.config, &conn, &format!("{slot}_re"))
                 .await?;
-        for chunk in written.chunks(CHUNK) {
+        let mut chunks = written.chunks()?;
+        loop {
+            let chunk = chunks.next_chunk()?;
+            if chunk.is_empty() {
+                break;
+            }
             let keys: Vec<&Row> = chunk.iter().map(|(_, key)| key).collect();
             let tx = client.transaction().await?;
             tx.batch_execute(&format!(
@@ -609,7 +703,9 @@ pub fn to_json(results: &[TableResult]) -> Value {
 #[derive(Debug, Default)]
 pub struct LogWindow {
     /// Document id -> the key's last change inside the window.
-    pub last: BTreeMap<String, ChangeEvent>,
+    /// Kept as the record's payload and parsed again when applied: a
+    /// parsed event takes several times the bytes.
+    pub last: BTreeMap<String, Vec<u8>>,
     /// Document id -> (partition, offset) of a newer change after the window.
     pub newer: BTreeMap<String, (i32, i64)>,
     pub events: u64,
@@ -673,7 +769,9 @@ pub fn collect_log(
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
         if at <= to_ms {
             found.events += 1;
-            found.last.insert(id, event);
+            found
+                .last
+                .insert(id, message.payload().unwrap_or_default().to_vec());
         } else if found.last.contains_key(&id) {
             found.newer.entry(id).or_insert((partition, offset));
         }
@@ -698,8 +796,8 @@ pub async fn run_log(
         truncates: found.truncates,
         ..LogResult::default()
     };
-    let mut writes = Vec::new();
-    for (id, event) in &found.last {
+    let mut writes = Vec::with_capacity(CHUNK);
+    for (id, payload) in &found.last {
         if let Some((partition, offset)) = found.newer.get(id) {
             result.refused += 1;
             if result.refused_sample.len() < SAMPLE {
@@ -709,25 +807,43 @@ pub async fn run_log(
             }
             continue;
         }
-        writes.push(mappings.write(event).map_err(|e| anyhow::anyhow!("{e}"))?);
-    }
-    result.to_apply = writes.len() as u64;
-    if job.write {
-        let (_keep, never) = watch::channel(false);
-        for chunk in writes.chunks(CHUNK) {
-            let outcomes = apply_distinct(job.applier, chunk.to_vec(), &never)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
-            for outcome in outcomes {
-                match outcome {
-                    Outcome::Applied | Outcome::Superseded => result.applied += 1,
-                    Outcome::Stale => result.newer_in_index += 1,
-                    Outcome::Rejected(_) => result.rejected += 1,
-                }
-            }
+        let event = ChangeEvent::from_slice(payload)
+            .map_err(|e| anyhow::anyhow!("{}: document {id}: {e}", mapping.qualified()))?;
+        let write = mappings.write(&event).map_err(|e| anyhow::anyhow!("{e}"))?;
+        result.to_apply += 1;
+        if job.write {
+            writes.push(write);
+        }
+        if writes.len() == CHUNK {
+            apply_log_chunk(job, mapping, std::mem::take(&mut writes), &mut result).await?;
         }
     }
+    apply_log_chunk(job, mapping, writes, &mut result).await?;
     Ok(result)
+}
+
+/// Applies one chunk of log mode's writes and counts the outcomes.
+async fn apply_log_chunk(
+    job: &Job<'_>,
+    mapping: &TableMapping,
+    writes: Vec<Write>,
+    result: &mut LogResult,
+) -> anyhow::Result<()> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let (_keep, never) = watch::channel(false);
+    let outcomes = apply_distinct(job.applier, writes, &never)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Applied | Outcome::Superseded => result.applied += 1,
+            Outcome::Stale => result.newer_in_index += 1,
+            Outcome::Rejected(_) => result.rejected += 1,
+        }
+    }
+    Ok(())
 }
 
 /// What log mode did (or would do) in one table.

@@ -370,9 +370,9 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     p.cleanup(&[&table]).await;
 }
 
-/// A window big enough that every chunk goes to OpenSearch as two bulk
-/// requests at once and the final re-check runs on two connections: the
-/// counts are exact, the index equals the table, a second run is a no-op.
+/// A window of more than one chunk (10,000 keys), each chunk going to
+/// OpenSearch as two bulk requests at once: the counts are exact, the index
+/// equals the table, a second run is a no-op.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_window_is_written_in_concurrent_halves_exactly() {
     let mut p = Pipeline::new("r_window_big").await;
@@ -396,14 +396,14 @@ async fn a_large_window_is_written_in_concurrent_halves_exactly() {
     let window_start = jiff::Timestamp::now();
     let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
     p.pg.batch_execute(&format!(
-        "INSERT INTO {table} SELECT g, 'lost insert ' || g, g FROM generate_series(1000, 3999) g;
+        "INSERT INTO {table} SELECT g, 'lost insert ' || g, g FROM generate_series(1000, 12999) g;
          UPDATE {table} SET title = 'lost update' WHERE id <= 100;
          DELETE FROM {table} WHERE id BETWEEN 151 AND 200;"
     ))
     .await
     .expect("burst");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 3150 {
+    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 12150 {
         assert!(Instant::now() < deadline, "burst not in Kafka");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -420,18 +420,34 @@ async fn a_large_window_is_written_in_concurrent_halves_exactly() {
     let real: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(
         counts(&real),
-        json!({"create": 3000, "update": 100, "delete": 50}),
+        json!({"create": 12000, "update": 100, "delete": 50}),
         "{real:#}"
     );
-    assert_eq!(real["tables"][0]["applied"], 3150, "{real:#}");
+    assert_eq!(real["tables"][0]["applied"], 12150, "{real:#}");
     assert_eq!(real["tables"][0]["rejected"], 0, "{real:#}");
-    let docs = p.wait_converged(&table, 30, &[]).await;
-    assert_eq!(docs.len(), 3150);
-    assert_eq!(docs["3999"]["title"], "lost insert 3999");
+    // More documents than one search page: the audit proves index == table.
+    let (code, out, err) = replay(&p, &["audit", "--format", "json", "--recheck-after", "1"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "the index differs after the repair: {out}\n{err}"
+    );
+    let audit: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(audit["tables"][0]["rows"], 12150, "{audit:#}");
+    assert_eq!(audit["tables"][0]["documents"], 12150, "{audit:#}");
+    let doc: Value =
+        p.os.get(opensearch::GetParts::IndexId(&p.index(&table), "12999"))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("doc");
+    assert_eq!(doc["_source"]["title"], "lost insert 12999", "{doc:#}");
 
     let (code, out, err) = replay(&p, &window);
     assert_eq!(code, Some(0), "{out}\n{err}");
     let again: Value = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(counts(&again), json!({"already_right": 3150}), "{again:#}");
+    assert_eq!(counts(&again), json!({"already_right": 12150}), "{again:#}");
     p.cleanup(&[&table]).await;
 }

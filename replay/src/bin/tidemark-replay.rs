@@ -435,7 +435,7 @@ async fn window(
     impl Found {
         fn keys(&self) -> usize {
             match self {
-                Found::Source(f) => f.keys.len(),
+                Found::Source(f) => f.len() as usize,
                 Found::Log(f) => f.last.len(),
             }
         }
@@ -682,11 +682,7 @@ async fn repair_drift(
         let Some(mapping) = mappings.get(schema, name) else {
             continue;
         };
-        let keys = window::WindowKeys {
-            keys: report.drifted_keys.iter().cloned().collect(),
-            events: 0,
-            truncates: 0,
-        };
+        let keys = window::WindowKeys::from_keys(&report.drifted_keys)?;
         results.push(window::run_table(&job, mapping, &keys).await?);
         if write {
             still +=
