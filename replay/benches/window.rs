@@ -23,6 +23,11 @@ use std::time::{Duration, Instant};
 use support::Pipeline;
 use tidemark_testkit::topic_record_count;
 
+/// The baseline consumer runs in this process: give it the allocator the
+/// `tidemark-consumer` binary uses, so (a) is what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rows_env() -> usize {
     std::env::var("TIDEMARK_BENCH_ROWS")
         .ok()
