@@ -8,11 +8,20 @@
 //! offsets every second, on partition revocation (rebalance), and on close.
 //! So a `kill -9` at any moment re-reads from the last stored offset, and
 //! re-applying is harmless because every write is version-guarded.
+//!
+//! Rebalances: before revoked partitions go to another member, the batch
+//! being applied is finished and its offsets committed, and records of
+//! those partitions that were read but not yet applied are dropped (the
+//! new owner reads them again from the commit). A member therefore never
+//! writes a revoked partition's records after the new owner started. This
+//! matters beyond tidiness: two changes of one row in one transaction share
+//! a version (the commit LSN) and `external_gte` accepts an equal version,
+//! so a late write of the earlier change would win over the later one.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -81,9 +90,46 @@ async fn check_kafka(brokers: &str) -> anyhow::Result<()> {
         })
 }
 
-/// Keeps lag metrics from librdkafka's statistics and commits on revocation.
+/// Keeps lag metrics from librdkafka's statistics and hands revoked
+/// partitions over cleanly (see the module doc).
 struct GroupContext {
     metrics: Arc<Metrics>,
+    handover: Arc<Handover>,
+}
+
+/// What the rebalance callback and the main loop share. The callback runs
+/// inside `recv()` on the main loop's task, so the two never run at once.
+#[derive(Default)]
+struct Handover {
+    /// The outcome of the batch being applied, for the callback to wait on.
+    in_flight: Mutex<Option<mpsc::Receiver<Option<Done>>>>,
+    /// Partitions revoked since the main loop last looked.
+    revoked: Mutex<Vec<(String, i32)>>,
+}
+
+impl Handover {
+    /// Waits for the batch being applied, if any; its applied offsets.
+    fn wait_in_flight(&self) -> Option<Done> {
+        let receiver = lock(&self.in_flight).take()?;
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !multi_thread {
+            // The batch task could never run while we block this thread.
+            warn!(
+                "rebalance: cannot wait for the batch being applied outside a multi-threaded runtime"
+            );
+            return None;
+        }
+        // The batch runs on another worker; this one may block meanwhile.
+        tokio::task::block_in_place(|| receiver.recv().ok().flatten())
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ClientContext for GroupContext {
@@ -103,7 +149,20 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
-                // Commit what is done before another member takes over.
+                // Finish the batch being applied and commit it before
+                // another member takes over (see the module doc).
+                let started = Instant::now();
+                for (topic, partition, offset, _) in
+                    self.handover.wait_in_flight().unwrap_or_default()
+                {
+                    if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                        debug!(topic, partition, offset, error = %e, "offset not stored at revocation");
+                    }
+                }
+                debug!(
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "rebalance: batch in flight finished"
+                );
                 match consumer.commit_consumer_state(CommitMode::Sync) {
                     Ok(()) => info!(
                         partitions = partitions.count(),
@@ -118,6 +177,7 @@ impl ConsumerContext for GroupContext {
                     .collect();
                 self.metrics
                     .retain_partitions(|t, p| !revoked.iter().any(|(rt, rp)| rt == t && *rp == p));
+                lock(&self.handover.revoked).extend(revoked);
             }
             Rebalance::Assign(partitions) => {
                 info!(partitions = partitions.count(), "partitions assigned");
@@ -131,6 +191,8 @@ impl ConsumerContext for GroupContext {
 struct Record {
     topic: String,
     partition: i32,
+    /// Payload bytes (counted against the batch's byte budget).
+    size: usize,
     offset: i64,
     timestamp_ms: Option<i64>,
     key: Option<Bytes>,
@@ -155,8 +217,10 @@ pub async fn run(
             config.kafka.table_topic(schema, name)
         })
         .collect();
+    let handover = Arc::new(Handover::default());
     let context = GroupContext {
         metrics: metrics.clone(),
+        handover: handover.clone(),
     };
     let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
@@ -223,6 +287,7 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => break Ok(()),
             joined = async { in_flight.as_mut().expect("guarded by the if").await }, if in_flight.is_some() => {
                 in_flight = None;
+                lock(&handover.in_flight).take();
                 match finished(joined) {
                     Ok(done) => store_offsets(&consumer, &metrics, done),
                     Err(e) => break Err(e),
@@ -231,6 +296,20 @@ pub async fn run(
             }
             received = tokio::time::timeout(wait, consumer.recv()) => received,
         };
+        // A rebalance ran inside recv(): records of revoked partitions that
+        // are read but not applied are the new owner's to apply now.
+        let revoked = std::mem::take(&mut *lock(&handover.revoked));
+        if !revoked.is_empty() {
+            let before = batch.len();
+            batch.retain(|r| !revoked.contains(&(r.topic.clone(), r.partition)));
+            batch_bytes = batch.iter().map(|r| r.size).sum();
+            if batch.len() < before {
+                info!(
+                    dropped = before - batch.len(),
+                    "records of revoked partitions left to their new owner"
+                );
+            }
+        }
         match received {
             Ok(Ok(message)) => {
                 if batch.is_empty() {
@@ -249,6 +328,7 @@ pub async fn run(
                 batch.push(Record {
                     topic: message.topic().to_owned(),
                     partition: message.partition(),
+                    size: payload.len(),
                     offset: message.offset(),
                     timestamp_ms: message.timestamp().to_millis(),
                     key: message.key().map(Bytes::copy_from_slice),
@@ -265,6 +345,7 @@ pub async fn run(
             !batch.is_empty() && (batch_bytes >= max_bytes || batch_started.elapsed() >= max_wait);
         if due {
             if let Some(previous) = in_flight.take() {
+                lock(&handover.in_flight).take();
                 match finished(previous.await) {
                     Ok(done) => store_offsets(&consumer, &metrics, done),
                     Err(e) => break Err(e),
@@ -272,15 +353,22 @@ pub async fn run(
             }
             let records = std::mem::take(&mut batch);
             batch_bytes = 0;
-            in_flight = Some(tokio::spawn(apply_batch(
-                records,
-                sinks.clone(),
-                shutdown.clone(),
-            )));
+            let (outcome, waiter) = mpsc::sync_channel(1);
+            *lock(&handover.in_flight) = Some(waiter);
+            let (sinks, stop) = (sinks.clone(), shutdown.clone());
+            in_flight = Some(tokio::spawn(async move {
+                let applied = apply_batch(records, sinks, stop).await;
+                if let Ok(done) = &applied {
+                    // Nobody waiting (no rebalance) is the common case.
+                    let _ = outcome.send(done.clone());
+                }
+                applied
+            }));
         }
     };
     // Finish what was read, unless OpenSearch keeps us from it.
     if let Some(previous) = in_flight.take() {
+        lock(&handover.in_flight).take();
         match finished(previous.await) {
             Ok(done) => store_offsets(&consumer, &metrics, done),
             Err(e) => warn!(error = %e, "the last batch failed"),

@@ -73,11 +73,14 @@ async fn two_consumers_share_the_partitions_and_the_index_is_exact() {
     let mut second = p.start_consumer();
     first.wait_ready().await;
     second.wait_ready().await;
+    // The writes start while the group still forms (the second member
+    // joins ~2 s in, revoking the first one's partitions mid-load) and go
+    // on for ~5 s past it, so both members have live work to share.
     writer(
         p.stack.pg_url.clone(),
         table.clone(),
         30,
-        Duration::from_millis(20),
+        Duration::from_millis(200),
     )
     .await
     .expect("writer");
