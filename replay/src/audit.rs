@@ -524,14 +524,7 @@ async fn sorted_rows(
 ) -> anyhow::Result<Sorter> {
     let name = mapping.qualified();
     let started = Instant::now();
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await?;
-    tx.batch_execute(&format!(
-        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {query}"
-    ))
-    .await
-    .with_context(|| format!("table {name}: cannot read it"))?;
+    let tx = open_cursor(client, &name, query).await?;
     let fetch = format!("FETCH {CHUNK} FROM tidemark_audit");
     let mut sorter = Sorter::default();
     let mut chunk = tx
@@ -612,52 +605,97 @@ struct HitFields {
     hash: Vec<String>,
 }
 
-/// Every document of the index as (id, content hash), sorted by id. Reads
-/// ids and the hash's doc values only (no `_source`), in index order.
+/// A scroll over an index in index order that returns document ids (and,
+/// when asked, the `_tidemark.hash` doc values: no `_source` either way),
+/// one page at a time, trimmed by `filter_path`. [`IdScroll::close`] frees
+/// the search context early; OpenSearch drops it after 2 minutes otherwise.
+struct IdScroll {
+    client: OpenSearch,
+    index: String,
+    /// The first request's body; `None` once it was sent.
+    first: Option<Value>,
+    scroll_id: Option<String>,
+}
+
+impl IdScroll {
+    fn new(client: OpenSearch, index: String, query: Value, with_hash: bool, page: usize) -> Self {
+        let mut body = json!({"size": page, "sort": ["_doc"], "_source": false, "query": query});
+        if with_hash {
+            body["docvalue_fields"] = json!(["_tidemark.hash"]);
+        }
+        IdScroll {
+            client,
+            index,
+            first: Some(body),
+            scroll_id: None,
+        }
+    }
+
+    /// The next page of hits; empty at the end.
+    async fn next_page(&mut self) -> anyhow::Result<Vec<ScrollHit>> {
+        const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields";
+        let index = &self.index;
+        let response = match (self.first.take(), &self.scroll_id) {
+            (Some(body), _) => {
+                self.client
+                    .search(SearchParts::Index(&[index]))
+                    .scroll("2m")
+                    .filter_path(&[KEEP])
+                    .body(body)
+                    .send()
+                    .await
+            }
+            (None, Some(id)) => {
+                self.client
+                    .scroll(ScrollParts::None)
+                    .filter_path(&[KEEP])
+                    .body(json!({"scroll": "2m", "scroll_id": id}))
+                    .send()
+                    .await
+            }
+            (None, None) => return Ok(Vec::new()),
+        }
+        .with_context(|| format!("index {index}: cannot scroll"))?;
+        if !response.status_code().is_success() {
+            let status = response.status_code();
+            let text = response.text().await.unwrap_or_default();
+            anyhow::bail!("index {index}: scroll answered {status}: {text}");
+        }
+        let page: ScrollPage = response
+            .json()
+            .await
+            .with_context(|| format!("index {index}: scroll answer"))?;
+        self.scroll_id = page.scroll_id;
+        Ok(page.hits.map(|h| h.hits).unwrap_or_default())
+    }
+
+    async fn close(self) {
+        if let Some(id) = self.scroll_id {
+            let _ = self
+                .client
+                .clear_scroll(ClearScrollParts::None)
+                .body(json!({"scroll_id": [id]}))
+                .send()
+                .await;
+        }
+    }
+}
+
+/// Every document of the index as (id, content hash), sorted by id.
 async fn sorted_documents(client: OpenSearch, index: String) -> anyhow::Result<Sorter> {
-    const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields";
     let started = Instant::now();
     let mut sorter = Sorter::default();
-    let mut scroll_id: Option<String> = None;
     let mut next_report = PROGRESS_EVERY;
+    let mut scroll = IdScroll::new(
+        client,
+        index.clone(),
+        json!({"match_all": {}}),
+        true,
+        SCROLL_PAGE,
+    );
     let result = async {
         loop {
-            let response = match &scroll_id {
-                None => {
-                    client
-                        .search(SearchParts::Index(&[&index]))
-                        .scroll("2m")
-                        .filter_path(&[KEEP])
-                        .body(json!({
-                            "size": SCROLL_PAGE,
-                            "sort": ["_doc"],
-                            "_source": false,
-                            "docvalue_fields": ["_tidemark.hash"],
-                        }))
-                        .send()
-                        .await
-                }
-                Some(id) => {
-                    client
-                        .scroll(ScrollParts::None)
-                        .filter_path(&[KEEP])
-                        .body(json!({"scroll": "2m", "scroll_id": id}))
-                        .send()
-                        .await
-                }
-            }
-            .with_context(|| format!("index {index}: cannot scroll"))?;
-            if !response.status_code().is_success() {
-                let status = response.status_code();
-                let text = response.text().await.unwrap_or_default();
-                anyhow::bail!("index {index}: scroll answered {status}: {text}");
-            }
-            let page: ScrollPage = response
-                .json()
-                .await
-                .with_context(|| format!("index {index}: scroll answer"))?;
-            scroll_id = page.scroll_id;
-            let hits = page.hits.map(|h| h.hits).unwrap_or_default();
+            let hits = scroll.next_page().await?;
             if hits.is_empty() {
                 return Ok(());
             }
@@ -679,14 +717,26 @@ async fn sorted_documents(client: OpenSearch, index: String) -> anyhow::Result<S
         }
     }
     .await;
-    if let Some(id) = scroll_id {
-        let _ = client
-            .clear_scroll(ClearScrollParts::None)
-            .body(json!({"scroll_id": [id]}))
-            .send()
-            .await;
-    }
+    scroll.close().await;
     result.map(|()| sorter)
+}
+
+/// Opens the audit's cursor over `query` in a REPEATABLE READ, read-only
+/// transaction: every row is read at one snapshot.
+async fn open_cursor<'c>(
+    client: &'c mut Client,
+    name: &str,
+    query: &str,
+) -> anyhow::Result<tokio_postgres::Transaction<'c>> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    tx.batch_execute(&format!(
+        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {query}"
+    ))
+    .await
+    .with_context(|| format!("table {name}: cannot read it"))?;
+    Ok(tx)
 }
 
 /// Key column -> its `regtype` text, to decode ids back into keys.
@@ -717,14 +767,7 @@ async fn looked_up_candidates(
     let started = Instant::now();
 
     // 1. Rows -> documents.
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await?;
-    tx.batch_execute(&format!(
-        "DECLARE tidemark_audit NO SCROLL CURSOR FOR {query}"
-    ))
-    .await
-    .with_context(|| format!("table {name}: cannot read it"))?;
+    let tx = open_cursor(client, &name, query).await?;
     let fetch = format!("FETCH {CHUNK} FROM tidemark_audit");
     // The next chunk is read and mapped while the current one's documents
     // are looked up: PostgreSQL and OpenSearch work at the same time.
@@ -775,66 +818,44 @@ async fn looked_up_candidates(
         Some(since) => json!({"range": {"_tidemark.commit_time": {"gte": since.to_string()}}}),
         None => json!({"match_all": {}}),
     };
-    let mut scroll_id: Option<String> = None;
-    let mut first = true;
-    loop {
-        let response = if first {
-            first = false;
-            search
-                .client()
-                .search(SearchParts::Index(&[&index]))
-                .scroll("2m")
-                .body(json!({"size": CHUNK, "sort": ["_doc"], "_source": false, "query": doc_query.clone()}))
-                .send()
-                .await
-        } else {
-            search
-                .client()
-                .scroll(ScrollParts::None)
-                .body(json!({"scroll": "2m", "scroll_id": scroll_id}))
-                .send()
-                .await
-        }
-        .with_context(|| format!("index {index}: cannot scroll"))?;
-        if !response.status_code().is_success() {
-            let status = response.status_code();
-            let text = response.text().await.unwrap_or_default();
-            anyhow::bail!("index {index}: scroll answered {status}: {text}");
-        }
-        let body: Value = response.json().await?;
-        scroll_id = body["_scroll_id"].as_str().map(str::to_owned);
-        let hits = body["hits"]["hits"].as_array().cloned().unwrap_or_default();
-        if hits.is_empty() {
-            break;
-        }
-        report.documents += hits.len() as u64;
-        // Ids only (no source): the key comes back from the id, whose
-        // encoding the mapping can reverse. An id that does not decode has
-        // no row, so it stays with an empty key and is reported extra.
-        let docs: Vec<(String, Row)> = hits
-            .iter()
-            .map(|h| {
-                let id = h["_id"].as_str().unwrap_or_default().to_owned();
-                let key = key_from_id(mapping, &id_columns, &key_types, &id).unwrap_or_default();
-                (id, key)
-            })
-            .collect();
-        let keys: Vec<&Row> = docs.iter().map(|(_, k)| k).collect();
-        let rows = rows_by_keys(&tx, d, mapping, &keys).await?;
-        for (id, key) in docs {
-            if !rows.contains_key(&id) && sampled(&id, target.sample) {
-                candidates.push((id, key));
+    let mut scroll = IdScroll::new(
+        search.client().clone(),
+        index.clone(),
+        doc_query,
+        false,
+        CHUNK,
+    );
+    let result = async {
+        loop {
+            let hits = scroll.next_page().await?;
+            if hits.is_empty() {
+                return anyhow::Ok(());
+            }
+            report.documents += hits.len() as u64;
+            // Ids only (no source): the key comes back from the id, whose
+            // encoding the mapping can reverse. An id that does not decode
+            // has no row, so it stays with an empty key and is reported
+            // extra.
+            let docs: Vec<(String, Row)> = hits
+                .into_iter()
+                .map(|h| {
+                    let key =
+                        key_from_id(mapping, &id_columns, &key_types, &h.id).unwrap_or_default();
+                    (h.id, key)
+                })
+                .collect();
+            let keys: Vec<&Row> = docs.iter().map(|(_, k)| k).collect();
+            let rows = rows_by_keys(&tx, d, mapping, &keys).await?;
+            for (id, key) in docs {
+                if !rows.contains_key(&id) && sampled(&id, target.sample) {
+                    candidates.push((id, key));
+                }
             }
         }
     }
-    if let Some(id) = scroll_id {
-        let _ = search
-            .client()
-            .clear_scroll(ClearScrollParts::None)
-            .body(json!({"scroll_id": [id]}))
-            .send()
-            .await;
-    }
+    .await;
+    scroll.close().await;
+    result?;
     tx.commit().await?;
     info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents pass done");
     Ok(candidates)
