@@ -699,17 +699,108 @@ pub fn to_json(results: &[TableResult]) -> Value {
 }
 
 /// Log mode's view of a window: the last change of every key in it, and
-/// which keys changed again after it.
+/// which keys changed again after it. Held like the window's keys: sorted
+/// by document id and spilled to disk past a few MB, so memory does not
+/// grow with the window.
 #[derive(Debug, Default)]
 pub struct LogWindow {
-    /// Document id -> the key's last change inside the window.
-    /// Kept as the record's payload and parsed again when applied: a
-    /// parsed event takes several times the bytes.
-    pub last: BTreeMap<String, Vec<u8>>,
-    /// Document id -> (partition, offset) of a newer change after the window.
-    pub newer: BTreeMap<String, (i32, i64)>,
+    /// One entry per key changed in the window: `key` holds the record
+    /// payload of its last change in the window (parsed again when
+    /// applied), `hash` the (partition, offset) of a newer change after
+    /// the window, if any (see [`newer_code`]).
+    keys: Option<Distinct>,
     pub events: u64,
     pub truncates: u64,
+}
+
+impl LogWindow {
+    /// Keys changed in the window.
+    pub fn len(&self) -> u64 {
+        self.keys.as_ref().map_or(0, Distinct::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A (partition, offset) in an entry's `hash` field.
+fn newer_code(partition: i32, offset: i64) -> u128 {
+    ((partition as u32 as u128) << 64) | offset as u64 as u128
+}
+
+fn newer_decode(code: u128) -> (i32, i64) {
+    ((code >> 64) as u32 as i32, code as u64 as i64)
+}
+
+/// The sort id of one sighting of a key: the document id, then its
+/// partition and offset at fixed width, so a key's sightings sort together
+/// and in commit order. NUL cannot occur in an id (PostgreSQL text cannot
+/// hold it), so it separates unambiguously.
+fn sighting_id(id: &str, partition: i32, offset: i64) -> String {
+    format!("{id}\u{0}{partition:010}{offset:020}")
+}
+
+/// Folds the sorted sightings of every key into one entry per key changed
+/// in the window (see [`LogWindow::keys`]).
+fn fold_sightings(sightings: Sorter) -> anyhow::Result<Distinct> {
+    /// The key being folded: its id, last in-window payload, first newer change.
+    struct Current {
+        id: String,
+        last: Option<String>,
+        newer: Option<u128>,
+    }
+    fn flush(current: Option<Current>, out: &mut Sorter) -> std::io::Result<()> {
+        match current {
+            Some(Current {
+                id,
+                last: Some(payload),
+                newer,
+            }) => out.push(Entry {
+                id,
+                hash: newer,
+                key: Some(payload),
+            }),
+            _ => Ok(()),
+        }
+    }
+    let mut out = Sorter::default();
+    let mut current: Option<Current> = None;
+    for sighting in sightings.finish()? {
+        let sighting = sighting?;
+        let Some((id, position)) = sighting.id.rsplit_once('\u{0}') else {
+            continue;
+        };
+        if current.as_ref().is_none_or(|c| c.id != id) {
+            flush(current.take(), &mut out)?;
+            current = Some(Current {
+                id: id.to_owned(),
+                last: None,
+                newer: None,
+            });
+        }
+        let Some(current) = current.as_mut() else {
+            continue;
+        };
+        match sighting.key {
+            // A change inside the window: the latest so far.
+            Some(payload) => {
+                current.last = Some(payload);
+                current.newer = None;
+            }
+            // A change after the window, after one inside it.
+            None if current.last.is_some() && current.newer.is_none() => {
+                let partition = position.get(..10).and_then(|p| p.parse().ok());
+                let offset = position.get(10..).and_then(|o| o.parse().ok());
+                if let (Some(partition), Some(offset)) = (partition, offset) {
+                    current.newer = Some(newer_code(partition, offset));
+                }
+            }
+            None => {}
+        }
+    }
+    flush(current, &mut out)?;
+    Ok(out.finish_distinct()?)
 }
 
 /// Reads every partition of the table's topic from the window's start to
@@ -727,6 +818,7 @@ pub fn collect_log(
         return Ok(LogWindow::default());
     };
     let mut found = LogWindow::default();
+    let mut sightings = Sorter::default();
     while !open.is_empty() {
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
@@ -767,15 +859,24 @@ pub fn collect_log(
         let id = mapping
             .doc_id(&event.key)
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
-        if at <= to_ms {
+        // Every sighting from the window's start on; the fold keeps each
+        // key's last change inside the window and its first after it.
+        let payload = if at <= to_ms {
             found.events += 1;
-            found
-                .last
-                .insert(id, message.payload().unwrap_or_default().to_vec());
-        } else if found.last.contains_key(&id) {
-            found.newer.entry(id).or_insert((partition, offset));
-        }
+            let text = std::str::from_utf8(message.payload().unwrap_or_default()).map_err(|e| {
+                anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}")
+            })?;
+            Some(text.to_owned())
+        } else {
+            None
+        };
+        sightings.push(Entry {
+            id: sighting_id(&id, partition, offset),
+            hash: None,
+            key: payload,
+        })?;
     }
+    found.keys = Some(fold_sightings(sightings)?);
     Ok(found)
 }
 
@@ -791,14 +892,21 @@ pub async fn run_log(
     let mut result = LogResult {
         table: mapping.qualified(),
         index: mapping.index.clone(),
-        keys: found.last.len() as u64,
+        keys: found.len(),
         events: found.events,
         truncates: found.truncates,
         ..LogResult::default()
     };
     let mut writes = Vec::with_capacity(CHUNK);
-    for (id, payload) in &found.last {
-        if let Some((partition, offset)) = found.newer.get(id) {
+    let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &found.keys {
+        Some(keys) => Box::new(keys.read()?),
+        None => Box::new(std::iter::empty()),
+    };
+    for entry in entries {
+        let Entry { id, hash, key } =
+            entry.context("reading the window's changes back from disk")?;
+        let payload = key.unwrap_or_default();
+        if let Some((partition, offset)) = hash.map(newer_decode) {
             result.refused += 1;
             if result.refused_sample.len() < SAMPLE {
                 result.refused_sample.push(format!(
@@ -807,7 +915,7 @@ pub async fn run_log(
             }
             continue;
         }
-        let event = ChangeEvent::from_slice(payload)
+        let event = ChangeEvent::from_slice(payload.as_bytes())
             .map_err(|e| anyhow::anyhow!("{}: document {id}: {e}", mapping.qualified()))?;
         let write = mappings.write(&event).map_err(|e| anyhow::anyhow!("{e}"))?;
         result.to_apply += 1;
@@ -888,4 +996,61 @@ pub fn render_log_text(results: &[LogResult], write: bool) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sighting(id: &str, partition: i32, offset: i64, inside: bool) -> Entry {
+        Entry {
+            id: sighting_id(id, partition, offset),
+            hash: None,
+            key: inside.then(|| format!("change of {id} at {offset}")),
+        }
+    }
+
+    #[test]
+    fn each_key_keeps_its_last_change_in_the_window_and_its_first_after() {
+        // Pushed out of order, across runs: the fold must not care.
+        let mut sightings = Sorter::with_run_bytes(300);
+        for s in [
+            sighting("a", 0, 12, false),
+            sighting("a", 0, 3, true),
+            sighting("a", 0, 9, true),
+            sighting("a", 0, 15, false),
+            // Offsets compare as numbers, not text: 100 after 99.
+            sighting("b", 1, 100, true),
+            sighting("b", 1, 99, true),
+            // Only after the window: not a key of the window at all.
+            sighting("c", 2, 5, false),
+            // An id that extends another one's text.
+            sighting("a/1", 0, 4, true),
+        ] {
+            sightings.push(s).expect("push");
+        }
+        let folded = fold_sightings(sightings).expect("fold");
+        let entries: Vec<Entry> = folded
+            .read()
+            .expect("read")
+            .map(|e| e.expect("entry"))
+            .collect();
+        type Folded = (String, Option<String>, Option<(i32, i64)>);
+        let view: Vec<Folded> = entries
+            .into_iter()
+            .map(|e| (e.id, e.key, e.hash.map(newer_decode)))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("a".into(), Some("change of a at 9".into()), Some((0, 12))),
+                ("a/1".into(), Some("change of a/1 at 4".into()), None),
+                ("b".into(), Some("change of b at 100".into()), None),
+            ]
+        );
+        assert_eq!(
+            newer_decode(newer_code(2_147_483_647, 1 << 40)),
+            (2_147_483_647, 1 << 40)
+        );
+    }
 }

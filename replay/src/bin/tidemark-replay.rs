@@ -442,7 +442,7 @@ async fn window(
         fn keys(&self) -> usize {
             match self {
                 Found::Source(f) => f.len() as usize,
-                Found::Log(f) => f.last.len(),
+                Found::Log(f) => f.len() as usize,
             }
         }
         fn events(&self) -> u64 {
