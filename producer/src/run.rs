@@ -113,7 +113,7 @@ pub async fn run(
 
     let slot = config.producer.slot.clone();
     let state = Arc::new(StateStore::new(
-        sink.producer().clone(),
+        sink.state_producer().clone(),
         &config.kafka.brokers,
         &config.kafka.state_topic(),
     ));

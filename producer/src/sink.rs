@@ -2,9 +2,13 @@
 //!
 //! Delivery contract: every record goes through one idempotent producer with
 //! `acks=all`, so a record Kafka acknowledged is on every in-sync replica and
-//! retries never duplicate or reorder within a partition. Sending returns a
-//! [`Pending`] delivery; the caller confirms source positions only once the
-//! deliveries before them resolved (see `stream`).
+//! retries never duplicate or reorder within a partition. Every record gets
+//! a sequence number when it is handed to librdkafka; its delivery callback
+//! marks the number, and [`Sink::acked`] is the length of the acknowledged
+//! prefix. A caller remembers [`Sink::sent`] after the records a source
+//! position covers and confirms that position only once `acked` reached it
+//! (see `stream`). No future, channel or wake-up per record: that
+//! bookkeeping cost more CPU than building the record.
 //!
 //! Records:
 //! - topic `<prefix>.<schema>.<table>`, key = table + primary key (stable
@@ -19,19 +23,23 @@
 //!   decoded, goes to the dead-letter topic with table, key, LSN and reason,
 //!   never row contents.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, FutureProducer, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
 use serde_json::json;
 use tidemark_schemas::config::Config;
 use tidemark_schemas::{ChangeEvent, Lsn, Operation, record_key};
+use tokio::sync::Notify;
 use tracing::warn;
 
 /// How long start-up waits for Kafka to answer before failing.
@@ -67,49 +75,130 @@ pub enum SinkError {
     },
 }
 
-/// A record handed to Kafka whose acknowledgement is still to come.
-pub struct Pending {
-    pub topic: String,
-    pub lsn: Lsn,
-    pub delivery: DeliveryFuture,
+/// The acknowledged prefix of the records handed to librdkafka, kept by its
+/// delivery callback (on the producer's polling thread).
+#[derive(Debug, Default)]
+struct Deliveries {
+    window: Mutex<AckWindow>,
+    /// Records `0..acked` are all acknowledged.
+    acked: AtomicU64,
+    failed: AtomicBool,
+    /// The first delivery that failed; nothing at or after it is ever
+    /// counted as acknowledged.
+    failure: Mutex<Option<(String, Lsn, KafkaError)>>,
+    /// Wakes [`Sink::acknowledged`] waiters when `acked` moves or a
+    /// delivery fails.
+    moved: Notify,
 }
 
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pending({} at {})", self.topic, self.lsn)
-    }
+/// Which sequence numbers past the acknowledged prefix are acknowledged:
+/// delivery reports of different partitions arrive in any order.
+#[derive(Debug, Default)]
+struct AckWindow {
+    /// The lowest sequence number not yet acknowledged.
+    base: u64,
+    /// `done[i]`: `base + i` was acknowledged. Never starts with `true`.
+    done: VecDeque<bool>,
 }
 
-impl Pending {
-    /// Waits for Kafka's acknowledgement.
-    pub async fn acknowledged(self) -> Result<(), SinkError> {
-        let failed = |source| SinkError::Send {
-            topic: self.topic.clone(),
-            lsn: self.lsn,
-            source,
-        };
-        match self.delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(failed(error)),
-            Err(_) => Err(failed(KafkaError::Canceled)),
+impl AckWindow {
+    /// Marks `seq` acknowledged; returns the new length of the prefix.
+    fn mark(&mut self, seq: u64) -> u64 {
+        if let Some(offset) = seq.checked_sub(self.base) {
+            let offset = offset as usize;
+            if offset >= self.done.len() {
+                self.done.resize(offset + 1, false);
+            }
+            self.done[offset] = true;
+            while self.done.front() == Some(&true) {
+                self.done.pop_front();
+                self.base += 1;
+            }
         }
+        self.base
     }
+}
+
+/// The data producer's context: routes delivery reports to [`Deliveries`].
+struct SinkContext {
+    deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    /// The record's sequence number.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let deliveries = &self.deliveries;
+        match result {
+            Ok(_) => {
+                let acked = match deliveries.window.lock() {
+                    Ok(mut window) => window.mark(seq as u64),
+                    Err(_) => return,
+                };
+                deliveries.acked.store(acked, Ordering::Release);
+            }
+            Err((source, message)) => {
+                // The commit LSN travels in the record's header; dead
+                // letters have none.
+                let lsn = message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == LSN_HEADER))
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(Lsn::INVALID);
+                deliveries.fail(message.topic(), lsn, source.clone());
+            }
+        }
+        deliveries.moved.notify_waiters();
+    }
+}
+
+impl Deliveries {
+    /// Records the first failure; later ones add nothing the restart needs.
+    fn fail(&self, topic: &str, lsn: Lsn, source: KafkaError) {
+        if let Ok(mut failure) = self.failure.lock()
+            && failure.is_none()
+        {
+            *failure = Some((topic.to_owned(), lsn, source));
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// Header carrying the commit LSN of a record's change.
+const LSN_HEADER: &str = "tidemark.lsn";
+
+/// A table topic: its name and partition count (for truncates).
+#[derive(Debug)]
+struct TableTopic {
+    schema: String,
+    table: String,
+    topic: String,
+    partitions: i32,
 }
 
 /// The producer's Kafka connection and topic layout.
 pub struct Sink {
-    producer: FutureProducer,
+    producer: ThreadedProducer<SinkContext>,
+    deliveries: Arc<Deliveries>,
+    /// Sequence number of the next record handed to librdkafka.
+    next: AtomicU64,
+    /// For the state topic and metadata: acknowledged one record at a time.
+    state_producer: FutureProducer,
     prefix: String,
     dead_letter_topic: String,
     max_event_bytes: usize,
-    /// Partition count of each table topic, for truncates.
-    partitions: HashMap<String, i32>,
+    topics: Vec<TableTopic>,
 }
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sink")
-            .field("topics", &self.partitions.keys())
+            .field("topics", &self.topics)
             .finish()
     }
 }
@@ -127,7 +216,8 @@ impl Sink {
     /// Connects, creates missing topics, and learns their partition counts.
     pub async fn connect(config: &Config, tables: &[(String, String)]) -> Result<Sink, SinkError> {
         let kafka = &config.kafka;
-        let producer: FutureProducer = client_config(&kafka.brokers)
+        let mut settings = client_config(&kafka.brokers);
+        settings
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
@@ -140,12 +230,11 @@ impl Sink {
             .set(
                 "message.max.bytes",
                 (config.producer.max_event_bytes + 64 * 1024).to_string(),
-            )
-            .create()
-            .map_err(SinkError::Client)?;
+            );
+        let state_producer: FutureProducer = settings.create().map_err(SinkError::Client)?;
 
         // Fail fast when no broker answers.
-        let probe = producer.clone();
+        let probe = state_producer.clone();
         tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, CONNECT_TIMEOUT))
             .await
             .map_err(|_| SinkError::Client(KafkaError::Canceled))?
@@ -154,40 +243,112 @@ impl Sink {
                 source,
             })?;
 
-        let mut topics: Vec<String> = tables
+        let deliveries = Arc::new(Deliveries::default());
+        let producer = settings
+            .create_with_context(SinkContext {
+                deliveries: deliveries.clone(),
+            })
+            .map_err(SinkError::Client)?;
+
+        let mut names: Vec<String> = tables
             .iter()
             .map(|(s, t)| kafka.table_topic(s, t))
             .collect();
-        let table_topics = topics.clone();
-        topics.push(kafka.dead_letter_topic());
-        ensure_topics(config, &topics, kafka.partitions).await?;
+        names.push(kafka.dead_letter_topic());
+        ensure_topics(config, &names, kafka.partitions).await?;
         ensure_state_topic(config).await?;
 
-        let mut partitions = HashMap::new();
-        for topic in table_topics {
-            let count = wait_for_partitions(&producer, &topic).await?;
-            partitions.insert(topic, count);
+        let mut topics = Vec::with_capacity(tables.len());
+        for ((schema, table), topic) in tables.iter().zip(names) {
+            let partitions = wait_for_partitions(&state_producer, &topic).await?;
+            topics.push(TableTopic {
+                schema: schema.clone(),
+                table: table.clone(),
+                topic,
+                partitions,
+            });
         }
         Ok(Sink {
             producer,
+            deliveries,
+            next: AtomicU64::new(0),
+            state_producer,
             prefix: kafka.topic_prefix.clone(),
             dead_letter_topic: kafka.dead_letter_topic(),
             max_event_bytes: config.producer.max_event_bytes,
-            partitions,
+            topics,
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    /// A producer for the state topic (same settings, own client).
+    pub fn state_producer(&self) -> &FutureProducer {
+        &self.state_producer
+    }
+
+    /// How many records were handed to librdkafka so far. Records
+    /// `0..sent()` include every record sent before the call.
+    pub fn sent(&self) -> u64 {
+        self.next.load(Ordering::Acquire)
+    }
+
+    /// How many records, from the first, Kafka acknowledged without a gap.
+    pub fn acked(&self) -> u64 {
+        self.deliveries.acked.load(Ordering::Acquire)
+    }
+
+    /// The first failed delivery, if any. A failure is final: the records
+    /// from it on are never counted as acknowledged.
+    pub fn failure(&self) -> Option<SinkError> {
+        if !self.deliveries.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let failure = self.deliveries.failure.lock().ok()?;
+        failure
+            .as_ref()
+            .map(|(topic, lsn, source)| SinkError::Send {
+                topic: topic.clone(),
+                lsn: *lsn,
+                source: source.clone(),
+            })
+    }
+
+    /// Waits until records `0..count` are all acknowledged, or one failed.
+    pub async fn acknowledged(&self, count: u64) -> Result<(), SinkError> {
+        loop {
+            let moved = self.deliveries.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if let Some(error) = self.failure() {
+                return Err(error);
+            }
+            if self.acked() >= count {
+                return Ok(());
+            }
+            moved.await;
+        }
     }
 
     /// Hands one event to Kafka; oversized events go to the dead-letter
     /// topic instead. Waits (backpressure) while the send queue is full.
-    pub async fn send(&self, event: &ChangeEvent) -> Result<Vec<Pending>, SinkError> {
-        let topic = format!(
-            "{}.{}.{}",
-            self.prefix, event.source.schema, event.source.table
-        );
+    pub async fn send(&self, event: &ChangeEvent) -> Result<(), SinkError> {
+        if let Some(error) = self.failure() {
+            return Err(error);
+        }
+        let known = self
+            .topics
+            .iter()
+            .find(|t| t.schema == event.source.schema && t.table == event.source.table);
+        let owned;
+        let (topic, partitions) = match known {
+            Some(t) => (t.topic.as_str(), t.partitions),
+            None => {
+                owned = format!(
+                    "{}.{}.{}",
+                    self.prefix, event.source.schema, event.source.table
+                );
+                (owned.as_str(), 1)
+            }
+        };
         let payload = event.to_vec();
         let key = record_key(&event.source, &event.key);
         if payload.len() > self.max_event_bytes {
@@ -198,48 +359,42 @@ impl Sink {
             );
             warn!(table = %event.source.qualified(), lsn = %event.lsn, commit_lsn = %event.commit_lsn,
                   bytes = payload.len(), "oversized event sent to the dead-letter topic");
-            return Ok(vec![
-                self.dead_letter(Some(event), None, &reason, event.lsn)
-                    .await?,
-            ]);
+            return self
+                .dead_letter(Some(event), None, &reason, event.lsn)
+                .await;
         }
-        let partitions: Vec<Option<i32>> = if event.op == Operation::Truncate {
-            (0..self.partitions.get(&topic).copied().unwrap_or(1))
-                .map(Some)
-                .collect()
+        // A truncate goes to every partition, ordered with every key;
+        // anything else to the partition of its key (`None`).
+        let targets: Vec<Option<i32>> = if event.op == Operation::Truncate {
+            (0..partitions).map(Some).collect()
         } else {
             vec![None]
         };
         let timestamp = commit_millis(&event.commit_time);
-        let mut out = Vec::with_capacity(partitions.len());
-        for partition in partitions {
-            let headers = OwnedHeaders::new()
+        let lsn = event.commit_lsn.to_string();
+        for partition in targets {
+            let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
-                    key: "tidemark.lsn",
-                    value: Some(event.commit_lsn.to_string().as_bytes()),
+                    key: LSN_HEADER,
+                    value: Some(lsn.as_bytes()),
                 })
                 .insert(Header {
                     key: "tidemark.op",
                     value: Some(event.op.as_str().as_bytes()),
                 });
-            let mut record = FutureRecord::to(&topic)
+            let mut record = BaseRecord::with_opaque_to(topic, 0)
                 .key(&key)
                 .payload(&payload)
                 .headers(headers);
             if let Some(ts) = timestamp {
                 record = record.timestamp(ts);
             }
-            if let Some(p) = partition {
-                record = record.partition(p);
+            if let Some(partition) = partition {
+                record = record.partition(partition);
             }
-            let delivery = self.enqueue(record, event.commit_lsn).await?;
-            out.push(Pending {
-                topic: topic.clone(),
-                lsn: event.commit_lsn,
-                delivery,
-            });
+            self.enqueue(record, event.commit_lsn).await?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Sends a dead-letter record: where the change came from and why it was
@@ -250,7 +405,7 @@ impl Sink {
         table: Option<&str>,
         reason: &str,
         lsn: Lsn,
-    ) -> Result<Pending, SinkError> {
+    ) -> Result<(), SinkError> {
         let table = event
             .map(|e| e.source.qualified())
             .or(table.map(str::to_owned));
@@ -268,31 +423,32 @@ impl Sink {
         let key = event
             .map(|e| record_key(&e.source, &e.key))
             .unwrap_or_default();
-        let record = FutureRecord::to(&self.dead_letter_topic)
+        let record = BaseRecord::with_opaque_to(&self.dead_letter_topic, 0)
             .key(&key)
             .payload(&payload);
-        let delivery = self.enqueue(record, lsn).await?;
-        Ok(Pending {
-            topic: self.dead_letter_topic.clone(),
-            lsn,
-            delivery,
-        })
+        self.enqueue(record, lsn).await
     }
 
-    /// Enqueues a record, waiting while librdkafka's queue is full.
+    /// Enqueues a record under the next sequence number, waiting while
+    /// librdkafka's queue is full.
     async fn enqueue(
         &self,
-        mut record: FutureRecord<'_, Vec<u8>, Vec<u8>>,
+        mut record: BaseRecord<'_, Vec<u8>, Vec<u8>, usize>,
         lsn: Lsn,
-    ) -> Result<DeliveryFuture, SinkError> {
+    ) -> Result<(), SinkError> {
+        record.delivery_opaque = self.next.fetch_add(1, Ordering::AcqRel) as usize;
         loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     record = returned;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((source, returned)) => {
+                    // Its sequence number will never be acknowledged:
+                    // waiters must see why.
+                    self.deliveries.fail(returned.topic, lsn, source.clone());
+                    self.deliveries.moved.notify_waiters();
                     return Err(SinkError::Send {
                         topic: returned.topic.to_owned(),
                         lsn,
@@ -430,6 +586,47 @@ async fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acknowledged_prefix_waits_for_every_gap() {
+        let mut window = AckWindow::default();
+        // Reports of different partitions arrive out of order.
+        assert_eq!(window.mark(2), 0);
+        assert_eq!(window.mark(1), 0);
+        assert_eq!(window.mark(4), 0);
+        assert_eq!(window.mark(0), 3, "0, 1, 2 acknowledged; 3 is the gap");
+        assert_eq!(window.mark(3), 5);
+        assert!(window.done.is_empty());
+        // A report below the prefix (cannot happen) changes nothing.
+        assert_eq!(window.mark(1), 5);
+        assert_eq!(window.mark(5), 6);
+    }
+
+    #[test]
+    fn acknowledged_prefix_in_any_order_ends_complete() {
+        // Every permutation of a small window ends with the full prefix, and
+        // the prefix never passes a number not yet marked.
+        let mut order: Vec<u64> = (0..7).collect();
+        for round in 0..500u64 {
+            // A deterministic shuffle (LCG), so a failure is reproducible.
+            let mut state = round.wrapping_mul(6364136223846793005).wrapping_add(1);
+            for i in (1..order.len()).rev() {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                order.swap(i, (state >> 33) as usize % (i + 1));
+            }
+            let mut window = AckWindow::default();
+            let mut marked = [false; 7];
+            for &seq in &order {
+                marked[seq as usize] = true;
+                let prefix = window.mark(seq);
+                assert!(marked[..prefix as usize].iter().all(|m| *m));
+                assert!(prefix == 7 || !marked[prefix as usize]);
+            }
+            assert_eq!(window.base, 7);
+        }
+    }
 
     #[test]
     fn commit_time_to_kafka_timestamp() {

@@ -12,10 +12,9 @@
 //! starts, so a key's snapshot record always precedes its streamed ones.
 //!
 //! Memory: a cursor fetches `producer.snapshot_fetch_rows` rows at a time,
-//! and at most `MAX_PENDING` deliveries are awaited at once, whatever the
-//! table's size. Tables run in parallel up to `producer.snapshot_parallelism`.
+//! and at most `MAX_PENDING` records (of all tables) are left unacknowledged
+//! before the next fetch, whatever the table's size. Tables run in parallel up to `producer.snapshot_parallelism`.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,12 +26,12 @@ use tracing::{info, warn};
 
 use crate::changes::{ChangeError, unix_micros_to_rfc3339};
 use crate::metrics::Metrics;
-use crate::sink::{Pending, Sink, SinkError};
+use crate::sink::{Sink, SinkError};
 use crate::source::{CatalogTable, ConnInfo, SourceError, TypeResolver, quote_ident};
 use crate::values::{Mapping, to_json};
 
-/// Deliveries a table's snapshot keeps in flight before awaiting the oldest.
-const MAX_PENDING: usize = 10_000;
+/// Records in flight before a snapshot waits for Kafka to catch up.
+const MAX_PENDING: u64 = 10_000;
 /// How often a long table snapshot logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -181,7 +180,6 @@ async fn snapshot_table(
         .collect();
     let fetch = format!("FETCH {fetch_rows} FROM tidemark_snapshot");
     let mut stats = SnapshotStats::default();
-    let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut last_log = Instant::now();
     loop {
         let messages = client.simple_query(&fetch).await.map_err(query_err)?;
@@ -202,27 +200,22 @@ async fn snapshot_table(
             ) {
                 Ok(event) => {
                     metrics.event(&source, Operation::Snapshot);
-                    pending.extend(sink.send(&event).await.map_err(sink_err)?);
+                    sink.send(&event).await.map_err(sink_err)?;
                 }
                 Err(error) => {
                     stats.dead_letters += 1;
                     metrics.dead_letter();
                     warn!(table = %name, lsn = %consistent_point, %error, "snapshot row sent to the dead-letter topic");
                     let reason = error.to_string();
-                    pending.push_back(
-                        sink.dead_letter(None, Some(&name), &reason, consistent_point)
-                            .await
-                            .map_err(sink_err)?,
-                    );
+                    sink.dead_letter(None, Some(&name), &reason, consistent_point)
+                        .await
+                        .map_err(sink_err)?;
                 }
             }
             stats.rows += 1;
-            while pending.len() > MAX_PENDING {
-                if let Some(oldest) = pending.pop_front() {
-                    oldest.acknowledged().await.map_err(sink_err)?;
-                }
-            }
         }
+        let behind = sink.sent().saturating_sub(MAX_PENDING);
+        sink.acknowledged(behind).await.map_err(sink_err)?;
         if last_log.elapsed() >= PROGRESS_EVERY {
             info!(table = %name, rows = stats.rows, "snapshot progress");
             last_log = Instant::now();
@@ -231,9 +224,8 @@ async fn snapshot_table(
             break;
         }
     }
-    for delivery in pending {
-        delivery.acknowledged().await.map_err(sink_err)?;
-    }
+    // Every record of this table (and any sent before) acknowledged.
+    sink.acknowledged(sink.sent()).await.map_err(sink_err)?;
     client.batch_execute("COMMIT").await.map_err(query_err)?;
     info!(table = %name, rows = stats.rows, "snapshot of table complete");
     Ok(stats)

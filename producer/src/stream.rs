@@ -4,10 +4,10 @@
 //! Contract:
 //! - Delivery is at least once. The reader hands every change to Kafka as it
 //!   arrives (memory does not grow with transaction size) and queues, in
-//!   stream order, each delivery and each safe position (a commit's end, or
-//!   a keepalive's WAL end between transactions). The acker awaits the
-//!   deliveries in that order; a position becomes confirmable only when
-//!   every delivery queued before it was acknowledged.
+//!   stream order, each safe position (a commit's end, or a keepalive's WAL
+//!   end between transactions) with the number of records sent before it.
+//!   A position becomes confirmable only when Kafka acknowledged all of
+//!   those records (`Sink::acked`, an unbroken prefix).
 //! - Progress moves at most every [`CONFIRM_INTERVAL`]: the acker first
 //!   records the position in the state topic, then the reader reports it to
 //!   PostgreSQL as flushed. A crash anywhere re-reads from the last
@@ -18,7 +18,7 @@
 //!   (table, LSN, reason) and the stream goes on. A Kafka delivery failure is
 //!   fatal: nothing after it is confirmed, and the restart re-sends it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -32,15 +32,16 @@ use tracing::{debug, info, warn};
 use crate::changes::{Changes, PG_EPOCH_UNIX_MICROS};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
-use crate::sink::{Pending, Sink, SinkError};
+use crate::sink::{Sink, SinkError};
 use crate::source::{CatalogTable, SourceError, TypeResolver, describe_table};
 use crate::state::{SlotProgress, StateStore};
 
 /// How often confirmed progress is recorded and reported to PostgreSQL.
 /// Each confirmation costs one acknowledged write to the state topic.
 pub const CONFIRM_INTERVAL: Duration = Duration::from_secs(1);
-/// Steps (deliveries and positions) queued between reader and acker. Bounds
-/// memory; a full queue makes the reader wait (backpressure to PostgreSQL).
+/// Positions queued between reader and acker. A full queue makes the reader
+/// wait (backpressure to PostgreSQL); librdkafka's own queue bounds the
+/// records in flight.
 const ACK_QUEUE: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +56,12 @@ pub enum StreamError {
     Task(String),
 }
 
-enum Step {
-    Delivery(Pending),
-    /// Everything before this step is confirmable up to `lsn`.
-    Position {
-        lsn: Lsn,
-        commit_unix_micros: Option<i64>,
-    },
+/// Confirmable up to `lsn` once records `0..sent` are acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    lsn: Lsn,
+    sent: u64,
+    commit_unix_micros: Option<i64>,
 }
 
 /// Everything the stream needs from the rest of the producer.
@@ -99,11 +99,12 @@ impl Stream {
             database,
             mut tables,
         } = self;
-        let (steps, step_rx) = mpsc::channel::<Step>(ACK_QUEUE);
+        let (steps, step_rx) = mpsc::channel::<Position>(ACK_QUEUE);
         let (confirm_tx, mut confirm_rx) =
             watch::channel(progress.confirmed_lsn.unwrap_or_default());
         let acker = tokio::spawn(acknowledge(
             step_rx,
+            sink.clone(),
             state,
             progress,
             confirm_tx,
@@ -144,7 +145,7 @@ impl Stream {
                         changes.commit();
                         in_transaction = false;
                         last_position = Lsn(end_lsn.0);
-                        let step = Step::Position { lsn: last_position, commit_unix_micros: Some(commit_unix_micros) };
+                        let step = Position { lsn: last_position, sent: sink.sent(), commit_unix_micros: Some(commit_unix_micros) };
                         send(&steps, step).await?;
                     }
                     ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -152,7 +153,7 @@ impl Stream {
                         metrics.server_wal_end(wal_end);
                         if !in_transaction && wal_end > last_position {
                             last_position = wal_end;
-                            send(&steps, Step::Position { lsn: wal_end, commit_unix_micros: None }).await?;
+                            send(&steps, Position { lsn: wal_end, sent: sink.sent(), commit_unix_micros: None }).await?;
                         }
                     }
                     ReplicationEvent::XLogData { wal_start, wal_end, data, .. } => {
@@ -163,8 +164,7 @@ impl Stream {
                             Err(error) => {
                                 warn!(%lsn, %error, "undecodable pgoutput message sent to the dead-letter topic");
                                 metrics.dead_letter();
-                                let pending = sink.dead_letter(None, None, &error.to_string(), lsn).await?;
-                                send(&steps, Step::Delivery(pending)).await?;
+                                sink.dead_letter(None, None, &error.to_string(), lsn).await?;
                                 continue;
                             }
                         };
@@ -193,9 +193,7 @@ impl Stream {
                             Ok(events) => {
                                 for event in events {
                                     metrics.event(&event.source, event.op);
-                                    for pending in sink.send(&event).await? {
-                                        send(&steps, Step::Delivery(pending)).await?;
-                                    }
+                                    sink.send(&event).await?;
                                 }
                             }
                             Err(error) => {
@@ -203,8 +201,7 @@ impl Stream {
                                 warn!(%lsn, table = table.as_deref().unwrap_or("?"), %error,
                                       "change sent to the dead-letter topic");
                                 metrics.dead_letter();
-                                let pending = sink.dead_letter(None, table.as_deref(), &error.to_string(), lsn).await?;
-                                send(&steps, Step::Delivery(pending)).await?;
+                                sink.dead_letter(None, table.as_deref(), &error.to_string(), lsn).await?;
                             }
                         }
                     }
@@ -240,7 +237,7 @@ impl Stream {
     }
 }
 
-async fn send(steps: &mpsc::Sender<Step>, step: Step) -> Result<(), StreamError> {
+async fn send(steps: &mpsc::Sender<Position>, step: Position) -> Result<(), StreamError> {
     steps
         .send(step)
         .await
@@ -258,42 +255,67 @@ fn relation_name(changes: &Changes, message: &Message) -> Option<String> {
     changes.table(oid).map(|t| t.source.qualified())
 }
 
-/// Awaits deliveries in stream order and confirms positions behind them.
+/// Confirms positions, in stream order, once Kafka acknowledged every record
+/// sent before them.
 async fn acknowledge(
-    mut steps: mpsc::Receiver<Step>,
+    mut steps: mpsc::Receiver<Position>,
+    sink: Arc<Sink>,
     state: Arc<StateStore>,
     mut progress: SlotProgress,
     confirm: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
 ) -> Result<Lsn, SinkError> {
-    let mut safe = progress.confirmed_lsn.unwrap_or_default();
-    let mut confirmed = safe;
+    let mut confirmed = progress.confirmed_lsn.unwrap_or_default();
+    // Positions not yet confirmable, oldest first. Positions with the same
+    // `sent` are confirmable together, so only the newest is kept: the
+    // queue never holds more entries than records in flight, plus one.
+    let mut waiting: VecDeque<Position> = VecDeque::new();
     let mut tick = tokio::time::interval(CONFIRM_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
     while open {
         // Confirm when the tick fires (at most once per interval) or at the
-        // end; reading the clock per step cost measurable CPU under load.
-        let mut due = false;
+        // end. Between ticks the acker only files positions: no per-record
+        // work and no wake-up per delivery.
         tokio::select! {
             step = steps.recv() => match step {
-                Some(Step::Delivery(pending)) => {
-                    if let Err(error) = pending.acknowledged().await {
-                        metrics.delivery_error();
-                        return Err(error);
+                Some(position) => {
+                    match waiting.back_mut() {
+                        Some(last) if last.sent == position.sent => {
+                            last.lsn = position.lsn;
+                            last.commit_unix_micros = position.commit_unix_micros.or(last.commit_unix_micros);
+                        }
+                        _ => waiting.push_back(position),
                     }
-                }
-                Some(Step::Position { lsn, commit_unix_micros }) => {
-                    safe = safe.max(lsn);
-                    if let Some(micros) = commit_unix_micros {
-                        metrics.committed_at(micros);
-                    }
+                    continue;
                 }
                 None => open = false,
             },
-            _ = tick.tick() => due = true,
+            _ = tick.tick() => {}
         }
-        if safe > confirmed && (due || !open) {
+        if !open && let Some(last) = waiting.back() {
+            // Shutdown: wait for everything the last position covers.
+            if let Err(error) = sink.acknowledged(last.sent).await {
+                metrics.delivery_error();
+                return Err(error);
+            }
+        }
+        if let Some(error) = sink.failure() {
+            metrics.delivery_error();
+            return Err(error);
+        }
+        let acked = sink.acked();
+        let mut safe = confirmed;
+        while let Some(position) = waiting.front()
+            && position.sent <= acked
+        {
+            safe = safe.max(position.lsn);
+            if let Some(micros) = position.commit_unix_micros {
+                metrics.committed_at(micros);
+            }
+            waiting.pop_front();
+        }
+        if safe > confirmed {
             progress.confirmed_lsn = Some(safe);
             state.save(&progress).await?;
             confirmed = safe;

@@ -377,3 +377,104 @@ async fn wal_level_and_standby_are_refused_with_a_fix() {
         "{log}"
     );
 }
+
+/// Sets (or, with `None`, removes) a topic-level config on the broker.
+async fn set_topic_config(brokers: &str, topic: &str, name: &str, value: Option<&str>) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    // AlterConfigs replaces the topic's whole dynamic config: max.message.bytes
+    // is the only one these topics have.
+    let mut config = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    if let Some(value) = value {
+        config = config.set(name, value);
+    }
+    let results = admin
+        .alter_configs(&[config], &AdminOptions::new())
+        .await
+        .expect("alter configs");
+    for result in results {
+        result.unwrap_or_else(|e| panic!("alter {topic} {name}: {e:?}"));
+    }
+}
+
+/// A record Kafka refuses (here: larger than its topic accepts, a topic
+/// misconfigured under a running producer) stops the producer with an error
+/// naming the topic and LSN, and nothing from it on is confirmed: once the
+/// topic is fixed, a restart delivers the refused change and the one after
+/// it. The restart can only see them if the slot never moved past them.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_record_stops_the_stream_and_is_resent_after_the_fix() {
+    let h = Harness::new("refused").await;
+    let table = h.table("t");
+    h.create_table(&table, "id int PRIMARY KEY, body text NOT NULL")
+        .await;
+    let config = h.config(&[&table], "");
+    let topic = h.topic(&table);
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    h.pg.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'small')"))
+        .await
+        .expect("insert 1");
+    let first = h.current_wal_lsn().await;
+    h.wait_slot_confirmed(&first, 0).await;
+
+    set_topic_config(
+        &h.stack.kafka_brokers,
+        &topic,
+        "max.message.bytes",
+        Some("2048"),
+    )
+    .await;
+    // 20 KB of random hex: lz4 cannot bring it under 2 KB.
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT 2, string_agg(md5(random()::text), '') FROM generate_series(1, 640)"
+    ))
+    .await
+    .expect("insert 2");
+    h.pg.batch_execute(&format!("INSERT INTO {table} VALUES (3, 'small')"))
+        .await
+        .expect("insert 3");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = producer.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "producer kept running after Kafka refused a record:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let log = h.log(0);
+    assert_eq!(status.code(), Some(2), "exit code 2:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "Kafka did not accept the record for {topic} (commit LSN "
+        )) && !log.contains("(commit LSN 0/0)"),
+        "the error names topic and commit LSN:\n{log}"
+    );
+
+    set_topic_config(&h.stack.kafka_brokers, &topic, "max.message.bytes", None).await;
+    let mut producer = h.start(&config, 1);
+    h.wait_ready(&mut producer, 1).await;
+    let records = h.read_until(&topic, |records| {
+        [2, 3].iter().all(|id| {
+            records
+                .iter()
+                .any(|r| r.event.key.get("id").and_then(|v| v.as_i64()) == Some(*id))
+        })
+    });
+    let body_len = records
+        .iter()
+        .find(|r| r.event.key.get("id").and_then(|v| v.as_i64()) == Some(2))
+        .and_then(|r| r.event.after.as_ref()?.get("body")?.as_str().map(str::len));
+    assert_eq!(body_len, Some(20_480), "row 2 arrived whole after the fix");
+    h.stop(producer, 1);
+    h.cleanup(&[&table]).await;
+}
