@@ -338,6 +338,18 @@ impl Pipeline {
     /// records would: what was not applied yet is lost to the index. The
     /// group must have no running member.
     pub fn skip_consumer_offsets(&self, table: &str) {
+        self.commit_group_offsets(table, |_, high| high);
+    }
+
+    /// Moves the consumer group's committed offsets back to the start of
+    /// every partition of `table`'s topic, so the next consumer applies it
+    /// all again (benchmark rounds). The group must have no running member.
+    pub fn rewind_consumer_offsets(&self, table: &str) {
+        self.commit_group_offsets(table, |low, _| low);
+    }
+
+    /// Commits, for the consumer group, `pick(low, high)` of each partition.
+    fn commit_group_offsets(&self, table: &str, pick: impl Fn(i64, i64) -> i64) {
         use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
         let topic = self.topic(table);
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -352,16 +364,16 @@ impl Pipeline {
         let partitions = metadata.topics()[0].partitions().len() as i32;
         let mut offsets = rdkafka::TopicPartitionList::new();
         for p in 0..partitions {
-            let (_, high) = consumer
+            let (low, high) = consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
                 .expect("watermarks");
             offsets
-                .add_partition_offset(&topic, p, rdkafka::Offset::Offset(high))
+                .add_partition_offset(&topic, p, rdkafka::Offset::Offset(pick(low, high)))
                 .expect("offset");
         }
         consumer
             .commit(&offsets, CommitMode::Sync)
-            .expect("commit skipped offsets");
+            .expect("commit group offsets");
     }
 
     pub fn start_consumer(&mut self) -> ConsumerProcess {
