@@ -15,10 +15,12 @@
 //!    the index has that is newer than `V` wins (version conflict), so
 //!    nothing regresses; a delete committed after `V` has a higher LSN, so
 //!    it wins too, while its tombstone lives.
-//! 4. **Close the race** the tombstone cannot (`index.gc_deletes`): after
-//!    writing, the written keys are checked again at a newer exported
-//!    snapshot `V2`, and every one whose row vanished since `V` is deleted
-//!    again at `V2`. A row that merely *changed* after `V` needs nothing:
+//! 4. **Close the race** the tombstone cannot (`index.gc_deletes`): once a
+//!    chunk's writes landed, its written keys are checked again at a newer
+//!    exported snapshot `V2`, and every one whose row vanished since `V` is
+//!    deleted again at `V2`. This runs beside the writes of the next chunks
+//!    (one round per batch of landed chunks), so only the last chunk's
+//!    re-check is left when the writes end. A row that merely *changed* after `V` needs nothing:
 //!    its change carries a commit LSN above `V` through the live pipeline,
 //!    which wins over our write in whichever order the two land. Only a
 //!    delete can lose that race, once its tombstone is forgotten.
@@ -38,7 +40,7 @@ use serde_json::Value;
 use tidemark_consumer::apply::{Applier, Outcome};
 use tidemark_consumer::mapping::{TableMapping, Write, content_hash};
 use tidemark_consumer::search::Search;
-use tidemark_schemas::{ChangeEvent, Lsn, Operation, Row, Source, record_key};
+use tidemark_schemas::{ChangeEvent, EventHead, Lsn, Operation, Row, Source, record_key};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::info;
@@ -93,13 +95,16 @@ impl WindowKeys {
         self.len() == 0
     }
 
-    /// The keys in document id order, `CHUNK` at a time.
+    /// The keys in document id order, in chunks growing to `CHUNK`.
     fn chunks(&self) -> anyhow::Result<KeyChunks> {
         let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &self.keys {
             Some(keys) => Box::new(keys.read()?),
             None => Box::new(std::iter::empty()),
         };
-        Ok(KeyChunks { entries })
+        Ok(KeyChunks {
+            entries,
+            size: FIRST_CHUNK,
+        })
     }
 }
 
@@ -115,13 +120,22 @@ fn key_entry(id: String, key: &Row) -> anyhow::Result<Entry> {
 /// Reads sorted key entries back, a chunk at a time.
 struct KeyChunks {
     entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send>,
+    /// Size of the next chunk: starts at `FIRST_CHUNK`, doubles to `CHUNK`.
+    size: usize,
 }
 
+/// The first chunk is read and classified before anything can be written
+/// beside it; a small one gets the writes going sooner, and each chunk
+/// after it is planned while the one before (half its size) is written.
+const FIRST_CHUNK: usize = CHUNK / 8;
+
 impl KeyChunks {
-    /// Up to `CHUNK` (document id, key) pairs; empty at the end.
+    /// The next chunk of (document id, key) pairs; empty at the end.
     fn next_chunk(&mut self) -> anyhow::Result<Vec<(String, Row)>> {
-        let mut chunk = Vec::with_capacity(CHUNK);
-        for entry in self.entries.by_ref().take(CHUNK) {
+        let size = self.size;
+        self.size = (size * 2).min(CHUNK);
+        let mut chunk = Vec::with_capacity(size);
+        for entry in self.entries.by_ref().take(size) {
             let entry = entry.context("reading the window's keys back from disk")?;
             let key: Row = serde_json::from_str(entry.key.as_deref().unwrap_or("{}"))
                 .with_context(|| format!("document {}: its key did not read back", entry.id))?;
@@ -203,6 +217,12 @@ fn open_window(
     Ok(Some((consumer, open)))
 }
 
+/// Closing a librdkafka client waits for its threads; nothing waits on a
+/// scanner's close, so it happens beside the rest of the command.
+fn close_in_background(consumer: BaseConsumer) {
+    std::thread::spawn(move || drop(consumer));
+}
+
 /// Reads the table's topic and collects the keys changed in the window.
 /// `only` narrows to these keys' record keys.
 pub fn collect_keys(
@@ -256,7 +276,7 @@ pub fn collect_keys(
         {
             continue;
         }
-        let event = ChangeEvent::from_slice(message.payload().unwrap_or_default())
+        let event = EventHead::from_slice(message.payload().unwrap_or_default())
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
         let Some(at) = event
             .commit_time
@@ -279,6 +299,7 @@ pub fn collect_keys(
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
         keys.push(key_entry(id, &event.key)?)?;
     }
+    close_in_background(consumer);
     found.keys = Some(keys.finish_distinct()?);
     info!(
         topic,
@@ -437,11 +458,13 @@ pub async fn run_table(
     if found.is_empty() {
         return Ok(result);
     }
+    let prepare = Instant::now();
     let conn = tidemark_producer::source::ConnInfo::from_config(job.config)?;
     let mut client = conn.connect("tidemark-replay").await?;
     let d = describe(&client, &mapping.schema, &mapping.table).await?;
     let slot = format!("tidemark_replay_{}", std::process::id());
     let snapshot = tidemark_producer::run::export_snapshot(job.config, &conn, &slot).await?;
+    tracing::debug!(table = %mapping.qualified(), prepare_ms = prepare.elapsed().as_millis() as u64, "window: connected, described, snapshot exported");
     let version = snapshot.lsn;
     result.version_lsn = Some(version.to_string());
     let now = jiff::Timestamp::now().to_string();
@@ -449,135 +472,172 @@ pub async fn run_table(
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
     let mut last_report = Instant::now();
-    // Keys written, for the final re-check: spilled like the window's keys.
-    let mut written = Sorter::default();
-    let mut done = 0u64;
-    let mut chunks = found.chunks()?;
-    // Chunk i is written while chunk i + 1 is read and classified.
-    let mut chunk = chunks.next_chunk()?;
-    let mut planned = plan(
-        &mut client,
-        &snapshot.name,
-        &d,
-        mapping,
-        job.search,
-        &chunk,
-        version,
-        &now,
-    )
-    .await?;
-    while !chunk.is_empty() {
-        let next_chunk = chunks.next_chunk()?;
-        let mut writes = Vec::new();
-        for ((id, write, class), (_, key)) in
-            std::mem::take(&mut planned).into_iter().zip(chunk.iter())
-        {
-            *result.counts.entry(class).or_default() += 1;
-            let sample = result.samples.entry(class).or_default();
-            if sample.len() < SAMPLE {
-                sample.push(id.clone());
-            }
-            if job.write && class != Class::AlreadyRight {
-                // Only a document written at V can outlive a later delete;
-                // a delete at V loses to any later insert by version.
-                if matches!(write, Write::Index { .. }) {
-                    written.push(key_entry(id, key)?)?;
+    // Keys written as documents go, chunk by chunk once applied, to the
+    // re-check running beside the writes (step 4).
+    let (to_recheck, recheck_rx) = tokio::sync::mpsc::channel::<Vec<(String, Row)>>(RECHECK_QUEUE);
+    let recheck = recheck_written(job, &conn, &slot, &d, mapping, recheck_rx);
+    let writes_done = async {
+        let mut done = 0u64;
+        let mut chunks = found.chunks()?;
+        // Chunk i is written while chunk i + 1 is read and classified.
+        let mut chunk = chunks.next_chunk()?;
+        let mut planned = plan(
+            &mut client,
+            &snapshot.name,
+            &d,
+            mapping,
+            job.search,
+            &chunk,
+            version,
+            &now,
+        )
+        .await?;
+        while !chunk.is_empty() {
+            let next_chunk = chunks.next_chunk()?;
+            let mut writes = Vec::new();
+            let mut written = Vec::new();
+            for ((id, write, class), (_, key)) in
+                std::mem::take(&mut planned).into_iter().zip(chunk.iter())
+            {
+                *result.counts.entry(class).or_default() += 1;
+                let sample = result.samples.entry(class).or_default();
+                if sample.len() < SAMPLE {
+                    sample.push(id.clone());
                 }
-                writes.push(write);
+                if job.write && class != Class::AlreadyRight {
+                    // Only a document written at V can outlive a later delete;
+                    // a delete at V loses to any later insert by version.
+                    if matches!(write, Write::Index { .. }) {
+                        written.push((id, key.clone()));
+                    }
+                    writes.push(write);
+                }
             }
-        }
-        let apply = async {
-            if job.write && !writes.is_empty() {
-                pause_between_read_and_write().await;
-                let started = Instant::now();
-                let outcomes = apply_distinct(job.applier, writes, &never).await;
-                tracing::debug!(table = %mapping.qualified(), apply_ms = started.elapsed().as_millis() as u64, "window: chunk applied");
-                Some(outcomes)
-            } else {
-                None
-            }
-        };
-        let next = async {
-            if next_chunk.is_empty() {
-                return None;
-            }
-            Some(
-                plan(
-                    &mut client,
-                    &snapshot.name,
-                    &d,
-                    mapping,
-                    job.search,
-                    &next_chunk,
-                    version,
-                    &now,
+            let apply = async {
+                if job.write && !writes.is_empty() {
+                    pause_between_read_and_write().await;
+                    let started = Instant::now();
+                    let outcomes = apply_distinct(job.applier, writes, &never).await;
+                    tracing::debug!(table = %mapping.qualified(), apply_ms = started.elapsed().as_millis() as u64, "window: chunk applied");
+                    Some(outcomes)
+                } else {
+                    None
+                }
+            };
+            let next = async {
+                if next_chunk.is_empty() {
+                    return None;
+                }
+                Some(
+                    plan(
+                        &mut client,
+                        &snapshot.name,
+                        &d,
+                        mapping,
+                        job.search,
+                        &next_chunk,
+                        version,
+                        &now,
+                    )
+                    .await,
                 )
-                .await,
-            )
-        };
-        let (applied, next) = tokio::join!(apply, next);
-        if let Some(outcomes) = applied {
-            let outcomes = outcomes.map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
-            for outcome in outcomes {
-                match outcome {
-                    Outcome::Applied | Outcome::Superseded => result.applied += 1,
-                    Outcome::Stale => result.newer_in_index += 1,
-                    Outcome::Rejected(reason) => {
-                        result.rejected += 1;
-                        tracing::warn!(table = %mapping.qualified(), %reason, "document refused by OpenSearch");
+            };
+            let (applied, next) = tokio::join!(apply, next);
+            if let Some(outcomes) = applied {
+                let outcomes =
+                    outcomes.map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+                for outcome in outcomes {
+                    match outcome {
+                        Outcome::Applied | Outcome::Superseded => result.applied += 1,
+                        Outcome::Stale => result.newer_in_index += 1,
+                        Outcome::Rejected(reason) => {
+                            result.rejected += 1;
+                            tracing::warn!(table = %mapping.qualified(), %reason, "document refused by OpenSearch");
+                        }
                     }
                 }
             }
-        }
-        if let Some(next) = next {
-            planned = next?;
-        }
-        done += chunk.len() as u64;
-        chunk = next_chunk;
-        if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
-            last_report = Instant::now();
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let eta = (total - done) as f64 / rate.max(1.0);
-            if terminal {
-                eprint!(
-                    "\r{}: {done}/{total} keys, {rate:.0} keys/s, ETA {eta:.0} s   ",
-                    mapping.qualified(),
-                );
-            } else {
-                info!(table = %mapping.qualified(), done, total, rate = rate as u64, eta_s = eta as u64, "window progress");
-            }
-        }
-    }
-    if terminal && total > CHUNK as u64 {
-        eprintln!();
-    }
-    drop(snapshot);
-    info!(table = %mapping.qualified(), keys = total, elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
-
-    // Rows deleted after the first read: with the tombstone possibly gone,
-    // delete them again at a newer exact version (see step 4 above).
-    let written = WindowKeys {
-        keys: Some(written.finish_distinct()?),
-        ..WindowKeys::default()
-    };
-    if job.write && !written.is_empty() {
-        let recheck =
-            tidemark_producer::run::export_snapshot(job.config, &conn, &format!("{slot}_re"))
-                .await?;
-        let mut chunks = written.chunks()?;
-        loop {
-            let chunk = chunks.next_chunk()?;
-            if chunk.is_empty() {
+            if !written.is_empty() && to_recheck.send(written).await.is_err() {
+                // The re-check ended early; its error is reported below.
                 break;
             }
-            let keys: Vec<&Row> = chunk.iter().map(|(_, key)| key).collect();
+            if let Some(next) = next {
+                planned = next?;
+            }
+            done += chunk.len() as u64;
+            chunk = next_chunk;
+            if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
+                last_report = Instant::now();
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                let eta = (total - done) as f64 / rate.max(1.0);
+                if terminal {
+                    eprint!(
+                        "\r{}: {done}/{total} keys, {rate:.0} keys/s, ETA {eta:.0} s   ",
+                        mapping.qualified(),
+                    );
+                } else {
+                    info!(table = %mapping.qualified(), done, total, rate = rate as u64, eta_s = eta as u64, "window progress");
+                }
+            }
+        }
+        if terminal && total > CHUNK as u64 {
+            eprintln!();
+        }
+        drop(to_recheck);
+        info!(table = %mapping.qualified(), keys = total, elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
+        anyhow::Ok(result)
+    };
+    let (mut result, deleted_again) = tokio::try_join!(writes_done, recheck)?;
+    drop(snapshot);
+    result.deleted_after_recheck = deleted_again;
+    if job.write {
+        info!(table = %mapping.qualified(), deleted_again, elapsed_ms = started.elapsed().as_millis() as u64, "window: final re-check done");
+    }
+    Ok(result)
+}
+
+/// Written chunks a re-check round may wait for before the writes pause.
+const RECHECK_QUEUE: usize = 2;
+
+/// Step 4, beside the writes: takes every written chunk applied so far,
+/// exports a snapshot (`V2`, after those writes landed), finds the keys
+/// whose row vanished and deletes them again at `V2`; repeats until the
+/// writes are done. A busy server (slow snapshot exports) just gets fewer,
+/// larger rounds. Returns how many documents it deleted again.
+async fn recheck_written(
+    job: &Job<'_>,
+    conn: &tidemark_producer::source::ConnInfo,
+    slot: &str,
+    d: &Described,
+    mapping: &TableMapping,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<(String, Row)>>,
+) -> anyhow::Result<u64> {
+    let (_keep, never) = watch::channel(false);
+    let mut client: Option<Client> = None;
+    let mut deleted = 0u64;
+    let mut round = 0u32;
+    while let Some(mut keys) = chunks.recv().await {
+        while let Ok(more) = chunks.try_recv() {
+            keys.extend(more);
+        }
+        let started = Instant::now();
+        let client = match &mut client {
+            Some(client) => client,
+            None => client.insert(conn.connect("tidemark-replay-recheck").await?),
+        };
+        let recheck =
+            tidemark_producer::run::export_snapshot(job.config, conn, &format!("{slot}_re{round}"))
+                .await?;
+        round += 1;
+        for part in keys.chunks(CHUNK) {
+            let rows: Vec<&Row> = part.iter().map(|(_, key)| key).collect();
             let tx = client.transaction().await?;
             tx.batch_execute(&format!(
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
                 recheck.name.replace('\'', "''")
             ))
             .await?;
-            let vanished = keys_without_rows(&tx, &d, &keys).await?;
+            let vanished = keys_without_rows(&tx, d, &rows).await?;
             tx.commit().await?;
             if vanished.is_empty() {
                 continue;
@@ -586,19 +646,20 @@ pub async fn run_table(
                 .iter()
                 .map(|&n| Write::Delete {
                     index: mapping.index.clone(),
-                    id: chunk[n].0.clone(),
+                    id: part[n].0.clone(),
                     version: recheck.lsn.0,
                 })
                 .collect();
-            result.deleted_after_recheck += deletes.len() as u64;
+            deleted += deletes.len() as u64;
             job.applier
                 .apply(deletes, &never)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
         }
-        info!(table = %mapping.qualified(), deleted_again = result.deleted_after_recheck, elapsed_ms = started.elapsed().as_millis() as u64, "window: final re-check done");
+        tracing::debug!(table = %mapping.qualified(), round, keys = keys.len(), lsn = %recheck.lsn,
+            recheck_ms = started.elapsed().as_millis() as u64, "window: written keys re-checked");
     }
-    Ok(result)
+    Ok(deleted)
 }
 
 /// Applies writes to distinct documents as two bulk requests at once, each
@@ -836,7 +897,7 @@ pub fn collect_log(
         {
             continue;
         }
-        let event = ChangeEvent::from_slice(message.payload().unwrap_or_default())
+        let event = EventHead::from_slice(message.payload().unwrap_or_default())
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
         let Some(at) = event
             .commit_time
@@ -876,6 +937,7 @@ pub fn collect_log(
             key: payload,
         })?;
     }
+    close_in_background(consumer);
     found.keys = Some(fold_sightings(sightings)?);
     Ok(found)
 }

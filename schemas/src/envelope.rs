@@ -117,6 +117,27 @@ pub fn record_key(source: &Source, key: &Row) -> Vec<u8> {
     serde_json::to_vec(&record_key).unwrap_or_default()
 }
 
+/// The part of an envelope a topic scan looks at: which key, what kind of
+/// change, when. The row images are skipped, not built, so a scan over
+/// wide rows costs little more than over narrow ones.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventHead {
+    pub format: u32,
+    pub op: Operation,
+    pub key: Row,
+    pub commit_time: String,
+}
+
+impl EventHead {
+    /// Parses the head of an envelope, refusing versions newer than this
+    /// reader; the same errors as [`ChangeEvent::from_slice`].
+    pub fn from_slice(bytes: &[u8]) -> Result<EventHead, EnvelopeError> {
+        let head: EventHead = serde_json::from_slice(bytes)?;
+        check_format(head.format)?;
+        Ok(head)
+    }
+}
+
 /// Why an envelope could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
@@ -128,16 +149,22 @@ pub enum EnvelopeError {
     TooNew { found: u32, known: u32 },
 }
 
+/// Refuses envelope versions newer than this reader.
+fn check_format(format: u32) -> Result<(), EnvelopeError> {
+    if format > FORMAT_VERSION {
+        return Err(EnvelopeError::TooNew {
+            found: format,
+            known: FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
 impl ChangeEvent {
     /// Parses an envelope, refusing versions newer than this reader.
     pub fn from_slice(bytes: &[u8]) -> Result<ChangeEvent, EnvelopeError> {
         let event: ChangeEvent = serde_json::from_slice(bytes)?;
-        if event.format > FORMAT_VERSION {
-            return Err(EnvelopeError::TooNew {
-                found: event.format,
-                known: FORMAT_VERSION,
-            });
-        }
+        check_format(event.format)?;
         Ok(event)
     }
 
@@ -203,6 +230,39 @@ mod tests {
         let bytes = serde_json::to_vec(&value).expect("bytes");
         let err = ChangeEvent::from_slice(&bytes).expect_err("too new");
         assert!(err.to_string().contains("format 2 is newer"), "{err}");
+        let err = EventHead::from_slice(&bytes).expect_err("too new");
+        assert!(err.to_string().contains("format 2 is newer"), "{err}");
+    }
+
+    #[test]
+    fn head_is_the_envelope_without_its_row_images() {
+        let event = ChangeEvent {
+            format: FORMAT_VERSION,
+            source: users(),
+            op: Operation::Update,
+            key: row(json!({"id": 7, "region": "eu"})),
+            before: Some(row(json!({"id": 7, "region": "eu", "name": "old"}))),
+            after: Some(row(
+                json!({"id": 7, "region": "eu", "name": "new \"quoted\""}),
+            )),
+            unchanged_toast: vec!["bio".into()],
+            commit_lsn: Lsn(0x20),
+            lsn: Lsn(0x18),
+            xid: Some(11),
+            commit_time: "2026-01-01T00:00:00.000001Z".into(),
+        };
+        let head = EventHead::from_slice(&event.to_vec()).expect("head parses");
+        assert_eq!(
+            head,
+            EventHead {
+                format: FORMAT_VERSION,
+                op: event.op,
+                key: event.key.clone(),
+                commit_time: event.commit_time.clone(),
+            }
+        );
+        // A payload that is not an envelope is an error, not an empty head.
+        assert!(EventHead::from_slice(br#"{"format":1,"op":"insert"}"#).is_err());
     }
 
     #[test]

@@ -11,6 +11,6 @@ mod lsn;
 pub mod partition;
 
 pub use envelope::{
-    ChangeEvent, EnvelopeError, FORMAT_VERSION, Operation, Row, Source, record_key,
+    ChangeEvent, EnvelopeError, EventHead, FORMAT_VERSION, Operation, Row, Source, record_key,
 };
 pub use lsn::{Lsn, ParseLsnError};

@@ -453,6 +453,7 @@ async fn window(
         }
     }
     let started = jiff::Timestamp::now();
+    tracing::debug!("window: started");
     for t in tables {
         if !config.tables.iter().any(|c| &c.table == t) {
             anyhow::bail!("--table {t}: not in the config's [[tables]]");
@@ -614,6 +615,7 @@ async fn window(
         results: results_json.clone(),
     };
     tidemark_replay::runs::record(&search, &record).await?;
+    tracing::debug!("window: run recorded");
     if let Some(e) = failure {
         anyhow::bail!(e);
     }
