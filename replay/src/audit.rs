@@ -183,6 +183,23 @@ pub(crate) async fn describe(
     })
 }
 
+/// The average size, in bytes of text, of a row as `rows_by_keys` reads
+/// it, from up to 100 rows of the table (0 for an empty table): how many
+/// rows a chunk may hold.
+pub(crate) async fn sample_row_bytes(client: &Client, d: &Described) -> anyhow::Result<usize> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce(avg(octet_length(s::text)), 0)::bigint FROM ({} LIMIT 100) s",
+                d.select
+            ),
+            &[],
+        )
+        .await
+        .with_context(|| format!("table {}: sampling row sizes", d.table.qualified()))?;
+    Ok(row.get::<_, i64>(0).max(0) as usize)
+}
+
 /// A JSON key value as a typed SQL literal.
 fn literal(value: &Value, sql_type: &str) -> String {
     let text = match value {

@@ -45,12 +45,27 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::info;
 
-use crate::audit::{Described, describe, doc_meta, keys_without_rows, rows_by_keys};
+use crate::audit::{
+    Described, describe, doc_meta, keys_without_rows, rows_by_keys, sample_row_bytes,
+};
 use crate::merge::{Distinct, Entry, Sorter};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keys read and written per round trip.
+/// Keys read and written per round trip, at most.
 const CHUNK: usize = 10_000;
+/// Row text one chunk may hold, at most: chunks are cut at `CHUNK` keys or
+/// at this many bytes of rows, whichever comes first, so wide rows do not
+/// make a chunk (up to three are alive at once, each as row text, mapped
+/// values and a bulk body) take hundreds of MB. 8 MiB is also a good bulk
+/// request size for OpenSearch.
+const CHUNK_BYTES: usize = 8 << 20;
+/// Even the widest rows go at least this many to a chunk.
+const MIN_CHUNK: usize = 8;
+
+/// Keys per chunk for rows of about `row_bytes` each.
+fn keys_per_chunk(row_bytes: usize) -> usize {
+    (CHUNK_BYTES / row_bytes.max(1)).clamp(MIN_CHUNK, CHUNK)
+}
 /// Below this many writes per request, splitting a chunk in two costs more
 /// round trips than it gains.
 const MIN_CONCURRENT_BULK: usize = 500;
@@ -104,6 +119,7 @@ impl WindowKeys {
         Ok(KeyChunks {
             entries,
             size: FIRST_CHUNK,
+            cap: CHUNK,
         })
     }
 }
@@ -122,6 +138,8 @@ struct KeyChunks {
     entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send>,
     /// Size of the next chunk: starts at `FIRST_CHUNK`, doubles to `CHUNK`.
     size: usize,
+    /// No chunk is larger (see [`keys_per_chunk`]).
+    cap: usize,
 }
 
 /// The first chunk is read and classified before anything can be written
@@ -132,8 +150,8 @@ const FIRST_CHUNK: usize = CHUNK / 8;
 impl KeyChunks {
     /// The next chunk of (document id, key) pairs; empty at the end.
     fn next_chunk(&mut self) -> anyhow::Result<Vec<(String, Row)>> {
-        let size = self.size;
-        self.size = (size * 2).min(CHUNK);
+        let size = self.size.min(self.cap);
+        self.size = (self.size * 2).min(CHUNK);
         let mut chunk = Vec::with_capacity(size);
         for entry in self.entries.by_ref().take(size) {
             let entry = entry.context("reading the window's keys back from disk")?;
@@ -462,6 +480,8 @@ pub async fn run_table(
     let conn = tidemark_producer::source::ConnInfo::from_config(job.config)?;
     let mut client = conn.connect("tidemark-replay").await?;
     let d = describe(&client, &mapping.schema, &mapping.table).await?;
+    let row_bytes = sample_row_bytes(&client, &d).await?;
+    tracing::debug!(table = %mapping.qualified(), row_bytes, keys_per_chunk = keys_per_chunk(row_bytes), "window: row size sampled");
     let slot = format!("tidemark_replay_{}", std::process::id());
     let snapshot = tidemark_producer::run::export_snapshot(job.config, &conn, &slot).await?;
     tracing::debug!(table = %mapping.qualified(), prepare_ms = prepare.elapsed().as_millis() as u64, "window: connected, described, snapshot exported");
@@ -479,6 +499,7 @@ pub async fn run_table(
     let writes_done = async {
         let mut done = 0u64;
         let mut chunks = found.chunks()?;
+        chunks.cap = keys_per_chunk(row_bytes);
         // Chunk i is written while chunk i + 1 is read and classified.
         let mut chunk = chunks.next_chunk()?;
         let mut planned = plan(
@@ -960,6 +981,7 @@ pub async fn run_log(
         ..LogResult::default()
     };
     let mut writes = Vec::with_capacity(CHUNK);
+    let mut bytes = 0usize;
     let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &found.keys {
         Some(keys) => Box::new(keys.read()?),
         None => Box::new(std::iter::empty()),
@@ -982,10 +1004,12 @@ pub async fn run_log(
         let write = mappings.write(&event).map_err(|e| anyhow::anyhow!("{e}"))?;
         result.to_apply += 1;
         if job.write {
+            bytes += payload.len();
             writes.push(write);
         }
-        if writes.len() == CHUNK {
+        if writes.len() == CHUNK || bytes >= CHUNK_BYTES {
             apply_log_chunk(job, mapping, std::mem::take(&mut writes), &mut result).await?;
+            bytes = 0;
         }
     }
     apply_log_chunk(job, mapping, writes, &mut result).await?;
@@ -1070,6 +1094,18 @@ mod tests {
             hash: None,
             key: inside.then(|| format!("change of {id} at {offset}")),
         }
+    }
+
+    #[test]
+    fn chunks_are_cut_by_bytes_for_wide_rows() {
+        assert_eq!(keys_per_chunk(0), CHUNK, "empty table: cut by keys");
+        assert_eq!(keys_per_chunk(60), CHUNK, "narrow rows: cut by keys");
+        assert_eq!(keys_per_chunk(200 * 1024), 40, "200 KB rows: 8 MiB a chunk");
+        assert_eq!(
+            keys_per_chunk(64 << 20),
+            MIN_CHUNK,
+            "huge rows: a few at a time"
+        );
     }
 
     #[test]
