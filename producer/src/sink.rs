@@ -46,7 +46,7 @@ use tracing::warn;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Upper bound of librdkafka's send queue. Bounds the producer's memory
 /// for records not yet acknowledged; a full queue is backpressure.
-const QUEUE_MAX_KBYTES: &str = "65536";
+const QUEUE_MAX_KBYTES: &str = "32768";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
