@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tidemark_schemas::Row;
 use tidemark_schemas::config::META_FIELD;
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::mapping::{Write, content_hash, meta};
+use crate::mapping::{Write, content_hash};
 use crate::search::{BulkItem, Search, SearchError};
 
 /// What became of one write.
@@ -428,30 +429,33 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
             lsn,
             commit_time,
         } => {
-            let action = json!({"index": {
-                "_index": index, "_id": id, "version": version, "version_type": "external_gte"
-            }});
-            let mut doc: Row = fields.clone();
-            let hash = content_hash(fields);
-            let mut metadata = meta(*lsn, commit_time, &hash, key);
             if !missing.is_empty() {
                 stats.incomplete_toast.fetch_add(1, Ordering::Relaxed);
                 warn!(index, id, fields = ?missing, lsn = %lsn,
                     "unchanged TOAST values not found in the index; document written without them (audit will report it stale)");
-                metadata["incomplete"] = json!(missing);
             }
-            doc.insert(META_FIELD.to_owned(), metadata);
-            // Writing JSON values into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut out, &action);
+            let hash = content_hash(fields);
+            let document = Document {
+                fields,
+                meta: Meta {
+                    version: lsn.0,
+                    lsn: lsn.to_string(),
+                    commit_time,
+                    hash: &hash,
+                    key,
+                    incomplete: (!missing.is_empty()).then_some(missing.as_slice()),
+                },
+            };
+            // Serializing into a Vec cannot fail.
+            let _ =
+                serde_json::to_writer(&mut out, &Action::Index(Target::new(index, id, *version)));
             out.push(b'\n');
-            let _ = serde_json::to_writer(&mut out, &doc);
+            let _ = serde_json::to_writer(&mut out, &document);
             out.push(b'\n');
         }
         Write::Delete { index, id, version } => {
-            let action = json!({"delete": {
-                "_index": index, "_id": id, "version": version, "version_type": "external_gte"
-            }});
-            let _ = serde_json::to_writer(&mut out, &action);
+            let _ =
+                serde_json::to_writer(&mut out, &Action::Delete(Target::new(index, id, *version)));
             out.push(b'\n');
         }
         Write::Truncate { .. } => {}
@@ -459,9 +463,74 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
     Bytes::from(out)
 }
 
+/// A bulk action line, `{"index": {...}}` or `{"delete": {...}}`.
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Action<'a> {
+    Index(Target<'a>),
+    Delete(Target<'a>),
+}
+
+/// Fields in the order earlier versions wrote them (sorted).
+#[derive(Serialize)]
+struct Target<'a> {
+    #[serde(rename = "_id")]
+    id: &'a str,
+    #[serde(rename = "_index")]
+    index: &'a str,
+    version: u64,
+    version_type: &'static str,
+}
+
+impl<'a> Target<'a> {
+    fn new(index: &'a str, id: &'a str, version: u64) -> Target<'a> {
+        Target {
+            index,
+            id,
+            version,
+            version_type: "external_gte",
+        }
+    }
+}
+
+/// The `_tidemark` metadata object (see `mapping::meta_mapping`).
+#[derive(Serialize)]
+struct Meta<'a> {
+    version: u64,
+    lsn: String,
+    commit_time: &'a str,
+    hash: &'a str,
+    key: &'a Row,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incomplete: Option<&'a [String]>,
+}
+
+/// A document as written: the mapped fields plus `_tidemark`, serialized
+/// straight from the write (no copy of the fields). A column mapped to the
+/// metadata field's name is left out: `_tidemark` is ours.
+struct Document<'a> {
+    fields: &'a Row,
+    meta: Meta<'a>,
+}
+
+impl Serialize for Document<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in self.fields {
+            if name != META_FIELD {
+                map.serialize_entry(name, value)?;
+            }
+        }
+        map.serialize_entry(META_FIELD, &self.meta)?;
+        map.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use tidemark_schemas::Lsn;
 
     fn index_write(id: &str, version: u64, fields: Value, missing: &[&str]) -> Write {
@@ -478,6 +547,42 @@ mod tests {
             lsn: Lsn(version),
             commit_time: "2026-11-22T10:00:00.000000Z".into(),
         }
+    }
+
+    #[test]
+    fn document_line_is_fields_plus_metadata() {
+        let stats = ApplyStats::default();
+        let mut write = index_write(
+            "7",
+            0x20,
+            json!({"title": "a", "_tidemark": "a column by our name"}),
+            &["body"],
+        );
+        if let Write::Index { key, .. } = &mut write {
+            key.insert("id".into(), json!(7));
+        }
+        let text = String::from_utf8(bulk_lines(&write, &stats).to_vec()).expect("utf8");
+        let document: Value =
+            serde_json::from_str(text.lines().nth(1).expect("document line")).expect("json");
+        let Value::Object(fields) = json!({"title": "a", "_tidemark": "a column by our name"})
+        else {
+            panic!()
+        };
+        assert_eq!(
+            document,
+            json!({
+                "title": "a",
+                "_tidemark": {
+                    "version": 0x20,
+                    "lsn": "0/20",
+                    "commit_time": "2026-11-22T10:00:00.000000Z",
+                    "hash": content_hash(&fields),
+                    "key": {"id": 7},
+                    "incomplete": ["body"],
+                }
+            })
+        );
+        assert_eq!(stats.incomplete_toast.load(Ordering::Relaxed), 1);
     }
 
     #[test]

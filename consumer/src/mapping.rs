@@ -167,17 +167,6 @@ pub fn content_digest(fields: &Row) -> u128 {
     xxhash_rust::xxh3::xxh3_128(&bytes)
 }
 
-/// The `_tidemark` metadata object.
-pub fn meta(event_version: Lsn, commit_time: &str, hash: &str, key: &Row) -> Value {
-    json!({
-        "version": event_version.0,
-        "lsn": event_version.to_string(),
-        "commit_time": commit_time,
-        "hash": hash,
-        "key": key,
-    })
-}
-
 /// What one change event asks of the index.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {

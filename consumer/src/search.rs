@@ -326,9 +326,11 @@ impl Search {
             .client
             .mget(MgetParts::Index(index))
             .realtime(true)
-            .body(json!({
-                "docs": ids.iter().map(|id| json!({"_id": id, "_source": fields})).collect::<Vec<_>>()
-            }))
+            ._source_includes(fields)
+            // Only what is read below: a missing document's answer shrinks
+            // to its id, a found one's to its id and the asked fields.
+            .filter_path(&["docs._id", "docs.found", "docs._source"])
+            .body(json!({ "ids": ids }))
             .send()
             .await
             .map_err(|e| SearchError::Transport(e.to_string()))?;
