@@ -200,13 +200,67 @@ pub(crate) async fn sample_row_bytes(client: &Client, d: &Described) -> anyhow::
     Ok(row.get::<_, i64>(0).max(0) as usize)
 }
 
-/// A JSON key value as a typed SQL literal.
-fn literal(value: &Value, sql_type: &str) -> String {
+/// Keys as one typed array per key column, each a single SQL literal
+/// (`'{"1","2"}'::text[]::integer[]`): PostgreSQL reads one array per
+/// column instead of parsing a typed literal per key (10,000 integer keys:
+/// 12 ms against 27 ms for an IN list).
+struct KeyArrays {
+    /// One typed array expression per key column, in key order.
+    columns: Vec<String>,
+    /// Positions (into the keys given) of the keys in the arrays, in order.
+    included: Vec<usize>,
+    /// Positions of keys lacking a key column: they match no row.
+    incomplete: Vec<usize>,
+}
+
+impl KeyArrays {
+    fn new(d: &Described, keys: &[&Row]) -> KeyArrays {
+        let key_columns: Vec<&str> = d
+            .key_index
+            .iter()
+            .map(|&i| d.table.columns[i].0.as_str())
+            .collect();
+        let mut elements: Vec<Vec<String>> =
+            vec![Vec::with_capacity(keys.len()); key_columns.len()];
+        let mut included = Vec::with_capacity(keys.len());
+        let mut incomplete = Vec::new();
+        for (n, key) in keys.iter().enumerate() {
+            let values: Option<Vec<&Value>> = key_columns.iter().map(|c| key.get(*c)).collect();
+            match values {
+                Some(values) => {
+                    for (column, value) in elements.iter_mut().zip(values) {
+                        column.push(array_element(value));
+                    }
+                    included.push(n);
+                }
+                None => incomplete.push(n),
+            }
+        }
+        let columns = elements
+            .iter()
+            .zip(&d.key_types)
+            .map(|(items, sql_type)| {
+                let text = format!("{{{}}}", items.join(","));
+                format!("'{}'::text[]::{sql_type}[]", text.replace('\'', "''"))
+            })
+            .collect();
+        KeyArrays {
+            columns,
+            included,
+            incomplete,
+        }
+    }
+}
+
+/// A key value as a double-quoted array element: the text PostgreSQL's
+/// input function for the column type reads (a string as itself, anything
+/// else as its JSON text), with `\` and `"` escaped.
+fn array_element(value: &Value) -> String {
     let text = match value {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    format!("'{}'::{sql_type}", text.replace('\'', "''"))
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// The current rows (mapped) of the given keys, by document id.
@@ -216,42 +270,24 @@ pub(crate) async fn rows_by_keys(
     mapping: &TableMapping,
     keys: &[&Row],
 ) -> anyhow::Result<HashMap<String, Row>> {
-    if keys.is_empty() {
+    let arrays = KeyArrays::new(d, keys);
+    if arrays.included.is_empty() {
         return Ok(HashMap::new());
     }
-    let key_columns: Vec<&str> = d
+    let key_columns: Vec<String> = d
         .key_index
         .iter()
-        .map(|&i| d.table.columns[i].0.as_str())
+        .map(|&i| quote_ident(&d.table.columns[i].0))
         .collect();
-    let mut tuples = Vec::with_capacity(keys.len());
-    for key in keys {
-        let mut parts = Vec::with_capacity(key_columns.len());
-        for (column, sql_type) in key_columns.iter().zip(&d.key_types) {
-            let Some(value) = key.get(*column) else {
-                // A document whose key lacks a column matches no row.
-                parts.clear();
-                break;
-            };
-            parts.push(literal(value, sql_type));
-        }
-        if !parts.is_empty() {
-            tuples.push(format!("({})", parts.join(", ")));
-        }
-    }
-    if tuples.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = format!(
-        "{} WHERE ({}) IN ({})",
-        d.select,
-        key_columns
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Vec<_>>()
-            .join(", "),
-        tuples.join(", ")
-    );
+    let sql = match (key_columns.as_slice(), arrays.columns.as_slice()) {
+        ([column], [array]) => format!("{} WHERE {column} = ANY({array})", d.select),
+        _ => format!(
+            "{} WHERE ({}) IN (SELECT * FROM unnest({}))",
+            d.select,
+            key_columns.join(", "),
+            arrays.columns.join(", ")
+        ),
+    };
     let mut out = HashMap::new();
     for message in client
         .simple_query(&sql)
@@ -267,47 +303,28 @@ pub(crate) async fn rows_by_keys(
 }
 
 /// Which of `keys` have no row (positions into `keys`): an anti-join of
-/// the keys, as a VALUES list of typed literals, against the table. Only
-/// the vanished keys come back, so nothing is mapped or hashed.
+/// the keys, one typed array per key column, against the table. Only the
+/// vanished keys come back, so nothing is mapped or hashed.
 pub(crate) async fn keys_without_rows(
     client: &impl GenericClient,
     d: &Described,
     keys: &[&Row],
 ) -> anyhow::Result<Vec<usize>> {
-    let key_columns: Vec<&str> = d
-        .key_index
-        .iter()
-        .map(|&i| d.table.columns[i].0.as_str())
-        .collect();
-    let mut vanished = Vec::new();
-    let mut tuples = Vec::with_capacity(keys.len());
-    for (n, key) in keys.iter().enumerate() {
-        let mut parts = vec![n.to_string()];
-        for (column, sql_type) in key_columns.iter().zip(&d.key_types) {
-            match key.get(*column) {
-                Some(value) => parts.push(literal(value, sql_type)),
-                // A key without all its columns matches no row.
-                None => break,
-            }
-        }
-        if parts.len() == key_columns.len() + 1 {
-            tuples.push(format!("({})", parts.join(", ")));
-        } else {
-            vanished.push(n);
-        }
-    }
-    if tuples.is_empty() {
+    let arrays = KeyArrays::new(d, keys);
+    let mut vanished = arrays.incomplete.clone();
+    if arrays.included.is_empty() {
         return Ok(vanished);
     }
-    let names: Vec<String> = (0..key_columns.len()).map(|i| format!("k{i}")).collect();
-    let matches: Vec<String> = key_columns
+    let names: Vec<String> = (0..arrays.columns.len()).map(|i| format!("k{i}")).collect();
+    let matches: Vec<String> = d
+        .key_index
         .iter()
         .zip(&names)
-        .map(|(c, k)| format!("t.{} = v.{k}", quote_ident(c)))
+        .map(|(&i, k)| format!("t.{} = v.{k}", quote_ident(&d.table.columns[i].0)))
         .collect();
     let sql = format!(
-        "SELECT v.n FROM (VALUES {}) AS v(n, {}) WHERE NOT EXISTS (SELECT 1 FROM {}.{} t WHERE {})",
-        tuples.join(", "),
+        "SELECT v.n FROM unnest({}) WITH ORDINALITY AS v({}, n) WHERE NOT EXISTS (SELECT 1 FROM {}.{} t WHERE {})",
+        arrays.columns.join(", "),
         names.join(", "),
         quote_ident(&d.table.schema),
         quote_ident(&d.table.name),
@@ -318,10 +335,12 @@ pub(crate) async fn keys_without_rows(
         .await
         .with_context(|| format!("table {}: checking keys", d.table.qualified()))?
     {
+        // Ordinality counts from 1 over the included keys.
         if let SimpleQueryMessage::Row(row) = message
             && let Some(n) = row.get(0).and_then(|n| n.parse::<usize>().ok())
+            && let Some(&position) = n.checked_sub(1).and_then(|i| arrays.included.get(i))
         {
-            vanished.push(n);
+            vanished.push(position);
         }
     }
     vanished.sort_unstable();
@@ -1258,8 +1277,11 @@ mod tests {
     }
 
     #[test]
-    fn literals_are_typed_and_quoted() {
-        assert_eq!(literal(&json!(42), "integer"), "'42'::integer");
-        assert_eq!(literal(&json!("o'clock"), "text"), "'o''clock'::text");
+    fn array_elements_are_quoted_and_escaped() {
+        assert_eq!(array_element(&json!(42)), r#""42""#);
+        assert_eq!(array_element(&json!(true)), r#""true""#);
+        assert_eq!(array_element(&json!("o'clock")), r#""o'clock""#);
+        assert_eq!(array_element(&json!(r#"a"b\c,{d}"#)), r#""a\"b\\c,{d}""#);
+        assert_eq!(array_element(&json!("NULL")), r#""NULL""#);
     }
 }
