@@ -42,7 +42,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    tidemark_process::init_logging("info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -53,25 +53,11 @@ fn main() -> ExitCode {
     match runtime.block_on(try_main(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("tidemark-producer: {e:#}");
+            let text = tidemark_process::report(e.as_ref());
+            error!("{text}");
+            eprintln!("tidemark-producer: {text}");
             ExitCode::from(2)
         }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var("TIDEMARK_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -98,34 +84,11 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tokio::spawn(async move {
-        wait_for_signal().await;
+        tidemark_process::wait_for_signal().await;
         info!("signal received; shutting down");
         let _ = stop.send(true);
     });
     let result = tidemark_producer::run::run(config, metrics, shutdown).await;
     http.abort();
     result.map_err(Into::into)
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

@@ -154,12 +154,7 @@ enum Format {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tidemark_process::init_logging("warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -170,7 +165,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tidemark-replay: {e:#}");
+            eprintln!("tidemark-replay: {}", tidemark_process::report(e.as_ref()));
             ExitCode::from(2)
         }
     }
@@ -584,7 +579,7 @@ async fn window(
                     .map(|r| log_results.push(r)),
             };
             if let Err(e) = done {
-                failure = Some(format!("{e:#}"));
+                failure = Some(tidemark_process::report(e.as_ref()));
                 break;
             }
         }

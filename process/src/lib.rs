@@ -1,0 +1,115 @@
+//! What every Tidemark binary does around its work: structured logging to
+//! stderr, waiting for SIGTERM or Ctrl-C, and printing an error with its
+//! causes once each.
+
+use std::error::Error;
+use std::io::IsTerminal;
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (else
+/// `default_filter`), as JSON lines when `TIDEMARK_LOG_FORMAT=json`, with
+/// colours only on a terminal.
+pub fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if std::env::var("TIDEMARK_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Returns when the process gets SIGTERM or Ctrl-C (SIGINT).
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// An error and its causes on one line, `: `-separated, leaving out a cause
+/// whose text the line already holds: many errors print their cause in
+/// their own message, and a chain printed naively says it twice or more.
+pub fn report(error: &(dyn Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let text = next.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = next.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Failure {
+        text: &'static str,
+        cause: Option<Box<Failure>>,
+    }
+
+    impl std::fmt::Display for Failure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.text)
+        }
+    }
+
+    impl Error for Failure {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            self.cause.as_deref().map(|c| c as &(dyn Error + 'static))
+        }
+    }
+
+    fn chain(texts: &[&'static str]) -> Failure {
+        let mut cause = None;
+        for text in texts.iter().rev() {
+            cause = Some(Box::new(Failure { text, cause }));
+        }
+        *cause.expect("at least one")
+    }
+
+    #[test]
+    fn causes_already_said_are_not_repeated() {
+        // As rdkafka's errors and ours chain: each message embeds its cause.
+        let error = chain(&[
+            "Kafka did not accept the record for t (commit LSN 0/10): production error: TooLarge",
+            "production error: TooLarge",
+            "TooLarge",
+        ]);
+        assert_eq!(
+            report(&error),
+            "Kafka did not accept the record for t (commit LSN 0/10): production error: TooLarge"
+        );
+    }
+
+    #[test]
+    fn new_causes_are_appended_in_order() {
+        let error = chain(&["config file x.toml", "kafka.brokers", "missing"]);
+        assert_eq!(report(&error), "config file x.toml: kafka.brokers: missing");
+    }
+}
