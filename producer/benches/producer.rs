@@ -24,25 +24,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tidemark_testkit::bench::{Cpu, cpu_seconds, env_usize, median};
 use tidemark_testkit::{Stack, unique_name};
 use tokio_postgres::{Client, NoTls};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -267,26 +251,6 @@ async fn cleanup(pg: &Client, p: &Producer) {
         .await;
 }
 
-/// CPU seconds (user + system) a process has used, from /proc. Steadier
-/// than wall time on a shared machine.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (tick(11) + tick(12)) / 100.0
-}
-
 /// Changes per second of the catch-up, and the producer's CPU seconds for it.
 async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) -> (f64, f64) {
     // Create slot and topics, then stop, write the WAL, and time the catch-up.
@@ -305,7 +269,7 @@ async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let cpu = cpu_seconds(p.child.0.id());
+    let cpu = cpu_seconds(Cpu::Process(p.child.0.id()));
     stop(&mut p.child);
     cleanup(pg, &p).await;
     (rows as f64 / elapsed.as_secs_f64(), cpu)

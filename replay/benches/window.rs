@@ -26,29 +26,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::Pipeline;
+use tidemark_testkit::bench::{Cpu, cpu_seconds, env_usize, median};
 use tidemark_testkit::topic_record_count;
 
 /// The baseline consumer runs in this process: give it the allocator the
 /// `tidemark-consumer` binary uses, so (a) is what users run.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
 
 /// (a): the consumer applying the window's events into an empty index,
 /// docs/s from its first to its last applied change.
@@ -112,30 +96,11 @@ async fn count(p: &Pipeline, table: &str) -> u64 {
     answer["count"].as_u64().unwrap_or(0)
 }
 
-/// CPU seconds (user + system) of this process's waited-for children, from
-/// /proc (cutime + cstime, 100 ticks/s): steadier than wall time here.
-fn children_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("proc stat");
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // cutime and cstime are the 16th and 17th fields of the whole line.
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (tick(13) + tick(14)) / 100.0
-}
-
 /// Runs `tidemark-replay`; its wall seconds and CPU seconds.
 fn replay(p: &Pipeline, args: &[&str]) -> (f64, f64) {
     let config = p.dir.join("bench.toml");
     std::fs::write(&config, p.config_text(1, "")).expect("config");
-    let cpu0 = children_cpu_seconds();
+    let cpu0 = cpu_seconds(Cpu::WaitedChildren);
     let t0 = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
         .arg("--config")
@@ -146,7 +111,7 @@ fn replay(p: &Pipeline, args: &[&str]) -> (f64, f64) {
         .output()
         .expect("replay");
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = children_cpu_seconds() - cpu0;
+    let cpu = cpu_seconds(Cpu::WaitedChildren) - cpu0;
     // With RUST_LOG set (e.g. `tidemark_replay=debug`), show the command's
     // own log: its phases and per-chunk timings.
     if std::env::var_os("RUST_LOG").is_some() {

@@ -46,6 +46,33 @@ async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// The incident: with no consumer running, `burst` commits changes that
+/// make `records` Kafka records; once they are all in Kafka, the consumer
+/// group's offsets skip past them (as a sync job that dropped them would),
+/// so the index never sees them. Returns the window around the burst.
+async fn lose_a_burst(
+    p: &Pipeline,
+    table: &str,
+    burst: &str,
+    records: i64,
+) -> (jiff::Timestamp, jiff::Timestamp) {
+    let window_start = jiff::Timestamp::now();
+    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(table));
+    p.pg.batch_execute(burst)
+        .await
+        .unwrap_or_else(|e| panic!("burst: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while topic_record_count(&p.stack.kafka_brokers, &p.topic(table)) < before + records {
+        assert!(Instant::now() < deadline, "burst not in Kafka");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Kafka timestamps are commit times in ms: leave the last one behind.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let window_end = jiff::Timestamp::now();
+    p.skip_consumer_offsets(table);
+    (window_start, window_end)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn window_repairs_a_lost_burst_exactly_and_safely() {
     let mut p = Pipeline::new("r_window").await;
@@ -69,23 +96,17 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     // The incident: the sync job is down while a burst happens, and comes
     // back past it.
     consumer.stop().await;
-    let window_start = jiff::Timestamp::now();
-    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
-    p.pg.batch_execute(&format!(
-        "UPDATE {table} SET title = 'lost update' WHERE id <= 20;
+    let (window_start, window_end) = lose_a_burst(
+        &p,
+        &table,
+        &format!(
+            "UPDATE {table} SET title = 'lost update' WHERE id <= 20;
          INSERT INTO {table} SELECT g, 'lost insert', 0 FROM generate_series(200, 209) g;
          DELETE FROM {table} WHERE id BETWEEN 50 AND 54;"
-    ))
-    .await
-    .expect("burst");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 35 {
-        assert!(Instant::now() < deadline, "burst not in Kafka");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let window_end = jiff::Timestamp::now();
-    p.skip_consumer_offsets(&table);
+        ),
+        35,
+    )
+    .await;
     let consumer = p.start_consumer_in_process().await;
 
     // After the window, live traffic: row 1 gets newer, row 2 is deleted
@@ -393,23 +414,17 @@ async fn a_large_window_is_written_in_concurrent_halves_exactly() {
     p.wait_converged(&table, 90, &[]).await;
     consumer.stop().await;
 
-    let window_start = jiff::Timestamp::now();
-    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
-    p.pg.batch_execute(&format!(
+    let (window_start, window_end) = lose_a_burst(
+        &p,
+        &table,
+        &format!(
         "INSERT INTO {table} SELECT g, 'lost insert ' || g, g FROM generate_series(1000, 12999) g;
          UPDATE {table} SET title = 'lost update' WHERE id <= 100;
          DELETE FROM {table} WHERE id BETWEEN 151 AND 200;"
-    ))
-    .await
-    .expect("burst");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 12150 {
-        assert!(Instant::now() < deadline, "burst not in Kafka");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let window_end = jiff::Timestamp::now();
-    p.skip_consumer_offsets(&table);
+    ),
+        12150,
+    )
+    .await;
 
     let (from, to) = (window_start.to_string(), window_end.to_string());
     let window = [
@@ -523,23 +538,17 @@ async fn a_window_of_wide_rows_is_repaired_in_bounded_memory() {
     p.wait_converged(&table, 90, &[]).await;
     consumer.stop().await;
 
-    let window_start = jiff::Timestamp::now();
-    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
     // 6,400 md5 digests per row: 204,800 characters that compress poorly.
-    p.pg.batch_execute(&format!(
-        "INSERT INTO {table} SELECT g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 6400) i)
-         FROM generate_series(1000, 1399) g"
-    ))
-    .await
-    .expect("wide rows");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 400 {
-        assert!(Instant::now() < deadline, "wide rows not in Kafka");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let window_end = jiff::Timestamp::now();
-    p.skip_consumer_offsets(&table);
+    let (window_start, window_end) = lose_a_burst(
+        &p,
+        &table,
+        &format!(
+            "INSERT INTO {table} SELECT g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 6400) i)
+             FROM generate_series(1000, 1399) g"
+        ),
+        400,
+    )
+    .await;
 
     let (from, to) = (window_start.to_string(), window_end.to_string());
     let (code, out, err, peak_mb) = replay_with_peak_rss(
@@ -634,23 +643,17 @@ async fn a_window_over_awkward_composite_keys_is_exact() {
     .await;
     consumer.stop().await;
 
-    let window_start = jiff::Timestamp::now();
-    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
-    p.pg.batch_execute(&format!(
-        "UPDATE {table} SET n = 1;
+    let (window_start, window_end) = lose_a_burst(
+        &p,
+        &table,
+        &format!(
+            "UPDATE {table} SET n = 1;
          DELETE FROM {table} WHERE region = 'a,b';
          INSERT INTO {table} VALUES ('new ''one''', 'x,{{y}}', 2);"
-    ))
-    .await
-    .expect("burst");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 10 {
-        assert!(Instant::now() < deadline, "burst not in Kafka");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let window_end = jiff::Timestamp::now();
-    p.skip_consumer_offsets(&table);
+        ),
+        10,
+    )
+    .await;
 
     let (from, to) = (window_start.to_string(), window_end.to_string());
     let (code, out, err) = replay(

@@ -12,6 +12,7 @@
 //! [`unique_name`]s, so tests running in parallel never see each other's
 //! data, and no test touches anything it did not create.
 
+pub mod bench;
 pub mod scratch;
 pub mod topics;
 
