@@ -258,7 +258,9 @@ async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) 
     stop(&mut p.child);
     insert_rows(pg, &p.table, rows, payload).await;
     let topic = format!("{}.public.{}", p.name, p.table);
-    let count = RecordCount::new(&stack.kafka_brokers, &topic);
+    // One client for the whole poll: a new one per poll cost the shared
+    // cores more than the poll itself.
+    let mut count = tidemark_testkit::RecordCount::new(&stack.kafka_brokers, &topic);
     let started = Instant::now();
     p.child = start_producer(stack, &p.table, &p.name, p.port);
     while count.get() < rows as i64 {
@@ -273,49 +275,6 @@ async fn producer_rate(pg: &Client, stack: &Stack, rows: usize, payload: usize) 
     stop(&mut p.child);
     cleanup(pg, &p).await;
     (rows as f64 / elapsed.as_secs_f64(), cpu)
-}
-
-/// Records in a topic (sum of high watermarks), polled through one client:
-/// a new client per poll cost the shared cores more than the poll itself.
-struct RecordCount {
-    consumer: rdkafka::consumer::BaseConsumer,
-    topic: String,
-    partitions: i32,
-}
-
-impl RecordCount {
-    fn new(brokers: &str, topic: &str) -> RecordCount {
-        use rdkafka::consumer::Consumer;
-        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .expect("Kafka client");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("topic metadata");
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len() as i32)
-            .expect("topic exists");
-        RecordCount {
-            consumer,
-            topic: topic.to_owned(),
-            partitions,
-        }
-    }
-
-    fn get(&self) -> i64 {
-        use rdkafka::consumer::Consumer;
-        (0..self.partitions)
-            .map(|p| {
-                self.consumer
-                    .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
-                    .map(|(_, high)| high)
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
 }
 
 /// Peak resident memory (kB) of the producer through one huge transaction.

@@ -364,15 +364,12 @@ impl Sink {
                 .await;
         }
         // A truncate goes to every partition, ordered with every key;
-        // anything else to the partition of its key (`None`).
-        let targets: Vec<Option<i32>> = if event.op == Operation::Truncate {
-            (0..partitions).map(Some).collect()
-        } else {
-            vec![None]
-        };
+        // anything else to the partition of its key.
+        let truncate = event.op == Operation::Truncate;
+        let targets = if truncate { partitions } else { 1 };
         let timestamp = commit_millis(&event.commit_time);
         let lsn = event.commit_lsn.to_string();
-        for partition in targets {
+        for partition in 0..targets {
             let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
                     key: LSN_HEADER,
@@ -389,7 +386,7 @@ impl Sink {
             if let Some(ts) = timestamp {
                 record = record.timestamp(ts);
             }
-            if let Some(partition) = partition {
+            if truncate {
                 record = record.partition(partition);
             }
             self.enqueue(record, event.commit_lsn).await?;

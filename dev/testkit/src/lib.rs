@@ -104,32 +104,62 @@ fn parse_env_file(text: &str) -> HashMap<String, String> {
 }
 
 /// Records in all partitions of `topic` (the sum of high watermarks); 0
-/// while the topic does not exist yet.
+/// while the topic does not exist yet. One client per call: for polling in
+/// a tight loop, keep a [`RecordCount`].
 pub fn topic_record_count(brokers: &str, topic: &str) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let timeout = std::time::Duration::from_secs(5);
-    let Ok(consumer) = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create::<BaseConsumer>()
-    else {
-        return 0;
-    };
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), timeout) else {
-        return 0;
-    };
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
-    (0..partitions as i32)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, timeout)
-                .map(|(_, high)| high)
-                .unwrap_or(0)
-        })
-        .sum()
+    RecordCount::new(brokers, topic).get()
+}
+
+/// Counts a topic's records (the sum of high watermarks) through one Kafka
+/// client kept between calls.
+pub struct RecordCount {
+    consumer: Option<rdkafka::consumer::BaseConsumer>,
+    topic: String,
+    /// Learned once the topic exists.
+    partitions: i32,
+}
+
+impl std::fmt::Debug for RecordCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RecordCount({})", self.topic)
+    }
+}
+
+impl RecordCount {
+    pub fn new(brokers: &str, topic: &str) -> RecordCount {
+        RecordCount {
+            consumer: rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .create()
+                .ok(),
+            topic: topic.to_owned(),
+            partitions: 0,
+        }
+    }
+
+    /// The records now; 0 while the topic does not exist.
+    pub fn get(&mut self) -> i64 {
+        use rdkafka::consumer::Consumer;
+        let timeout = std::time::Duration::from_secs(5);
+        let Some(consumer) = &self.consumer else {
+            return 0;
+        };
+        if self.partitions == 0 {
+            self.partitions = consumer
+                .fetch_metadata(Some(&self.topic), timeout)
+                .ok()
+                .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
+                .unwrap_or(0);
+        }
+        (0..self.partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&self.topic, p, timeout)
+                    .map(|(_, high)| high)
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
 }
 
 /// A name no other test run will use: `prefix` plus 12 random hex digits.
