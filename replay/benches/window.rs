@@ -5,15 +5,22 @@
 //! Environment: `TIDEMARK_BENCH_ROWS` (rows changed in the window, default
 //! 100000); `TIDEMARK_BENCH_ROUNDS` (default 3); `RUST_LOG` (also shows the
 //! replay command's own log, e.g. `RUST_LOG=tidemark_replay=debug` for
-//! per-chunk timings).
+//! per-chunk timings); `TIDEMARK_BENCH_KEEP=1` leaves the table, topic,
+//! index and config in place and prints how to run the command by hand
+//! (for profiling one phase without re-creating the data).
 //!
-//! N rows are inserted while no consumer runs (the window), so the index
-//! lacks all of them. Then, each time into the emptied index, each round:
-//! (a) baseline: the consumer (in-process) applying the window's N events
+//! The incident of `shared/INCIDENTS.md` story 1: N rows exist and their
+//! documents are current; then every row is updated inside the window and
+//! none of those updates reaches the index (no consumer runs), so the index
+//! holds N stale documents. A copy of that stale index is kept (write-
+//! blocked), and before each measured run the index is put back to it
+//! (`_clone`, versions included). Each round:
+//! (a) baseline: the consumer (in-process) applying the window's N updates
 //!     from Kafka, docs/s from its first to its last applied change;
 //! (b) `tidemark-replay window --yes` in source mode: keys/s, whole command;
 //! (c) the same in log mode: events/s, whole command.
-//! Every round's ratios are printed, then their medians. On this shared
+//! After (b) and (c) the bench checks that all N documents hold the updated
+//! row. Every round's ratios are printed, then their medians. On this shared
 //! machine the baseline alone moves by 1.5x between rounds a minute apart,
 //! so one round's ratio says little; the rounds interleave (a), (b) and (c)
 //! so that each ratio compares neighbours in time.
@@ -34,10 +41,9 @@ use tidemark_testkit::topic_record_count;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// (a): the consumer applying the window's events into an empty index,
+/// (a): the consumer applying the window's events to the stale index,
 /// docs/s from its first to its last applied change.
 async fn consumer_rate(p: &Pipeline, table: &str, rows: usize) -> f64 {
-    empty_index(p, table).await;
     let consumer = p.start_consumer_in_process().await;
     let metrics = consumer.metrics.clone();
     let applied = || {
@@ -57,27 +63,64 @@ async fn consumer_rate(p: &Pipeline, table: &str, rows: usize) -> f64 {
     }
     let rate = rows as f64 / t0.elapsed().as_secs_f64();
     consumer.stop().await;
+    assert_eq!(
+        updated(p, table).await as usize,
+        rows,
+        "the consumer applied every update"
+    );
     rate
 }
 
-async fn empty_index(p: &Pipeline, table: &str) {
-    let index = p.index(table);
-    let _ =
-        p.os.indices()
-            .delete(opensearch::indices::IndicesDeleteParts::Index(&[&index]))
-            .send()
-            .await;
-    let config = p.config();
-    let search = tidemark_consumer::search::Search::connect(config.opensearch().expect("os"))
-        .expect("search");
-    let mappings = tidemark_consumer::mapping::Mappings::new(&config);
-    let mapping = mappings.iter().find(|m| m.index == index).expect("mapping");
-    search
-        .ensure_index(mapping, &config.tables[0], &p.dir)
-        .await
-        .expect("index");
+/// Answers a request or panics with its body.
+async fn ok(response: Result<opensearch::http::response::Response, opensearch::Error>, what: &str) {
+    let response = response.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status = response.status_code();
+    let text = response.text().await.unwrap_or_default();
+    assert!(status.is_success(), "{what}: {status} {text}");
 }
 
+fn stale_copy(p: &Pipeline, table: &str) -> String {
+    format!("{}-stale", p.index(table))
+}
+
+/// Keeps the index as it is now (the stale state) in a write-blocked copy.
+async fn keep_stale_copy(p: &Pipeline, table: &str) {
+    use opensearch::indices::{IndicesCloneParts, IndicesPutSettingsParts};
+    let (index, stale) = (p.index(table), stale_copy(p, table));
+    let indices = p.os.indices();
+    let blocked = indices
+        .put_settings(IndicesPutSettingsParts::Index(&[&index]))
+        .body(serde_json::json!({"index.blocks.write": true}))
+        .send()
+        .await;
+    ok(blocked, "block writes").await;
+    let cloned = indices
+        .clone(IndicesCloneParts::IndexTarget(&index, &stale))
+        .wait_for_active_shards("1")
+        .send()
+        .await;
+    ok(cloned, "clone to the stale copy").await;
+}
+
+/// Puts the index back to the stale copy (documents and versions).
+async fn restore_stale(p: &Pipeline, table: &str) {
+    use opensearch::indices::{IndicesCloneParts, IndicesDeleteParts};
+    let (index, stale) = (p.index(table), stale_copy(p, table));
+    let indices = p.os.indices();
+    let _ = indices
+        .delete(IndicesDeleteParts::Index(&[&index]))
+        .send()
+        .await;
+    let cloned = indices
+        .clone(IndicesCloneParts::IndexTarget(&stale, &index))
+        .wait_for_active_shards("1")
+        .body(serde_json::json!({"settings": {"index.blocks.write": null}}))
+        .send()
+        .await;
+    ok(cloned, "restore from the stale copy").await;
+}
+
+/// Documents in the index.
 async fn count(p: &Pipeline, table: &str) -> u64 {
     let index = p.index(table);
     let _ =
@@ -87,6 +130,26 @@ async fn count(p: &Pipeline, table: &str) -> u64 {
             .await;
     let answer: serde_json::Value =
         p.os.count(opensearch::CountParts::Index(&[&index]))
+            .send()
+            .await
+            .expect("count")
+            .json()
+            .await
+            .expect("count answer");
+    answer["count"].as_u64().unwrap_or(0)
+}
+
+/// Documents holding the window's update of their row.
+async fn updated(p: &Pipeline, table: &str) -> u64 {
+    let index = p.index(table);
+    let _ =
+        p.os.indices()
+            .refresh(opensearch::indices::IndicesRefreshParts::Index(&[&index]))
+            .send()
+            .await;
+    let answer: serde_json::Value =
+        p.os.count(opensearch::CountParts::Index(&[&index]))
+            .body(serde_json::json!({"query": {"match_phrase": {"title": "edited"}}}))
             .send()
             .await
             .expect("count")
@@ -135,9 +198,9 @@ async fn main() {
     p.create_table(&table, "id int PRIMARY KEY, title text, n int", "")
         .await;
     p.start_producer().await;
-    println!("window bench: {rows} rows changed in the window");
+    println!("window bench: {rows} rows updated in the window, their documents stale");
 
-    let from = jiff::Timestamp::now();
+    // Before the window: the rows exist and the index is current.
     for start in (0..rows).step_by(10_000) {
         p.pg.batch_execute(&format!(
             "INSERT INTO {table} SELECT g, 'article number ' || g, g % 1000 FROM generate_series({start}, {}) g",
@@ -149,27 +212,51 @@ async fn main() {
     while (topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) as usize) < rows {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let window_start = p.topic_ends(&table);
+    {
+        let consumer = p.start_consumer_in_process().await;
+        while (count(&p, &table).await as usize) < rows {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        consumer.stop().await;
+    }
+    keep_stale_copy(&p, &table).await;
+
+    // The window: every row updated; no consumer runs, so the index misses
+    // all of it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let from = jiff::Timestamp::now();
+    for start in (0..rows).step_by(10_000) {
+        p.pg.batch_execute(&format!(
+            "UPDATE {table} SET title = title || ' (edited)', n = n + 1 WHERE id BETWEEN {start} AND {}",
+            (start + 10_000).min(rows) - 1
+        ))
+        .await
+        .expect("update");
+    }
+    while (topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) as usize) < 2 * rows {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let to = jiff::Timestamp::now();
     let (from, to) = (from.to_string(), to.to_string());
 
     let (mut source_ratios, mut log_ratios) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        if round > 1 {
-            p.rewind_consumer_offsets(&table);
-        }
+        p.seek_consumer_offsets(&table, &window_start);
+        restore_stale(&p, &table).await;
         let consumer = consumer_rate(&p, &table, rows).await;
 
-        // (b) source mode, (c) log mode, each into an empty index.
-        empty_index(&p, &table).await;
+        // (b) source mode, (c) log mode, each on the stale index.
+        restore_stale(&p, &table).await;
         let (source_secs, source_cpu) =
             replay(&p, &["window", "--from", &from, "--to", &to, "--yes"]);
         assert_eq!(
-            count(&p, &table).await as usize,
+            updated(&p, &table).await as usize,
             rows,
-            "source mode wrote every row"
+            "source mode repaired every document"
         );
-        empty_index(&p, &table).await;
+        restore_stale(&p, &table).await;
         let (log_secs, log_cpu) = replay(
             &p,
             &[
@@ -177,9 +264,9 @@ async fn main() {
             ],
         );
         assert_eq!(
-            count(&p, &table).await as usize,
+            updated(&p, &table).await as usize,
             rows,
-            "log mode wrote every row"
+            "log mode repaired every document"
         );
         let source = rows as f64 / source_secs;
         let log = rows as f64 / log_secs;
@@ -196,5 +283,22 @@ async fn main() {
         median(&source_ratios),
         median(&log_ratios)
     );
+    if std::env::var_os("TIDEMARK_BENCH_KEEP").is_some() {
+        p.stop_producer().await;
+        println!(
+            "kept: {} --config {} window --from {from} --to {to} [--yes] (index {})",
+            env!("CARGO_BIN_EXE_tidemark-replay"),
+            p.dir.join("bench.toml").display(),
+            p.index(&table)
+        );
+        return;
+    }
+    let _ =
+        p.os.indices()
+            .delete(opensearch::indices::IndicesDeleteParts::Index(&[
+                &stale_copy(&p, &table),
+            ]))
+            .send()
+            .await;
     p.cleanup(&[&table]).await;
 }

@@ -348,9 +348,24 @@ impl Pipeline {
         self.commit_group_offsets(table, |low, _| low);
     }
 
-    /// Commits, for the consumer group, `pick(low, high)` of each partition.
-    fn commit_group_offsets(&self, table: &str, pick: impl Fn(i64, i64) -> i64) {
-        use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    /// The end offset of every partition of `table`'s topic, by partition.
+    pub fn topic_ends(&self, table: &str) -> Vec<i64> {
+        let (_, watermarks) = self.group_client(table);
+        watermarks.into_iter().map(|(_, high)| high).collect()
+    }
+
+    /// Moves the consumer group's committed offsets to `offsets` (by
+    /// partition, e.g. from [`Pipeline::topic_ends`] earlier). The group must
+    /// have no running member.
+    pub fn seek_consumer_offsets(&self, table: &str, offsets: &[i64]) {
+        let mut next = offsets.iter();
+        self.commit_group_offsets(table, |_, _| *next.next().expect("an offset per partition"));
+    }
+
+    /// A client of the consumer group, and the (low, high) watermarks of
+    /// every partition of `table`'s topic.
+    fn group_client(&self, table: &str) -> (rdkafka::consumer::BaseConsumer, Vec<(i64, i64)>) {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
         let topic = self.topic(table);
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.stack.kafka_brokers)
@@ -362,13 +377,25 @@ impl Pipeline {
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .expect("metadata");
         let partitions = metadata.topics()[0].partitions().len() as i32;
+        let watermarks = (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .expect("watermarks")
+            })
+            .collect();
+        (consumer, watermarks)
+    }
+
+    /// Commits, for the consumer group, `pick(low, high)` of each partition.
+    fn commit_group_offsets(&self, table: &str, mut pick: impl FnMut(i64, i64) -> i64) {
+        use rdkafka::consumer::{CommitMode, Consumer};
+        let topic = self.topic(table);
+        let (consumer, watermarks) = self.group_client(table);
         let mut offsets = rdkafka::TopicPartitionList::new();
-        for p in 0..partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .expect("watermarks");
+        for (p, (low, high)) in watermarks.into_iter().enumerate() {
             offsets
-                .add_partition_offset(&topic, p, rdkafka::Offset::Offset(pick(low, high)))
+                .add_partition_offset(&topic, p as i32, rdkafka::Offset::Offset(pick(low, high)))
                 .expect("offset");
         }
         consumer
