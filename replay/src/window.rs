@@ -168,6 +168,9 @@ impl KeyChunks {
 /// faster than it parses them, so a small read-ahead costs no speed.
 const SCAN_PREFETCH_KBYTES: &str = "32768";
 
+/// How soon a scan fetches again once it has read into a full prefetch.
+const SCAN_REFILL_MS: &str = "5";
+
 /// A consumer that reads topics on its own assignment and commits nothing
 /// (window and history scans).
 pub(crate) fn scanner_config(brokers: &str, group: &str) -> ClientConfig {
@@ -177,7 +180,12 @@ pub(crate) fn scanner_config(brokers: &str, group: &str) -> ClientConfig {
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("queued.max.messages.kbytes", SCAN_PREFETCH_KBYTES);
+        .set("queued.max.messages.kbytes", SCAN_PREFETCH_KBYTES)
+        // Once a partition's prefetch is full, librdkafka waits this long
+        // before fetching it again (default 1 s): a scan reads faster than
+        // that, so it stalled ~1 s per refill (200,000 records: 1.25-1.3 s
+        // for 0.45 CPU-s).
+        .set("fetch.queue.backoff.ms", SCAN_REFILL_MS);
     config
 }
 
