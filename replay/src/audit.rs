@@ -347,27 +347,107 @@ pub(crate) async fn keys_without_rows(
     Ok(vanished)
 }
 
-/// `_tidemark` of documents by id (only hash and commit time).
-/// `_tidemark` hash and commit time of documents by id, from doc values
-/// (columnar, no source parsing): the fast path of the first pass. Sees
-/// what the last refresh made visible; the re-check uses [`doc_meta`].
-async fn doc_meta_searched(
+/// `_tidemark` hash (and, with `commit_time`, commit time) of documents by
+/// id, from doc values (columnar, no source parsing): several times faster
+/// than a multi-get of the same documents (10,000 existing documents:
+/// 0.11-0.19 s against 0.84-0.95 s). Sees what the last refresh made
+/// visible; [`doc_meta`] reads realtime. At most 10,000 ids (the default
+/// `index.max_result_window`).
+pub(crate) async fn doc_meta_searched(
     search: &Search,
     index: &str,
     ids: &[&str],
+    commit_time: bool,
 ) -> anyhow::Result<HashMap<String, Value>> {
+    let meta = |fields: HitFields| {
+        json!({
+            "hash": fields.hash.into_iter().next(),
+            "commit_time": fields.commit_time.into_iter().next(),
+        })
+    };
+    // Ids and hashes from doc values alone (`_tidemark.id`).
+    let mut found = HashMap::with_capacity(ids.len());
+    let mut without_id = 0usize;
+    for hit in search_ids(search, index, ids, commit_time, false).await? {
+        let mut fields = hit.fields;
+        match fields.id.pop() {
+            Some(id) => {
+                found.insert(id, meta(fields));
+            }
+            None => without_id += 1,
+        }
+    }
+    // Documents written before `_tidemark.id` existed: their ids come from
+    // the stored `_id`, the slower way.
+    if without_id > 0 {
+        let rest: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !found.contains_key(*id))
+            .collect();
+        for hit in search_ids(search, index, &rest, commit_time, true).await? {
+            if let Some(id) = hit.id {
+                found.insert(id, meta(hit.fields));
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[derive(Deserialize, Default)]
+struct SearchAnswer {
+    #[serde(default)]
+    hits: SearchHits,
+}
+
+#[derive(Deserialize, Default)]
+struct SearchHits {
+    #[serde(default)]
+    hits: Vec<SearchHit>,
+}
+
+#[derive(Deserialize)]
+struct SearchHit {
+    #[serde(rename = "_id")]
+    id: Option<String>,
+    #[serde(default)]
+    fields: HitFields,
+}
+
+/// The documents of `ids` (at most 10,000), `_tidemark` fields from doc
+/// values; with `stored_id` also each hit's stored `_id`.
+async fn search_ids(
+    search: &Search,
+    index: &str,
+    ids: &[&str],
+    commit_time: bool,
+    stored_id: bool,
+) -> anyhow::Result<Vec<SearchHit>> {
     if ids.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(Vec::new());
+    }
+    let mut docvalues = vec![json!("_tidemark.id"), json!("_tidemark.hash")];
+    if commit_time {
+        docvalues.push(
+            json!({"field": "_tidemark.commit_time", "format": "strict_date_optional_time_nanos"}),
+        );
+    }
+    let mut body = json!({
+        "size": ids.len(),
+        "_source": false,
+        "track_total_hits": false,
+        "sort": ["_doc"],
+        "query": {"ids": {"values": ids}},
+        "docvalue_fields": docvalues,
+    });
+    if !stored_id {
+        body["stored_fields"] = json!("_none_");
     }
     let response = search
         .client()
         .search(SearchParts::Index(&[index]))
-        .body(json!({
-            "size": ids.len(),
-            "_source": false,
-            "query": {"ids": {"values": ids}},
-            "docvalue_fields": ["_tidemark.hash", {"field": "_tidemark.commit_time", "format": "strict_date_optional_time_nanos"}],
-        }))
+        .filter_path(&["hits.hits._id", "hits.hits.fields"])
+        .body(body)
         .send()
         .await
         .with_context(|| format!("index {index}: search by ids"))?;
@@ -376,22 +456,11 @@ async fn doc_meta_searched(
         let text = response.text().await.unwrap_or_default();
         anyhow::bail!("index {index}: search by ids answered {status}: {text}");
     }
-    let body: Value = response.json().await?;
-    Ok(body["hits"]["hits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| {
-            let fields = &h["fields"];
-            (
-                h["_id"].as_str().unwrap_or_default().to_owned(),
-                json!({
-                    "hash": fields["_tidemark.hash"][0],
-                    "commit_time": fields["_tidemark.commit_time"][0],
-                }),
-            )
-        })
-        .collect())
+    let answer: SearchAnswer = response
+        .json()
+        .await
+        .with_context(|| format!("index {index}: search by ids answer"))?;
+    Ok(answer.hits.hits)
 }
 
 /// `_tidemark` of documents by id, realtime (not refresh-bound).
@@ -635,10 +704,15 @@ struct ScrollHit {
     fields: Option<HitFields>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `_tidemark` doc values of a hit (those asked for).
+#[derive(Debug, Deserialize, Default)]
 struct HitFields {
+    #[serde(rename = "_tidemark.id", default)]
+    id: Vec<String>,
     #[serde(rename = "_tidemark.hash", default)]
     hash: Vec<String>,
+    #[serde(rename = "_tidemark.commit_time", default)]
+    commit_time: Vec<String>,
 }
 
 /// A scroll over an index in index order that returns document ids (and,
@@ -823,7 +897,7 @@ async fn looked_up_candidates(
         report.rows += fetched as u64;
         let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| id.as_str()).collect();
         let last = fetched < CHUNK;
-        let (docs, next) = tokio::join!(doc_meta_searched(search, &index, &ids), async {
+        let (docs, next) = tokio::join!(doc_meta_searched(search, &index, &ids, true), async {
             if last {
                 Ok(Vec::new())
             } else {
@@ -897,10 +971,10 @@ async fn looked_up_candidates(
     Ok(candidates)
 }
 
-/// Makes everything written to `index` visible to search. A failure (e.g.
-/// no permission to refresh) is only logged: the re-check reads realtime,
-/// so the audit stays right, only slower.
-async fn refresh(search: &Search, index: &str) {
+/// Makes everything written to `index` so far visible to search. A
+/// failure (e.g. no permission to refresh) is logged and returned as
+/// false: callers read realtime where it matters.
+pub(crate) async fn refresh(search: &Search, index: &str) -> bool {
     let answer = search
         .client()
         .indices()
@@ -908,12 +982,14 @@ async fn refresh(search: &Search, index: &str) {
         .send()
         .await;
     match answer {
-        Ok(response) if response.status_code().is_success() => {}
+        Ok(response) if response.status_code().is_success() => true,
         Ok(response) => {
-            warn!(index, status = %response.status_code(), "audit: could not refresh the index; recently written documents go through the re-check")
+            warn!(index, status = %response.status_code(), "could not refresh the index; documents written in the last refresh interval are looked up one by one");
+            false
         }
         Err(e) => {
-            warn!(index, error = %e, "audit: could not refresh the index; recently written documents go through the re-check")
+            warn!(index, error = %e, "could not refresh the index; documents written in the last refresh interval are looked up one by one");
+            false
         }
     }
 }

@@ -46,7 +46,8 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use crate::audit::{
-    Described, describe, doc_meta, keys_without_rows, rows_by_keys, sample_row_bytes,
+    Described, describe, doc_meta, doc_meta_searched, keys_without_rows, refresh, rows_by_keys,
+    sample_row_bytes,
 };
 use crate::merge::{Distinct, Entry, Sorter};
 
@@ -406,8 +407,20 @@ async fn plan(
         tx.commit().await?;
         anyhow::Ok(rows)
     };
-    let lookup = doc_meta(search, &mapping.index, &ids);
-    let (rows, docs) = tokio::try_join!(read, lookup)?;
+    // Documents as of the refresh at the start of the run (see `run_table`).
+    let lookup = doc_meta_searched(search, &mapping.index, &ids, false);
+    let (rows, mut docs) = tokio::try_join!(read, lookup)?;
+    // A key whose row is gone is deleted only if its document exists; one
+    // written since the refresh (or after a failed refresh) is not in the
+    // search's view, so those few keys are asked realtime.
+    let unseen: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !rows.contains_key(*id) && !docs.contains_key(*id))
+        .collect();
+    if !unseen.is_empty() {
+        docs.extend(doc_meta(search, &mapping.index, &unseen).await?);
+    }
     tracing::debug!(table = %mapping.qualified(), keys = keys.len(),
         read_and_lookup_ms = started.elapsed().as_millis() as u64, "window: chunk planned");
     let mut out = Vec::with_capacity(keys.len());
@@ -490,6 +503,17 @@ pub async fn run_table(
     let d = describe(&client, &mapping.schema, &mapping.table).await?;
     let row_bytes = sample_row_bytes(&client, &d).await?;
     tracing::debug!(table = %mapping.qualified(), row_bytes, keys_per_chunk = keys_per_chunk(row_bytes), "window: row size sampled");
+    // Classifying reads documents by search (doc values), which sees what
+    // the last refresh made visible: refresh once, so that every document
+    // written before the run (a previous run's too) is seen. Documents the
+    // live consumer writes after it carry newer versions than what they
+    // replace, so a class read from the refreshed view never undoes them.
+    refresh(job.search, &mapping.index).await;
+    if job.write {
+        job.search
+            .ensure_meta_fields(&mapping.qualified(), &mapping.index)
+            .await;
+    }
     let slot = format!("tidemark_replay_{}", std::process::id());
     let snapshot = tidemark_producer::run::export_snapshot(job.config, &conn, &slot).await?;
     tracing::debug!(table = %mapping.qualified(), prepare_ms = prepare.elapsed().as_millis() as u64, "window: connected, described, snapshot exported");
@@ -988,6 +1012,11 @@ pub async fn run_log(
         truncates: found.truncates,
         ..LogResult::default()
     };
+    if job.write && !found.is_empty() {
+        job.search
+            .ensure_meta_fields(&mapping.qualified(), &mapping.index)
+            .await;
+    }
     let mut writes = Vec::with_capacity(CHUNK);
     let mut bytes = 0usize;
     let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &found.keys {

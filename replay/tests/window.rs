@@ -677,3 +677,117 @@ async fn a_window_over_awkward_composite_keys_is_exact() {
     );
     p.cleanup(&[&table]).await;
 }
+
+/// Documents written before `_tidemark.id` existed (an index made by an
+/// earlier Tidemark): the window still finds them by id, so their classes
+/// are right, and a writing run adds the field to the mapping.
+#[tokio::test(flavor = "multi_thread")]
+async fn documents_from_before_the_id_field_are_classified_right() {
+    let mut p = Pipeline::new("r_window_old").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, title text, n int", "")
+        .await;
+    p.start_producer().await;
+    let index = p.index(&table);
+    let mut old_meta = tidemark_consumer::mapping::meta_mapping();
+    old_meta["properties"]
+        .as_object_mut()
+        .expect("properties")
+        .remove("id");
+    let created =
+        p.os.indices()
+            .create(opensearch::indices::IndicesCreateParts::Index(&index))
+            .body(json!({
+                "settings": {"number_of_shards": 1, "number_of_replicas": 0},
+                "mappings": {"properties": {"_tidemark": old_meta}}
+            }))
+            .send()
+            .await
+            .expect("create the old index");
+    assert!(created.status_code().is_success());
+
+    // The window: rows 1-4 inserted, row 4 deleted again. No consumer runs.
+    let (window_start, window_end) = lose_a_burst(
+        &p,
+        &table,
+        &format!(
+            "INSERT INTO {table} VALUES (1, 'one', 0), (2, 'two', 0), (3, 'three', 0), (4, 'four', 0);
+             DELETE FROM {table} WHERE id = 4;"
+        ),
+        5,
+    )
+    .await;
+    // Documents as an earlier version wrote them (no `_tidemark.id`): 1 is
+    // current, 2 is stale, 4's row is gone, 3 has none.
+    let old_document = |id: i64, title: &str| {
+        let Value::Object(fields) = json!({"id": id, "title": title, "n": 0}) else {
+            unreachable!()
+        };
+        let mut doc = Value::Object(fields.clone());
+        doc["_tidemark"] = json!({
+            "version": 1, "lsn": "0/1", "commit_time": "2026-01-01T00:00:00Z",
+            "hash": tidemark_consumer::mapping::content_hash(&fields), "key": {"id": id},
+        });
+        doc
+    };
+    for (id, title) in [(1, "one"), (2, "old two"), (4, "four")] {
+        let written =
+            p.os.index(opensearch::IndexParts::IndexId(&index, &id.to_string()))
+                .version(1)
+                .version_type(opensearch::params::VersionType::External)
+                .body(old_document(id, title))
+                .send()
+                .await
+                .expect("old document");
+        assert!(written.status_code().is_success());
+    }
+
+    let (from, to) = (window_start.to_string(), window_end.to_string());
+    let window = ["window", "--from", &from, "--to", &to, "--output", "json"];
+    let expected = json!({"already_right": 1, "create": 1, "update": 1, "delete": 1});
+    let (code, out, err) = replay(&p, &window);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let dry: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(counts(&dry), expected, "{dry:#}");
+
+    let mut args = window.to_vec();
+    args.push("--yes");
+    let (code, out, err) = replay(&p, &args);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let real: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(counts(&real), expected, "{real:#}");
+    let mapping: Value =
+        p.os.indices()
+            .get_mapping(opensearch::indices::IndicesGetMappingParts::Index(&[
+                &index,
+            ]))
+            .send()
+            .await
+            .expect("mapping")
+            .json()
+            .await
+            .expect("mapping answer");
+    assert_eq!(
+        mapping[&index]["mappings"]["properties"]["_tidemark"]["properties"]["id"],
+        json!({"type": "keyword", "index": false}),
+        "{mapping:#}"
+    );
+    let docs = p.docs(&index).await;
+    assert_eq!(docs.len(), 3, "{docs:?}");
+    assert_eq!(docs["2"]["title"], "two");
+    assert_eq!(docs["3"]["_tidemark"]["id"], "3");
+    // Document 1 was right and kept its old form: the second run finds
+    // it (and the rest) without `_tidemark.id` where it is missing.
+    assert!(docs["1"]["_tidemark"].get("id").is_none());
+    let (code, out, err) = replay(&p, &args);
+    assert_eq!(code, Some(0), "{err}");
+    let again: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(counts(&again), json!({"already_right": 4}), "{again:#}");
+    let (code, out, err) = replay(&p, &["audit", "--format", "json"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "the index differs from the table: {out}\n{err}"
+    );
+    p.cleanup(&[&table]).await;
+}
