@@ -191,6 +191,8 @@ fn replay(p: &Pipeline, args: &[&str]) -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
+    // As the binaries do (the baseline consumer runs in this process).
+    tidemark_process::no_transparent_huge_pages();
     let rows = env_usize("TIDEMARK_BENCH_ROWS", 100_000);
     let rounds = env_usize("TIDEMARK_BENCH_ROUNDS", 3).max(1);
     let mut p = Pipeline::new("bench_window").await;

@@ -41,6 +41,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    tidemark_process::no_transparent_huge_pages();
     let args = Args::parse();
     tidemark_process::init_logging("info");
     let runtime = match tokio::runtime::Runtime::new() {

@@ -153,6 +153,7 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    tidemark_process::no_transparent_huge_pages();
     let args = Args::parse();
     tidemark_process::init_logging("warn");
     let runtime = match tokio::runtime::Runtime::new() {
