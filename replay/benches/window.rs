@@ -122,25 +122,21 @@ async fn restore_stale(p: &Pipeline, table: &str) {
 
 /// Documents in the index.
 async fn count(p: &Pipeline, table: &str) -> u64 {
-    let index = p.index(table);
-    let _ =
-        p.os.indices()
-            .refresh(opensearch::indices::IndicesRefreshParts::Index(&[&index]))
-            .send()
-            .await;
-    let answer: serde_json::Value =
-        p.os.count(opensearch::CountParts::Index(&[&index]))
-            .send()
-            .await
-            .expect("count")
-            .json()
-            .await
-            .expect("count answer");
-    answer["count"].as_u64().unwrap_or(0)
+    count_matching(p, table, serde_json::json!({"match_all": {}})).await
 }
 
 /// Documents holding the window's update of their row.
 async fn updated(p: &Pipeline, table: &str) -> u64 {
+    count_matching(
+        p,
+        table,
+        serde_json::json!({"match_phrase": {"title": "edited"}}),
+    )
+    .await
+}
+
+/// Documents matching `query`, after a refresh.
+async fn count_matching(p: &Pipeline, table: &str, query: serde_json::Value) -> u64 {
     let index = p.index(table);
     let _ =
         p.os.indices()
@@ -149,7 +145,7 @@ async fn updated(p: &Pipeline, table: &str) -> u64 {
             .await;
     let answer: serde_json::Value =
         p.os.count(opensearch::CountParts::Index(&[&index]))
-            .body(serde_json::json!({"query": {"match_phrase": {"title": "edited"}}}))
+            .body(serde_json::json!({ "query": query }))
             .send()
             .await
             .expect("count")

@@ -18,7 +18,7 @@ use opensearch::{OpenSearch, SearchParts};
 use serde_json::{Value, json};
 use tidemark_schemas::config::Config;
 #[allow(unused_imports)]
-pub use tidemark_testkit::topics::{Record, http_get, pg, read_raw, read_topic};
+pub use tidemark_testkit::topics::{Record, drop_slot, http_get, pg, read_raw, read_topic};
 use tidemark_testkit::{Stack, unique_name};
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -526,29 +526,7 @@ impl Pipeline {
     /// Drops what the test created (slot, publication, tables, indices).
     pub async fn cleanup(&mut self, tables: &[&str]) {
         self.stop_producer().await;
-        // The walsender of a stopped producer may take a moment to let go
-        // of the slot; a slot left behind keeps WAL on the stack for good.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let _ = self
-                .pg
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                    &[&self.name],
-                )
-                .await;
-            let left = self
-                .pg
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.name],
-                )
-                .await;
-            if !matches!(left, Ok(Some(_))) || std::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        drop_slot(&self.pg, &self.name).await;
         let _ = self
             .pg
             .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name))

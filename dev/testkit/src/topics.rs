@@ -30,6 +30,31 @@ pub async fn pg(url: &str) -> Client {
     client
 }
 
+/// Drops a test's replication slot. The walsender of a producer that just
+/// stopped may take a moment to let go of it, and a slot left behind keeps
+/// WAL on the stack for good, so this retries for up to 10 s.
+pub async fn drop_slot(pg: &Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = pg
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&slot],
+            )
+            .await;
+        let left = pg
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        if !matches!(left, Ok(Some(_))) || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

@@ -228,13 +228,7 @@ impl Harness {
 
     /// Drops what the test created in PostgreSQL (slot, publication, tables).
     pub async fn cleanup(&self, tables: &[&str]) {
-        let _ = self
-            .pg
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&self.name],
-            )
-            .await;
+        tidemark_testkit::topics::drop_slot(&self.pg, &self.name).await;
         let _ = self
             .pg
             .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name))
