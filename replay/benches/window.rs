@@ -3,9 +3,11 @@
 //!     dev/stack up && cargo bench -p tidemark-replay --bench window
 //!
 //! Environment: `TIDEMARK_BENCH_ROWS` (rows changed in the window, default
-//! 100000); `TIDEMARK_BENCH_ROUNDS` (default 3); `RUST_LOG` (also shows the
-//! replay command's own log, e.g. `RUST_LOG=tidemark_replay=debug` for
-//! per-chunk timings); `TIDEMARK_BENCH_KEEP=1` leaves the table, topic,
+//! 100000); `TIDEMARK_BENCH_ROUNDS` (default 3); `TIDEMARK_BENCH_GAP_S`
+//! (seconds from the inserts to the window, default 61: past the scan's
+//! 60 s head start; 0 makes every scan read the inserts too); `RUST_LOG`
+//! (also shows the replay command's own log, e.g.
+//! `RUST_LOG=tidemark_replay=debug` for per-chunk timings); `TIDEMARK_BENCH_KEEP=1` leaves the table, topic,
 //! index and config in place and prints how to run the command by hand
 //! (for profiling one phase without re-creating the data).
 //!
@@ -210,6 +212,7 @@ async fn main() {
     while (topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) as usize) < rows {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let inserted = Instant::now();
     let window_start = p.topic_ends(&table);
     {
         let consumer = p.start_consumer_in_process().await;
@@ -221,8 +224,16 @@ async fn main() {
     keep_stale_copy(&p, &table).await;
 
     // The window: every row updated; no consumer runs, so the index misses
-    // all of it.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // all of it. It starts `gap` after the inserts: a window scan starts
+    // 60 s early (Kafka timestamps are not strictly monotonic), and in an
+    // incident of hours those 60 s are a sliver of the scan; right after
+    // the burst of inserts they would double it.
+    let gap = Duration::from_secs(env_usize("TIDEMARK_BENCH_GAP_S", 61) as u64);
+    tokio::time::sleep(
+        gap.saturating_sub(inserted.elapsed())
+            .max(Duration::from_millis(1100)),
+    )
+    .await;
     let from = jiff::Timestamp::now();
     for start in (0..rows).step_by(10_000) {
         p.pg.batch_execute(&format!(
