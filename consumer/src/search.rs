@@ -81,6 +81,27 @@ pub struct Search {
     url: String,
 }
 
+/// Whether a get-mapping answer lacks a field of [`meta_mapping`] under
+/// `_tidemark` (an index made by an earlier version).
+fn lacks_meta_field(mappings: &Value) -> bool {
+    let wanted = meta_mapping();
+    let fields: Vec<&String> = wanted["properties"]
+        .as_object()
+        .into_iter()
+        .flat_map(|w| w.keys())
+        .collect();
+    mappings
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .any(|m| {
+            let have = m.pointer(&format!("/mappings/properties/{META_FIELD}/properties"));
+            fields
+                .iter()
+                .any(|field| have.and_then(|h| h.get(field.as_str())).is_none())
+        })
+}
+
 impl Search {
     pub fn connect(config: &config::OpenSearch) -> anyhow::Result<Search> {
         let url = Url::parse(&config.url).context("opensearch.url is not a URL")?;
@@ -282,9 +303,8 @@ impl Search {
                     truncate(&text)
                 );
             }
-        }
-        if !existing_types.is_empty() {
-            self.ensure_meta_fields(&mapping.qualified(), index).await;
+        } else if lacks_meta_field(&mappings) {
+            self.add_meta_fields(&mapping.qualified(), index).await;
         }
         Ok(())
     }
@@ -294,7 +314,6 @@ impl Search {
     /// call it before writing, so the field is never mapped dynamically. A
     /// failure is only logged: documents are then looked up the slower way.
     pub async fn ensure_meta_fields(&self, table: &str, index: &str) {
-        let wanted = meta_mapping();
         let current = async {
             self.client
                 .indices()
@@ -304,32 +323,21 @@ impl Search {
                 .json::<Value>()
                 .await
         };
-        let lacks_a_field = match current.await {
-            Ok(mappings) => mappings
-                .as_object()
-                .into_iter()
-                .flat_map(|m| m.values())
-                .any(|m| {
-                    let have = m.pointer(&format!("/mappings/properties/{META_FIELD}/properties"));
-                    wanted["properties"]
-                        .as_object()
-                        .into_iter()
-                        .flat_map(|w| w.keys())
-                        .any(|field| have.and_then(|h| h.get(field)).is_none())
-                }),
-            Err(e) => {
-                warn!(table, index, error = %e, "cannot read the index mapping");
-                return;
+        match current.await {
+            Ok(mappings) if lacks_meta_field(&mappings) => {
+                self.add_meta_fields(table, index).await;
             }
-        };
-        if !lacks_a_field {
-            return;
+            Ok(_) => {}
+            Err(e) => warn!(table, index, error = %e, "cannot read the index mapping"),
         }
+    }
+
+    async fn add_meta_fields(&self, table: &str, index: &str) {
         let added = self
             .client
             .indices()
             .put_mapping(IndicesPutMappingParts::Index(&[index]))
-            .body(json!({"properties": {META_FIELD: wanted}}))
+            .body(json!({"properties": {META_FIELD: meta_mapping()}}))
             .send()
             .await;
         let failure = match added {
@@ -477,4 +485,21 @@ pub fn truncate(text: &str) -> String {
         end -= 1;
     }
     format!("{}...", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_from_before_the_id_field_lacks_a_meta_field() {
+        let answer = |meta: Value| json!({"i": {"mappings": {"properties": {META_FIELD: meta}}}});
+        assert!(!lacks_meta_field(&answer(meta_mapping())));
+        let mut old = meta_mapping();
+        old["properties"]
+            .as_object_mut()
+            .expect("properties")
+            .remove("id");
+        assert!(lacks_meta_field(&answer(old)));
+    }
 }

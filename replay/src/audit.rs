@@ -972,9 +972,11 @@ async fn looked_up_candidates(
 }
 
 /// Makes everything written to `index` so far visible to search. A
-/// failure (e.g. no permission to refresh) is logged and returned as
-/// false: callers read realtime where it matters.
-pub(crate) async fn refresh(search: &Search, index: &str) -> bool {
+/// failure (e.g. no permission to refresh) is only logged: a document
+/// written since the index's last refresh is then not seen by a search,
+/// and the callers read realtime where that matters (the audit re-checks
+/// what looked wrong; window asks realtime before skipping a delete).
+pub(crate) async fn refresh(search: &Search, index: &str) {
     let answer = search
         .client()
         .indices()
@@ -982,14 +984,12 @@ pub(crate) async fn refresh(search: &Search, index: &str) -> bool {
         .send()
         .await;
     match answer {
-        Ok(response) if response.status_code().is_success() => true,
+        Ok(response) if response.status_code().is_success() => {}
         Ok(response) => {
-            warn!(index, status = %response.status_code(), "could not refresh the index; documents written in the last refresh interval are looked up one by one");
-            false
+            warn!(index, status = %response.status_code(), "could not refresh the index; documents written since its last refresh are looked up realtime where it matters")
         }
         Err(e) => {
-            warn!(index, error = %e, "could not refresh the index; documents written in the last refresh interval are looked up one by one");
-            false
+            warn!(index, error = %e, "could not refresh the index; documents written since its last refresh are looked up realtime where it matters")
         }
     }
 }

@@ -20,8 +20,8 @@
 //!    exported snapshot `V2`, and every one whose row vanished since `V` is
 //!    deleted again at `V2`. This runs beside the writes of the next chunks
 //!    (one round per 30,000 landed keys), so only the last keys' re-check
-//!    is left when the writes end. A row that merely *changed* after `V` needs nothing:
-//!    its change carries a commit LSN above `V` through the live pipeline,
+//!    is left when the writes end. A row that merely *changed* after `V`
+//!    needs nothing: its change carries a commit LSN above `V` through the live pipeline,
 //!    which wins over our write in whichever order the two land. Only a
 //!    delete can lose that race, once its tombstone is forgotten.
 //!
@@ -688,11 +688,11 @@ async fn recheck_written(
         while let Ok(more) = chunks.try_recv() {
             keys.extend(more);
         }
-        if keys.is_empty() || (!done && keys.len() < RECHECK_BATCH) {
-            if done {
-                break;
-            }
+        if !done && keys.len() < RECHECK_BATCH {
             continue;
+        }
+        if keys.is_empty() {
+            break;
         }
         let keys = std::mem::take(&mut keys);
         let started = Instant::now();
