@@ -157,6 +157,28 @@ async fn count_matching(p: &Pipeline, table: &str, query: serde_json::Value) -> 
     answer["count"].as_u64().unwrap_or(0)
 }
 
+/// Runs `sql(first, last)` over ids 0..rows, 10,000 at a time, then waits
+/// until the table's topic holds `rows * records_per_row` records.
+async fn in_batches(
+    p: &Pipeline,
+    table: &str,
+    rows: usize,
+    records_per_row: usize,
+    sql: impl Fn(usize, usize) -> String,
+) {
+    for first in (0..rows).step_by(10_000) {
+        let last = (first + 10_000).min(rows) - 1;
+        p.pg.batch_execute(&sql(first, last))
+            .await
+            .unwrap_or_else(|e| panic!("rows {first}-{last}: {e}"));
+    }
+    while (topic_record_count(&p.stack.kafka_brokers, &p.topic(table)) as usize)
+        < rows * records_per_row
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs `tidemark-replay`; its wall seconds and CPU seconds.
 fn replay(p: &Pipeline, args: &[&str]) -> (f64, f64) {
     let config = p.dir.join("bench.toml");
@@ -201,17 +223,10 @@ async fn main() {
     println!("window bench: {rows} rows updated in the window, their documents stale");
 
     // Before the window: the rows exist and the index is current.
-    for start in (0..rows).step_by(10_000) {
-        p.pg.batch_execute(&format!(
-            "INSERT INTO {table} SELECT g, 'article number ' || g, g % 1000 FROM generate_series({start}, {}) g",
-            (start + 10_000).min(rows) - 1
-        ))
-        .await
-        .expect("insert");
-    }
-    while (topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) as usize) < rows {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    in_batches(&p, &table, rows, 1, |first, last| {
+        format!("INSERT INTO {table} SELECT g, 'article number ' || g, g % 1000 FROM generate_series({first}, {last}) g")
+    })
+    .await;
     let inserted = Instant::now();
     let window_start = p.topic_ends(&table);
     {
@@ -235,17 +250,10 @@ async fn main() {
     )
     .await;
     let from = jiff::Timestamp::now();
-    for start in (0..rows).step_by(10_000) {
-        p.pg.batch_execute(&format!(
-            "UPDATE {table} SET title = title || ' (edited)', n = n + 1 WHERE id BETWEEN {start} AND {}",
-            (start + 10_000).min(rows) - 1
-        ))
-        .await
-        .expect("update");
-    }
-    while (topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) as usize) < 2 * rows {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    in_batches(&p, &table, rows, 2, |first, last| {
+        format!("UPDATE {table} SET title = title || ' (edited)', n = n + 1 WHERE id BETWEEN {first} AND {last}")
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let to = jiff::Timestamp::now();
     let (from, to) = (from.to_string(), to.to_string());

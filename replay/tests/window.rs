@@ -38,6 +38,31 @@ fn counts(report: &Value) -> Value {
     report["tables"][0]["counts"].clone()
 }
 
+/// Runs `tidemark-replay audit` (with `extra` arguments); asserts that the
+/// index equals the table and returns the report.
+fn audit_is_clean(p: &Pipeline, extra: &[&str]) -> Value {
+    let mut args = vec!["audit", "--format", "json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = replay(p, &args);
+    assert_eq!(
+        code,
+        Some(0),
+        "the index differs from the table: {out}\n{err}"
+    );
+    serde_json::from_str(&out).expect("audit JSON")
+}
+
+/// One document as OpenSearch returns it by id.
+async fn document(p: &Pipeline, table: &str, id: &str) -> Value {
+    p.os.get(opensearch::GetParts::IndexId(&p.index(table), id))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("doc")
+}
+
 async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done().await {
@@ -73,29 +98,47 @@ async fn lose_a_burst(
     (window_start, window_end)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn window_repairs_a_lost_burst_exactly_and_safely() {
-    let mut p = Pipeline::new("r_window").await;
+/// A table seeded by `seed(table)`, streamed and indexed by a consumer that
+/// is stopped again: the state before an incident.
+async fn indexed_table(
+    name: &str,
+    columns: &str,
+    index_settings: &str,
+    seed: impl Fn(&str) -> String,
+) -> (Pipeline, String) {
+    let mut p = Pipeline::new(name).await;
     let table = p.table("t");
     p.create_table(
         &table,
-        "id int PRIMARY KEY, title text, n int",
-        "index_settings = { number_of_shards = 1, number_of_replicas = 0, gc_deletes = \"0s\" }",
+        columns,
+        &format!("index_settings = {{ {index_settings} }}"),
     )
     .await;
-    p.pg.batch_execute(&format!(
-        "INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 100) g"
-    ))
-    .await
-    .expect("rows");
+    p.pg.batch_execute(&seed(&table))
+        .await
+        .unwrap_or_else(|e| panic!("seed {table}: {e}"));
     p.start_producer().await;
     let consumer = p.start_consumer_in_process().await;
     p.wait_converged(&table, 90, &[]).await;
+    consumer.stop().await;
+    (p, table)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn window_repairs_a_lost_burst_exactly_and_safely() {
+    let (mut p, table) = indexed_table(
+        "r_window",
+        "id int PRIMARY KEY, title text, n int",
+        "number_of_shards = 1, number_of_replicas = 0, gc_deletes = \"0s\"",
+        |table| {
+            format!("INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 100) g")
+        },
+    )
+    .await;
     let index = p.index(&table);
 
     // The incident: the sync job is down while a burst happens, and comes
     // back past it.
-    consumer.stop().await;
     let (window_start, window_end) = lose_a_burst(
         &p,
         &table,
@@ -396,23 +439,15 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
 /// equals the table, a second run is a no-op.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_window_is_written_in_concurrent_halves_exactly() {
-    let mut p = Pipeline::new("r_window_big").await;
-    let table = p.table("t");
-    p.create_table(
-        &table,
+    let (mut p, table) = indexed_table(
+        "r_window_big",
         "id int PRIMARY KEY, title text, n int",
-        "index_settings = { number_of_shards = 1, number_of_replicas = 0 }",
+        "number_of_shards = 1, number_of_replicas = 0",
+        |table| {
+            format!("INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 200) g")
+        },
     )
     .await;
-    p.pg.batch_execute(&format!(
-        "INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 200) g"
-    ))
-    .await
-    .expect("rows");
-    p.start_producer().await;
-    let consumer = p.start_consumer_in_process().await;
-    p.wait_converged(&table, 90, &[]).await;
-    consumer.stop().await;
 
     let (window_start, window_end) = lose_a_burst(
         &p,
@@ -441,23 +476,10 @@ async fn a_large_window_is_written_in_concurrent_halves_exactly() {
     assert_eq!(real["tables"][0]["applied"], 12150, "{real:#}");
     assert_eq!(real["tables"][0]["rejected"], 0, "{real:#}");
     // More documents than one search page: the audit proves index == table.
-    let (code, out, err) = replay(&p, &["audit", "--format", "json", "--recheck-after", "1"]);
-    assert_eq!(
-        code,
-        Some(0),
-        "the index differs after the repair: {out}\n{err}"
-    );
-    let audit: Value = serde_json::from_str(&out).expect("JSON");
+    let audit = audit_is_clean(&p, &["--recheck-after", "1"]);
     assert_eq!(audit["tables"][0]["rows"], 12150, "{audit:#}");
     assert_eq!(audit["tables"][0]["documents"], 12150, "{audit:#}");
-    let doc: Value =
-        p.os.get(opensearch::GetParts::IndexId(&p.index(&table), "12999"))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("doc");
+    let doc = document(&p, &table, "12999").await;
     assert_eq!(doc["_source"]["title"], "lost insert 12999", "{doc:#}");
 
     let (code, out, err) = replay(&p, &window);
@@ -522,21 +544,13 @@ fn replay_with_peak_rss(p: &Pipeline, args: &[&str]) -> (Option<i32>, String, St
 /// by key count alone (all 400 rows at once): 547 and 509 MB.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_of_wide_rows_is_repaired_in_bounded_memory() {
-    let mut p = Pipeline::new("r_window_wide").await;
-    let table = p.table("t");
-    p.create_table(
-        &table,
+    let (mut p, table) = indexed_table(
+        "r_window_wide",
         "id int PRIMARY KEY, body text",
-        "index_settings = { number_of_shards = 1, number_of_replicas = 0 }",
+        "number_of_shards = 1, number_of_replicas = 0",
+        |table| format!("INSERT INTO {table} VALUES (1, 'seed')"),
     )
     .await;
-    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'seed')"))
-        .await
-        .expect("seed");
-    p.start_producer().await;
-    let consumer = p.start_consumer_in_process().await;
-    p.wait_converged(&table, 90, &[]).await;
-    consumer.stop().await;
 
     // 6,400 md5 digests per row: 204,800 characters that compress poorly.
     let (window_start, window_end) = lose_a_burst(
@@ -565,20 +579,8 @@ async fn a_window_of_wide_rows_is_repaired_in_bounded_memory() {
         peak_mb < 300,
         "source mode: peak RSS {peak_mb} MB for an 80 MB window: chunks are not bounded by bytes"
     );
-    let (code, out, err) = replay(&p, &["audit", "--format", "json"]);
-    assert_eq!(
-        code,
-        Some(0),
-        "the index differs after the repair: {out}\n{err}"
-    );
-    let doc: Value =
-        p.os.get(opensearch::GetParts::IndexId(&p.index(&table), "1399"))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("doc");
+    audit_is_clean(&p, &[]);
+    let doc = document(&p, &table, "1399").await;
     assert_eq!(
         doc["_source"]["body"].as_str().map(str::len),
         Some(204_800),
@@ -669,12 +671,7 @@ async fn a_window_over_awkward_composite_keys_is_exact() {
         json!({"create": 1, "update": 7, "delete": 1}),
         "{real:#}"
     );
-    let (code, out, err) = replay(&p, &["audit", "--format", "json"]);
-    assert_eq!(
-        code,
-        Some(0),
-        "the index differs after the repair: {out}\n{err}"
-    );
+    audit_is_clean(&p, &[]);
     p.cleanup(&[&table]).await;
 }
 
@@ -783,11 +780,6 @@ async fn documents_from_before_the_id_field_are_classified_right() {
     assert_eq!(code, Some(0), "{err}");
     let again: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(counts(&again), json!({"already_right": 4}), "{again:#}");
-    let (code, out, err) = replay(&p, &["audit", "--format", "json"]);
-    assert_eq!(
-        code,
-        Some(0),
-        "the index differs from the table: {out}\n{err}"
-    );
+    audit_is_clean(&p, &[]);
     p.cleanup(&[&table]).await;
 }
