@@ -35,7 +35,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::Pipeline;
-use tidemark_testkit::bench::{Cpu, cpu_seconds, env_usize, median};
+use tidemark_testkit::bench::{Cpu, StackCpu, cpu_seconds, env_usize, median};
 use tidemark_testkit::topic_record_count;
 
 /// The baseline consumer runs in this process: give it the allocator the
@@ -262,24 +262,34 @@ async fn main() {
     for round in 1..=rounds {
         p.seek_consumer_offsets(&table, &window_start);
         restore_stale(&p, &table).await;
+        let (servers0, own0) = (
+            StackCpu::sample(),
+            cpu_seconds(Cpu::Process(std::process::id())),
+        );
         let consumer = consumer_rate(&p, &table, rows).await;
+        let consumer_cpu = cpu_seconds(Cpu::Process(std::process::id())) - own0;
+        let consumer_servers = StackCpu::sample().since(servers0);
 
         // (b) source mode, (c) log mode, each on the stale index.
         restore_stale(&p, &table).await;
+        let servers0 = StackCpu::sample();
         let (source_secs, source_cpu) =
             replay(&p, &["window", "--from", &from, "--to", &to, "--yes"]);
+        let source_servers = StackCpu::sample().since(servers0);
         assert_eq!(
             updated(&p, &table).await as usize,
             rows,
             "source mode repaired every document"
         );
         restore_stale(&p, &table).await;
+        let servers0 = StackCpu::sample();
         let (log_secs, log_cpu) = replay(
             &p,
             &[
                 "window", "--mode", "log", "--from", &from, "--to", &to, "--yes",
             ],
         );
+        let log_servers = StackCpu::sample().since(servers0);
         assert_eq!(
             updated(&p, &table).await as usize,
             rows,
@@ -293,6 +303,9 @@ async fn main() {
             "round {round}: (a) consumer {consumer:>6.0} docs/s | (b) source {source:>6.0} keys/s ({source_secs:.1} s, {source_cpu:.2} CPU-s) = {:.2} | (c) log {log:>6.0} events/s ({log_secs:.1} s, {log_cpu:.2} CPU-s) = {:.2}",
             source / consumer,
             log / consumer
+        );
+        println!(
+            "         servers: (a) {consumer_servers}, consumer {consumer_cpu:.2} | (b) {source_servers} | (c) {log_servers}"
         );
     }
     println!(

@@ -28,6 +28,8 @@ pub enum Cpu {
     Process(u32),
     /// This process's children that were waited for.
     WaitedChildren,
+    /// The waited-for children of a running process.
+    WaitedChildrenOf(u32),
 }
 
 /// CPU seconds (user + system) from `/proc/<pid>/stat`, at 100 ticks/s.
@@ -37,6 +39,7 @@ pub fn cpu_seconds(of: Cpu) -> f64 {
         Cpu::Process(pid) => (format!("/proc/{pid}/stat"), 11),
         // cutime, cstime: the 16th and 17th.
         Cpu::WaitedChildren => ("/proc/self/stat".to_owned(), 13),
+        Cpu::WaitedChildrenOf(pid) => (format!("/proc/{pid}/stat"), 13),
     };
     let stat = std::fs::read_to_string(&path).unwrap_or_default();
     // Counted from after the parenthesised command name (which may hold
@@ -53,6 +56,85 @@ pub fn cpu_seconds(of: Cpu) -> f64 {
             .unwrap_or(0.0)
     };
     (tick(first) + tick(first + 1)) / 100.0
+}
+
+/// CPU seconds the local stack's servers have used so far, read from the
+/// pid files `dev/stack up` writes (0 for a server it cannot find). The
+/// difference of two samples is what one run cost each server: on a
+/// machine this small, the servers' CPU is most of a pipeline's wall time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StackCpu {
+    pub opensearch: f64,
+    pub kafka: f64,
+    /// The postmaster, its live backends and the ones that exited.
+    pub postgres: f64,
+}
+
+impl StackCpu {
+    pub fn sample() -> StackCpu {
+        let dir = crate::stack_dir();
+        let pid = |file: &str| -> Option<u32> {
+            std::fs::read_to_string(dir.join(file))
+                .ok()?
+                .lines()
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let cpu = |pid: Option<u32>| pid.map_or(0.0, |p| cpu_seconds(Cpu::Process(p)));
+        let postgres = pid("postgres/data/postmaster.pid").map_or(0.0, |pm| {
+            let backends: f64 = children(pm).map(|c| cpu_seconds(Cpu::Process(c))).sum();
+            cpu_seconds(Cpu::Process(pm)) + cpu_seconds(Cpu::WaitedChildrenOf(pm)) + backends
+        });
+        StackCpu {
+            opensearch: cpu(pid("opensearch/pid")),
+            kafka: cpu(pid("kafka/pid")),
+            postgres,
+        }
+    }
+
+    /// What was used since `earlier`.
+    pub fn since(self, earlier: StackCpu) -> StackCpu {
+        StackCpu {
+            opensearch: self.opensearch - earlier.opensearch,
+            kafka: self.kafka - earlier.kafka,
+            postgres: self.postgres - earlier.postgres,
+        }
+    }
+}
+
+impl std::fmt::Display for StackCpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "OpenSearch {:.2}, Kafka {:.2}, PostgreSQL {:.2} CPU-s",
+            self.opensearch, self.kafka, self.postgres
+        )
+    }
+}
+
+/// The running children of process `parent`.
+fn children(parent: u32) -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(move |&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // ppid: the 4th field, the 2nd after the command name.
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(parent)
+        })
 }
 
 #[cfg(test)]

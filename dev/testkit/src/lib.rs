@@ -79,12 +79,17 @@ impl Stack {
     }
 }
 
-/// `.stack/env` at the repository root, or under `TIDEMARK_STACK_DIR`.
-fn env_file_path() -> PathBuf {
-    let state = std::env::var_os("TIDEMARK_STACK_DIR")
+/// Where `dev/stack` keeps its state: `.stack` at the repository root, or
+/// `TIDEMARK_STACK_DIR`.
+pub fn stack_dir() -> PathBuf {
+    std::env::var_os("TIDEMARK_STACK_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.stack"));
-    state.join("env")
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.stack"))
+}
+
+/// `.stack/env` in [`stack_dir`].
+fn env_file_path() -> PathBuf {
+    stack_dir().join("env")
 }
 
 /// Reads the `export NAME='value'` lines that `dev/stack env` prints.
