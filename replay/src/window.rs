@@ -16,11 +16,11 @@
 //!    nothing regresses; a delete committed after `V` has a higher LSN, so
 //!    it wins too, while its tombstone lives.
 //! 4. **Close the race** the tombstone cannot (`index.gc_deletes`): once a
-//!    chunk's writes landed, its written keys are checked again at a newer
-//!    exported snapshot `V2`, and every one whose row vanished since `V` is
-//!    deleted again at `V2`. This runs beside the writes of the next chunks
-//!    (one round per 30,000 landed keys), so only the last keys' re-check
-//!    is left when the writes end. A row that merely *changed* after `V`
+//!    chunk's writes landed, its written keys are read again, and every one
+//!    whose row vanished since `V` is deleted again at version `V + 1`
+//!    (see [`recheck_written`] for why that version is right). This runs
+//!    beside the writes of the next chunks, so only the last chunk's
+//!    re-check is left when the writes end. A row that merely *changed* after `V`
 //!    needs nothing: its change carries a commit LSN above `V` through the live pipeline,
 //!    which wins over our write in whichever order the two land. Only a
 //!    delete can lose that race, once its tombstone is forgotten.
@@ -527,7 +527,7 @@ pub async fn run_table(
     // Keys written as documents go, chunk by chunk once applied, to the
     // re-check running beside the writes (step 4).
     let (to_recheck, recheck_rx) = tokio::sync::mpsc::channel::<Vec<(String, Row)>>(RECHECK_QUEUE);
-    let recheck = recheck_written(job, &conn, &slot, &d, mapping, recheck_rx);
+    let recheck = recheck_written(job, &conn, &d, mapping, version, recheck_rx);
     let writes_done = async {
         let mut done = 0u64;
         let mut chunks = found.chunks()?;
@@ -649,71 +649,43 @@ pub async fn run_table(
     Ok(result)
 }
 
-/// Written chunks a re-check round may wait for before the writes pause.
+/// Written chunks the re-check may fall behind by before the writes pause.
 const RECHECK_QUEUE: usize = 2;
 
-/// Landed keys a re-check round waits for (the last round takes what is
-/// left). Each round costs PostgreSQL a replication connection and a
-/// temporary slot, ~38 ms of its CPU: one round per 10,000-key chunk was
-/// 0.5 of the 0.7 CPU-s PostgreSQL spent on a 100,000-key window.
-const RECHECK_BATCH: usize = 30_000;
-
-/// Step 4, beside the writes: once [`RECHECK_BATCH`] written keys have
-/// landed (or the writes are done), exports a snapshot (`V2`, after those
-/// writes landed), finds the keys whose row vanished and deletes them again
-/// at `V2`; repeats until the writes are done. A busy server (slow snapshot
-/// exports) just gets fewer, larger rounds. Returns how many documents it
-/// deleted again.
+/// Step 4, beside the writes: once a chunk's writes have landed, reads
+/// which of its keys have no row any more, at a snapshot taken after those
+/// writes landed (a plain statement: nothing more is needed of it), and
+/// deletes their documents again at version `V + 1`.
+///
+/// Why `V + 1` is right: the row existed at `V`, so its delete committed
+/// after `V` and carries a commit LSN above `V`, which the live pipeline
+/// applies anyway; `V + 1` beats only the document this run wrote at `V`,
+/// and every change committed after that delete (a re-insert) carries a
+/// higher LSN still, so it wins over this delete in whichever order the two
+/// land. Returns how many documents it deleted again.
 async fn recheck_written(
     job: &Job<'_>,
     conn: &tidemark_producer::source::ConnInfo,
-    slot: &str,
     d: &Described,
     mapping: &TableMapping,
+    version: Lsn,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<(String, Row)>>,
 ) -> anyhow::Result<u64> {
     let (_keep, never) = watch::channel(false);
     let mut client: Option<Client> = None;
     let mut deleted = 0u64;
-    let mut round = 0u32;
-    let mut keys: Vec<(String, Row)> = Vec::new();
-    loop {
-        let done = match chunks.recv().await {
-            Some(landed) => {
-                keys.extend(landed);
-                false
-            }
-            None => true,
-        };
+    while let Some(mut keys) = chunks.recv().await {
         while let Ok(more) = chunks.try_recv() {
             keys.extend(more);
         }
-        if !done && keys.len() < RECHECK_BATCH {
-            continue;
-        }
-        if keys.is_empty() {
-            break;
-        }
-        let keys = std::mem::take(&mut keys);
         let started = Instant::now();
         let client = match &mut client {
             Some(client) => client,
             None => client.insert(conn.connect("tidemark-replay-recheck").await?),
         };
-        let recheck =
-            tidemark_producer::run::export_snapshot(job.config, conn, &format!("{slot}_re{round}"))
-                .await?;
-        round += 1;
         for part in keys.chunks(CHUNK) {
             let rows: Vec<&Row> = part.iter().map(|(_, key)| key).collect();
-            let tx = client.transaction().await?;
-            tx.batch_execute(&format!(
-                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-                recheck.name.replace('\'', "''")
-            ))
-            .await?;
-            let vanished = keys_without_rows(&tx, d, &rows).await?;
-            tx.commit().await?;
+            let vanished = keys_without_rows(client, d, &rows).await?;
             if vanished.is_empty() {
                 continue;
             }
@@ -722,7 +694,7 @@ async fn recheck_written(
                 .map(|&n| Write::Delete {
                     index: mapping.index.clone(),
                     id: part[n].0.clone(),
-                    version: recheck.lsn.0,
+                    version: version.0 + 1,
                 })
                 .collect();
             deleted += deletes.len() as u64;
@@ -731,11 +703,8 @@ async fn recheck_written(
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
         }
-        tracing::debug!(table = %mapping.qualified(), round, keys = keys.len(), lsn = %recheck.lsn,
+        tracing::debug!(table = %mapping.qualified(), keys = keys.len(),
             recheck_ms = started.elapsed().as_millis() as u64, "window: written keys re-checked");
-        if done {
-            break;
-        }
     }
     Ok(deleted)
 }

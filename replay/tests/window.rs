@@ -98,6 +98,52 @@ async fn lose_a_burst(
     (window_start, window_end)
 }
 
+/// Runs `window --yes --output json` over `[from, to]` with a 4 s pause
+/// between its read and its write, runs `sql` 2 s into it (inside the
+/// pause), waits until the live pipeline `shows` it, and returns the run's
+/// report once it succeeded.
+async fn replay_racing(
+    p: &Pipeline,
+    from: &str,
+    to: &str,
+    sql: &str,
+    (what, shows): (&str, impl AsyncFnMut() -> bool),
+) -> Value {
+    let config = p.dir.join("replay.toml");
+    std::fs::write(&config, p.config_text(1, "")).expect("config");
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "window", "--from", from, "--to", to, "--yes", "--output", "json",
+        ])
+        .env("TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS", "4000")
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_OPENSEARCH_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("replay");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    p.pg.batch_execute(sql)
+        .await
+        .expect("changes inside the gap");
+    wait_for(what, shows).await;
+    let output = tokio::time::timeout(Duration::from_secs(60), async {
+        let status = run.wait().await.expect("replay exit");
+        let mut out = String::new();
+        use tokio::io::AsyncReadExt;
+        if let Some(mut stdout) = run.stdout.take() {
+            let _ = stdout.read_to_string(&mut out).await;
+        }
+        (status, out)
+    })
+    .await
+    .expect("replay finished");
+    assert!(output.0.success(), "{}", output.1);
+    serde_json::from_str(&output.1).expect("JSON")
+}
+
 /// A table seeded by `seed(table)`, streamed and indexed by a consumer that
 /// is stopped again: the state before an incident.
 async fn indexed_table(
@@ -271,48 +317,22 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     let race_end = jiff::Timestamp::now();
     p.skip_consumer_offsets(&table);
     let consumer = p.start_consumer_in_process().await;
-    let config = p.dir.join("replay.toml");
-    let (race_from, race_to) = (race_start.to_string(), race_end.to_string());
-    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "window", "--from", &race_from, "--to", &race_to, "--yes", "--output", "json",
-        ])
-        .env("TIDEMARK_REPLAY_PAUSE_BEFORE_WRITE_MS", "4000")
-        .env_remove("TIDEMARK_KAFKA_BROKERS")
-        .env_remove("TIDEMARK_OPENSEARCH_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("replay");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    p.pg.batch_execute(&format!(
-        "DELETE FROM {table} WHERE id = 30; UPDATE {table} SET title = 'newer than the read' WHERE id = 31"
-    ))
-    .await
-    .expect("delete and update inside the gap");
-    wait_for("the live delete of row 30 and update of 31", async || {
-        let docs = p.docs(&index).await;
-        !docs.contains_key("30")
-            && docs
-                .get("31")
-                .is_some_and(|d| d["title"] == "newer than the read")
-    })
+    let raced = replay_racing(
+        &p,
+        &race_start.to_string(),
+        &race_end.to_string(),
+        &format!(
+            "DELETE FROM {table} WHERE id = 30; UPDATE {table} SET title = 'newer than the read' WHERE id = 31"
+        ),
+        ("the live delete of row 30 and update of 31", async || {
+            let docs = p.docs(&index).await;
+            !docs.contains_key("30")
+                && docs
+                    .get("31")
+                    .is_some_and(|d| d["title"] == "newer than the read")
+        }),
+    )
     .await;
-    let output = tokio::time::timeout(Duration::from_secs(60), async {
-        let status = run.wait().await.expect("replay exit");
-        let mut out = String::new();
-        use tokio::io::AsyncReadExt;
-        if let Some(mut stdout) = run.stdout.take() {
-            let _ = stdout.read_to_string(&mut out).await;
-        }
-        (status, out)
-    })
-    .await
-    .expect("replay finished");
-    assert!(output.0.success(), "{}", output.1);
-    let raced: Value = serde_json::from_str(&output.1).expect("JSON");
     assert_eq!(raced["tables"][0]["deleted_after_recheck"], 1, "{raced:#}");
     let docs = p.wait_converged(&table, 60, &[]).await;
     assert!(
@@ -437,6 +457,57 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
 /// A window of more than one chunk (10,000 keys), each chunk going to
 /// OpenSearch as two bulk requests at once: the counts are exact, the index
 /// equals the table, a second run is a no-op.
+/// The re-check deletes again at version `V + 1`: above the document the
+/// run wrote at `V`, below every change committed after the row's delete.
+/// With tombstones kept (the default `gc_deletes`), a row deleted between
+/// replay's read and write, and inserted again after the run, must come
+/// back; a re-check delete at a higher version would keep it out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_inserted_again_after_the_recheck_comes_back() {
+    let (mut p, table) = indexed_table(
+        "r_window_back",
+        "id int PRIMARY KEY, title text, n int",
+        "number_of_shards = 1, number_of_replicas = 0",
+        |table| {
+            format!("INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 10) g")
+        },
+    )
+    .await;
+    let index = p.index(&table);
+    let (from, to) = lose_a_burst(
+        &p,
+        &table,
+        &format!("UPDATE {table} SET title = 'lost update' WHERE id IN (1, 2)"),
+        2,
+    )
+    .await;
+    let consumer = p.start_consumer_in_process().await;
+    let raced = replay_racing(
+        &p,
+        &from.to_string(),
+        &to.to_string(),
+        &format!("DELETE FROM {table} WHERE id = 1"),
+        ("the live delete of row 1", async || {
+            !p.docs(&index).await.contains_key("1")
+        }),
+    )
+    .await;
+    let result = &raced["tables"][0];
+    assert_eq!(result["deleted_after_recheck"], 1, "{raced:#}");
+    // The live delete's tombstone refused the write at V.
+    assert_eq!(result["newer_in_index"], 1, "{raced:#}");
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} (id, title, n) VALUES (1, 'inserted again', 1)"
+    ))
+    .await
+    .expect("insert row 1 again");
+    let docs = p.wait_converged(&table, 60, &[]).await;
+    assert_eq!(docs["1"]["title"], "inserted again");
+    assert_eq!(docs["2"]["title"], "lost update");
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_window_is_written_in_concurrent_halves_exactly() {
     let (mut p, table) = indexed_table(
