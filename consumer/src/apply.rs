@@ -39,8 +39,8 @@ use crate::search::{BulkItem, Search, SearchError};
 /// What became of one write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// OpenSearch holds it (a delete of an absent document included).
-    Applied,
+    /// OpenSearch holds it, and did this.
+    Applied(Effect),
     /// A later write of the same document in the same call replaced it.
     Superseded,
     /// The index already had this version or a newer one.
@@ -48,6 +48,19 @@ pub enum Outcome {
     /// OpenSearch refused it and retrying cannot help; the reason is
     /// OpenSearch's.
     Rejected(String),
+}
+
+/// What an applied write did to its document, as OpenSearch answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Created,
+    Updated,
+    Deleted,
+    /// A versioned delete of an absent document: only its tombstone (the
+    /// version) is recorded.
+    WasAbsent,
+    /// A truncate, or an answer without a known result.
+    Other,
 }
 
 /// The caller asked to stop while OpenSearch was still being retried;
@@ -126,14 +139,14 @@ impl Applier {
         writes: Vec<Write>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Vec<Outcome>, Interrupted> {
-        let mut outcomes = vec![Outcome::Applied; writes.len()];
+        let mut outcomes = vec![Outcome::Applied(Effect::Other); writes.len()];
         let mut segment: Vec<(usize, Write)> = Vec::new();
         for (i, write) in writes.into_iter().enumerate() {
             if let Write::Truncate { index, version } = &write {
                 self.apply_segment(std::mem::take(&mut segment), &mut outcomes, stop)
                     .await?;
                 self.truncate(index, *version, stop).await?;
-                outcomes[i] = Outcome::Applied;
+                outcomes[i] = Outcome::Applied(Effect::Other);
             } else {
                 segment.push((i, write));
             }
@@ -391,9 +404,16 @@ fn carry_toast(earlier: &Write, later: &mut Write) {
 /// The outcome an item's status means, or `None` to retry it.
 fn classify(item: &BulkItem) -> Option<Outcome> {
     match item.status {
-        200..=299 => Some(Outcome::Applied),
+        200..=299 => Some(Outcome::Applied(match item.result.as_deref() {
+            Some("created") => Effect::Created,
+            Some("updated") => Effect::Updated,
+            Some("deleted") => Effect::Deleted,
+            _ => Effect::Other,
+        })),
         // A versioned delete of an absent document still records its tombstone.
-        404 if item.result.as_deref() == Some("not_found") => Some(Outcome::Applied),
+        404 if item.result.as_deref() == Some("not_found") => {
+            Some(Outcome::Applied(Effect::WasAbsent))
+        }
         409 => Some(Outcome::Stale),
         429 | 500..=599 => None,
         _ => Some(Outcome::Rejected(reason(item.error.as_ref()))),
@@ -613,11 +633,23 @@ mod tests {
         };
         assert_eq!(
             classify(&item(201, Some("created"), None)),
-            Some(Outcome::Applied)
+            Some(Outcome::Applied(Effect::Created))
+        );
+        assert_eq!(
+            classify(&item(200, Some("updated"), None)),
+            Some(Outcome::Applied(Effect::Updated))
+        );
+        assert_eq!(
+            classify(&item(200, Some("deleted"), None)),
+            Some(Outcome::Applied(Effect::Deleted))
+        );
+        assert_eq!(
+            classify(&item(200, None, None)),
+            Some(Outcome::Applied(Effect::Other))
         );
         assert_eq!(
             classify(&item(404, Some("not_found"), None)),
-            Some(Outcome::Applied)
+            Some(Outcome::Applied(Effect::WasAbsent))
         );
         assert_eq!(classify(&item(409, None, None)), Some(Outcome::Stale));
         assert_eq!(classify(&item(429, None, None)), None);

@@ -475,7 +475,7 @@ async fn apply_batch(
             }),
         };
         match (&outcome, &record.parsed) {
-            (Outcome::Applied | Outcome::Superseded, Ok((event, _))) => {
+            (Outcome::Applied(_) | Outcome::Superseded, Ok((event, _))) => {
                 metrics.applied(&event.source.qualified(), event.op);
             }
             (Outcome::Stale, _) => metrics.stale(),
