@@ -299,8 +299,8 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     assert_eq!(counts(&one), json!({"already_right": 1}));
 
     // The race: a row deleted after replay read it and before it wrote it,
-    // with the tombstone forgotten at once (gc_deletes 0). The final check
-    // at a newer snapshot must delete it again. A row updated in the same
+    // with the tombstone forgotten at once (gc_deletes 0). The re-check of
+    // the written keys must delete it again. A row updated in the same
     // gap needs nothing from it: the live change has the higher version.
     consumer.stop().await;
     let race_start = jiff::Timestamp::now();
