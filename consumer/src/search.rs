@@ -285,22 +285,10 @@ impl Search {
             );
         }
         if existing_types.is_empty() {
-            let response = self
-                .client
-                .indices()
-                .put_mapping(IndicesPutMappingParts::Index(&[index]))
-                .body(json!({"properties": {META_FIELD: meta_mapping()}}))
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("{}: cannot add the {META_FIELD} mapping: {e}", what())
-                })?;
-            if !response.status_code().is_success() {
-                let text = response.text().await.unwrap_or_default();
+            if let Err(answer) = self.put_meta_mapping(index).await {
                 bail!(
-                    "{}: the existing index cannot take the {META_FIELD} mapping: {}",
-                    what(),
-                    truncate(&text)
+                    "{}: the existing index cannot take the {META_FIELD} mapping: {answer}",
+                    what()
                 );
             }
         } else if lacks_meta_field(&mappings) {
@@ -333,29 +321,33 @@ impl Search {
     }
 
     async fn add_meta_fields(&self, table: &str, index: &str) {
-        let added = self
+        match self.put_meta_mapping(index).await {
+            Ok(()) => info!(
+                table,
+                index, "added the newer {META_FIELD} fields to the index mapping"
+            ),
+            Err(answer) => warn!(table, index, %answer,
+                "cannot add the newer {META_FIELD} fields to the index mapping; replay and audit look its documents up the slower way"),
+        }
+    }
+
+    /// Puts the `_tidemark` mapping on an index (new fields only are
+    /// added); the error is OpenSearch's answer, or why there was none.
+    async fn put_meta_mapping(&self, index: &str) -> Result<(), String> {
+        let response = self
             .client
             .indices()
             .put_mapping(IndicesPutMappingParts::Index(&[index]))
             .body(json!({"properties": {META_FIELD: meta_mapping()}}))
             .send()
-            .await;
-        let failure = match added {
-            Ok(r) if r.status_code().is_success() => {
-                info!(
-                    table,
-                    index, "added the newer {META_FIELD} fields to the index mapping"
-                );
-                return;
-            }
-            Ok(r) => {
-                let status = r.status_code();
-                format!("{status} {}", truncate(&r.text().await.unwrap_or_default()))
-            }
-            Err(e) => e.to_string(),
-        };
-        warn!(table, index, answer = %failure,
-            "cannot add the newer {META_FIELD} fields to the index mapping; replay and audit look its documents up the slower way");
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status_code();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(format!("{status} {}", truncate(&text)))
     }
 
     /// Sends one bulk body (NDJSON); the items answer in request order.
