@@ -672,12 +672,16 @@ pub async fn run_table(
                     outcomes.map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
                 let mut unknown = Vec::new();
                 for ((id, delete, key), outcome) in sent.into_iter().zip(outcomes) {
-                    match &outcome {
+                    match class_of(&outcome) {
+                        Some(class) => result.count(class, &id),
+                        None => unknown.push((id.clone(), delete)),
+                    }
+                    match outcome {
                         Outcome::Applied(Effect::WasAbsent) => {}
                         Outcome::Applied(_) | Outcome::Superseded => {
                             result.applied += 1;
                             if !delete {
-                                written.push((id.clone(), key.clone()));
+                                written.push((id, key.clone()));
                             }
                         }
                         Outcome::Stale => result.newer_in_index += 1,
@@ -685,10 +689,6 @@ pub async fn run_table(
                             result.rejected += 1;
                             tracing::warn!(table = %mapping.qualified(), id, %reason, "document refused by OpenSearch");
                         }
-                    }
-                    match class_of(&outcome) {
-                        Some(class) => result.count(class, &id),
-                        None => unknown.push((id, delete)),
                     }
                 }
                 if !unknown.is_empty() {
