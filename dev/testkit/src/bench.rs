@@ -41,21 +41,21 @@ pub fn cpu_seconds(of: Cpu) -> f64 {
         Cpu::WaitedChildren => ("/proc/self/stat".to_owned(), 13),
         Cpu::WaitedChildrenOf(pid) => (format!("/proc/{pid}/stat"), 13),
     };
-    let stat = std::fs::read_to_string(&path).unwrap_or_default();
-    // Counted from after the parenthesised command name (which may hold
-    // spaces), where the 3rd field of the line is index 0.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let tick = |i: usize| stat_field::<f64>(&path, i).unwrap_or(0.0);
     (tick(first) + tick(first + 1)) / 100.0
+}
+
+/// Field `i` of a `/proc/.../stat` line, counted from after the
+/// parenthesised command name (which may hold spaces), where the line's
+/// 3rd field is index 0.
+fn stat_field<T: std::str::FromStr>(path: &str, i: usize) -> Option<T> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(i)?
+        .parse()
+        .ok()
 }
 
 /// CPU seconds the local stack's servers have used so far, read from the
@@ -121,20 +121,8 @@ fn children(parent: u32) -> impl Iterator<Item = u32> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(move |&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // ppid: the 4th field, the 2nd after the command name.
-                    s.rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse::<u32>()
-                        .ok()
-                })
-                == Some(parent)
-        })
+        // ppid: the line's 4th field.
+        .filter(move |&pid| stat_field::<u32>(&format!("/proc/{pid}/stat"), 1) == Some(parent))
 }
 
 #[cfg(test)]
@@ -146,6 +134,13 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn stat_fields_count_from_after_the_command_name() {
+        let parent = std::os::unix::process::parent_id();
+        assert_eq!(stat_field::<u32>("/proc/self/stat", 1), Some(parent));
+        assert!(children(parent).any(|pid| pid == std::process::id()));
     }
 
     #[test]
