@@ -14,27 +14,36 @@
 //!   old value can never come back over a newer one. With no current
 //!   document the fields stay absent and `_tidemark.incomplete` lists them,
 //!   so audit reports the document as stale and replay can repair it.
-//! - Items that fail with 429/5xx, and whole requests that fail to answer,
+//! - What each answer means is decided in `answer`, nowhere here. Writes
+//!   that must wait (index closed, blocked or missing, credentials refused,
+//!   429, 5xx, no answer, a strict mapping refusing a field: see `answer`)
 //!   are retried with exponential backoff (`backon`), forever, in order,
-//!   until they succeed or the caller asks to stop. Items OpenSearch rejects
-//!   (mapping errors, too large) come back as `Rejected` with its reason.
+//!   until they succeed or the caller asks to stop; meanwhile [`Blocked`]
+//!   says where and why, and one log line a minute repeats it. Only a
+//!   document that is wrong in itself comes back as `Rejected` with
+//!   OpenSearch's reason. A whole request refused for one unknown document
+//!   (413, an invalid id) is split in halves until that document is found,
+//!   and the rest is applied.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
-use serde_json::Value;
 use tidemark_schemas::Row;
 use tidemark_schemas::config::META_FIELD;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::answer::{self, Cause, Item, Request, Stall};
 use crate::mapping::{Write, content_hash};
-use crate::search::{BulkItem, Search, SearchError};
+use crate::search::{Search, SearchError};
+
+/// How often a stall that goes on is logged again (the first time at once).
+const STALL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What became of one write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +90,69 @@ pub struct ApplyStats {
     /// plus the sum in microseconds.
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     pub latency_sum_micros: AtomicU64,
+    /// Where writes wait now, and why.
+    pub blocked: Blocked,
+    /// The first record of the batch being applied ("topic/partition/offset"),
+    /// set by the caller, so a stall's log line names the oldest waiting
+    /// offset.
+    pub oldest_waiting: Mutex<Option<String>>,
+}
+
+/// Where writes wait, by index (`""`: every index, the cluster itself), for
+/// `/readyz`, `tidemark_consumer_blocked{index,reason}` and the stall log.
+#[derive(Debug, Default)]
+pub struct Blocked {
+    state: Mutex<BlockedState>,
+}
+
+#[derive(Debug, Default)]
+struct BlockedState {
+    now: BTreeMap<String, Stall>,
+    /// Every (index, cause) ever blocked, so its gauge falls back to 0
+    /// instead of vanishing.
+    seen: BTreeSet<(String, Cause)>,
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still usable.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Blocked {
+    pub(crate) fn set(&self, index: &str, stall: &Stall) {
+        let mut state = lock(&self.state);
+        state.seen.insert((index.to_owned(), stall.cause));
+        state.now.insert(index.to_owned(), stall.clone());
+    }
+
+    pub(crate) fn clear(&self, index: &str) {
+        lock(&self.state).now.remove(index);
+    }
+
+    /// What waits now: (index, stall); `""` is the cluster.
+    pub fn current(&self) -> Vec<(String, Stall)> {
+        let state = lock(&self.state);
+        state
+            .now
+            .iter()
+            .map(|(i, s)| (i.clone(), s.clone()))
+            .collect()
+    }
+
+    /// (index, cause label, blocked now) for every pair ever blocked.
+    pub fn gauges(&self) -> Vec<(String, &'static str, bool)> {
+        let state = lock(&self.state);
+        state
+            .seen
+            .iter()
+            .map(|(index, cause)| {
+                let now = state.now.get(index).is_some_and(|s| s.cause == *cause);
+                (index.clone(), cause.label(), now)
+            })
+            .collect()
+    }
 }
 
 /// Upper bounds (seconds) of the bulk latency histogram buckets.
@@ -108,9 +180,11 @@ pub struct Applier {
     backoff: ExponentialBuilder,
 }
 
-/// A write ready to send: its input position and its bulk lines.
+/// A write ready to send: its input position, its index (a position in
+/// the segment's list of indices) and its bulk lines.
 struct Prepared {
     input: usize,
+    index: usize,
     lines: Bytes,
 }
 
@@ -183,14 +257,26 @@ impl Applier {
         }
         let mut survivors: Vec<(usize, Write)> = slots.into_iter().flatten().collect();
         self.fill_toast_from_index(&mut survivors, stop).await?;
+        // A batch mostly writes one index or a few: a linear search is cheap.
+        let mut indices: Vec<String> = Vec::new();
         let prepared: Vec<Prepared> = survivors
             .iter()
-            .map(|(input, write)| Prepared {
-                input: *input,
-                lines: bulk_lines(write, &self.stats),
+            .map(|(input, write)| {
+                let index = match indices.iter().position(|i| i == write.index()) {
+                    Some(n) => n,
+                    None => {
+                        indices.push(write.index().to_owned());
+                        indices.len() - 1
+                    }
+                };
+                Prepared {
+                    input: *input,
+                    index,
+                    lines: bulk_lines(write, &self.stats),
+                }
             })
             .collect();
-        self.send(prepared, outcomes, stop).await
+        self.send(prepared, &indices, outcomes, stop).await
     }
 
     /// Takes unchanged TOAST fields from the current documents.
@@ -221,7 +307,9 @@ impl Applier {
                 }
             }
             let current = self
-                .retry(stop, || self.search.current_fields(&index, &ids, &fields))
+                .retry(&index, stop, || {
+                    self.search.current_fields(&index, &ids, &fields)
+                })
                 .await?;
             for n in positions {
                 if let (
@@ -248,15 +336,16 @@ impl Applier {
         Ok(())
     }
 
-    /// Sends prepared writes, retrying what can be retried, until every one
-    /// has an outcome.
+    /// Sends prepared writes until every one has an outcome: writes that
+    /// must wait are sent again, in order, after a pause.
     async fn send(
         &self,
         mut pending: Vec<Prepared>,
+        indices: &[String],
         outcomes: &mut [Outcome],
         stop: &watch::Receiver<bool>,
     ) -> Result<(), Interrupted> {
-        let mut delays = self.backoff.build();
+        let mut waiting = Waiting::new(self);
         while !pending.is_empty() {
             let mut body = BytesMut::with_capacity(pending.iter().map(|p| p.lines.len()).sum());
             for p in &pending {
@@ -268,54 +357,83 @@ impl Applier {
             let items = match result {
                 Ok(items) if items.len() == pending.len() => items,
                 Ok(items) => {
-                    warn!(
-                        sent = pending.len(),
-                        answered = items.len(),
-                        "bulk answer has the wrong number of items; retrying"
-                    );
-                    self.pause(&mut delays, stop).await?;
+                    let stall = answer::unreachable(format!(
+                        "bulk answer has {} items for {} writes",
+                        items.len(),
+                        pending.len()
+                    ));
+                    waiting.wait(&[("", stall)], pending.len(), stop).await?;
                     continue;
                 }
-                Err(SearchError::Status { status: 413, .. }) if pending.len() > 1 => {
-                    // Too large for OpenSearch: send it in two halves, in order.
-                    let second = pending.split_off(pending.len() / 2);
-                    Box::pin(self.send(pending, outcomes, stop)).await?;
-                    pending = second;
+                Err(SearchError::Transport(e)) => {
+                    let stall = answer::unreachable(e);
+                    waiting.wait(&[("", stall)], pending.len(), stop).await?;
                     continue;
                 }
-                Err(e) if e.retryable() => {
-                    self.stats.opensearch_up.store(false, Ordering::Relaxed);
-                    warn!(error = %e, writes = pending.len(), "bulk request failed; retrying");
-                    self.pause(&mut delays, stop).await?;
-                    continue;
-                }
-                Err(e) => {
-                    // The whole request is refused (e.g. 413 for one write).
-                    for p in &pending {
-                        outcomes[p.input] = Outcome::Rejected(e.to_string());
+                Err(SearchError::Status { status, body }) => {
+                    match answer::request(status, &body, pending.len()) {
+                        Request::Split => {
+                            // One document spoils the request: send the
+                            // halves apart, in order, until it is alone.
+                            debug!(
+                                status,
+                                writes = pending.len(),
+                                "bulk refused as a whole; splitting it"
+                            );
+                            let second = pending.split_off(pending.len() / 2);
+                            Box::pin(self.send(pending, indices, outcomes, stop)).await?;
+                            pending = second;
+                        }
+                        Request::BadRecord(reason) => {
+                            for p in pending.drain(..) {
+                                outcomes[p.input] = Outcome::Rejected(reason.clone());
+                            }
+                        }
+                        Request::Wait(stall) => {
+                            waiting.wait(&[("", stall)], pending.len(), stop).await?;
+                        }
                     }
-                    return Ok(());
+                    continue;
                 }
             };
             self.stats.opensearch_up.store(true, Ordering::Relaxed);
+            self.stats.blocked.clear("");
             let mut retry = Vec::new();
+            let mut stalls: Vec<(&str, Stall)> = Vec::new();
             for (p, item) in pending.into_iter().zip(items) {
-                match classify(&item) {
-                    Some(outcome) => outcomes[p.input] = outcome,
-                    None => retry.push(p),
+                let outcome =
+                    match answer::item(item.status, item.result.as_deref(), item.error.as_ref()) {
+                        Item::Applied(result) => Outcome::Applied(match result.as_deref() {
+                            Some("created") => Effect::Created,
+                            Some("updated") => Effect::Updated,
+                            Some("deleted") => Effect::Deleted,
+                            _ => Effect::Other,
+                        }),
+                        Item::WasAbsent => Outcome::Applied(Effect::WasAbsent),
+                        Item::Stale => Outcome::Stale,
+                        Item::BadRecord(reason) => Outcome::Rejected(reason),
+                        Item::Wait(stall) => {
+                            let index = indices[p.index].as_str();
+                            if !stalls.iter().any(|(i, _)| *i == index) {
+                                stalls.push((index, stall));
+                            }
+                            retry.push(p);
+                            continue;
+                        }
+                    };
+                outcomes[p.input] = outcome;
+            }
+            for index in indices {
+                if !stalls.iter().any(|(i, _)| i == index) {
+                    self.stats.blocked.clear(index);
                 }
             }
             if !retry.is_empty() {
-                warn!(
-                    writes = retry.len(),
-                    "bulk items refused for now (429/5xx); retrying"
-                );
-                self.pause(&mut delays, stop).await?;
-            } else {
-                delays = self.backoff.build();
+                waiting.wait(&stalls, retry.len(), stop).await?;
             }
             pending = retry;
         }
+        waiting.resolved();
         Ok(())
     }
 
@@ -326,17 +444,20 @@ impl Applier {
         stop: &watch::Receiver<bool>,
     ) -> Result<(), Interrupted> {
         let deleted = self
-            .retry(stop, || self.search.delete_older_than(index, version))
+            .retry(index, stop, || {
+                self.search.delete_older_than(index, version)
+            })
             .await?;
         tracing::info!(index, version, deleted, "truncate applied");
         Ok(())
     }
 
-    /// Runs a request until it succeeds or can never succeed, backing off.
-    /// A request that can never succeed is logged and retried slowly too:
-    /// the apply path never skips.
+    /// Runs a request on `index` until it succeeds, waiting out every
+    /// failure: the apply path never skips (a read or a truncate that
+    /// cannot run is a stall, never a bad record).
     async fn retry<T, F, Fut>(
         &self,
+        index: &str,
         stop: &watch::Receiver<bool>,
         mut request: F,
     ) -> Result<T, Interrupted>
@@ -344,19 +465,29 @@ impl Applier {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, SearchError>>,
     {
-        let mut delays = self.backoff.build();
+        let mut waiting = Waiting::new(self);
         loop {
             match request().await {
                 Ok(value) => {
                     self.stats.opensearch_up.store(true, Ordering::Relaxed);
+                    self.stats.blocked.clear(index);
+                    waiting.resolved();
                     return Ok(value);
                 }
                 Err(e) => {
-                    if e.retryable() {
-                        self.stats.opensearch_up.store(false, Ordering::Relaxed);
-                    }
-                    warn!(error = %e, "OpenSearch request failed; retrying");
-                    self.pause(&mut delays, stop).await?;
+                    let stall = match e {
+                        SearchError::Transport(detail) => answer::unreachable(detail),
+                        SearchError::Status { status, body } => {
+                            match answer::request(status, &body, 0) {
+                                Request::Wait(stall) => stall,
+                                Request::Split | Request::BadRecord(_) => Stall {
+                                    cause: Cause::RequestRefused,
+                                    detail: format!("{status} {body}"),
+                                },
+                            }
+                        }
+                    };
+                    waiting.wait(&[(index, stall)], 1, stop).await?;
                 }
             }
         }
@@ -401,36 +532,68 @@ fn carry_toast(earlier: &Write, later: &mut Write) {
     }
 }
 
-/// The outcome an item's status means, or `None` to retry it.
-fn classify(item: &BulkItem) -> Option<Outcome> {
-    match item.status {
-        200..=299 => Some(Outcome::Applied(match item.result.as_deref() {
-            Some("created") => Effect::Created,
-            Some("updated") => Effect::Updated,
-            Some("deleted") => Effect::Deleted,
-            _ => Effect::Other,
-        })),
-        // A versioned delete of an absent document still records its tombstone.
-        404 if item.result.as_deref() == Some("not_found") => {
-            Some(Outcome::Applied(Effect::WasAbsent))
-        }
-        409 => Some(Outcome::Stale),
-        429 | 500..=599 => None,
-        _ => Some(Outcome::Rejected(reason(item.error.as_ref()))),
-    }
+/// One stretch of waiting: its backoff, and when it was last logged.
+struct Waiting<'a> {
+    applier: &'a Applier,
+    delays: backon::ExponentialBackoff,
+    since: Option<Instant>,
+    logged: Option<Instant>,
 }
 
-/// OpenSearch's reason for an item error: type, reason and cause.
-fn reason(error: Option<&Value>) -> String {
-    let Some(error) = error else {
-        return "rejected without a reason".into();
-    };
-    let kind = error["type"].as_str().unwrap_or("error");
-    let text = error["reason"].as_str().unwrap_or("");
-    match error["caused_by"]["reason"].as_str() {
-        Some(cause) => format!("{kind}: {text} (caused by: {cause})"),
-        None if text.is_empty() => error.to_string(),
-        None => format!("{kind}: {text}"),
+impl<'a> Waiting<'a> {
+    fn new(applier: &'a Applier) -> Waiting<'a> {
+        Waiting {
+            applier,
+            delays: applier.backoff.build(),
+            since: None,
+            logged: None,
+        }
+    }
+
+    /// Records where writes wait and why, logs it (at once, then once a
+    /// minute), and pauses before the next try.
+    async fn wait(
+        &mut self,
+        stalls: &[(&str, Stall)],
+        writes: usize,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        let stats = &self.applier.stats;
+        for (index, stall) in stalls {
+            stats.blocked.set(index, stall);
+            if stall.cause.is_down() {
+                stats.opensearch_up.store(false, Ordering::Relaxed);
+            }
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let due = self.logged.is_none_or(|t| t.elapsed() >= STALL_LOG_EVERY);
+        if due {
+            self.logged = Some(Instant::now());
+            let oldest = lock(&stats.oldest_waiting).clone().unwrap_or_default();
+            for (index, stall) in stalls {
+                warn!(
+                    index = if index.is_empty() { "*" } else { index },
+                    reason = stall.cause.label(),
+                    detail = %stall.detail,
+                    writes,
+                    waiting_secs = since.elapsed().as_secs(),
+                    oldest_offset = %oldest,
+                    "OpenSearch cannot take these writes now; waiting (nothing is skipped or committed past)"
+                );
+            }
+        }
+        self.applier.pause(&mut self.delays, stop).await
+    }
+
+    /// The writes went through: say so if they had waited.
+    fn resolved(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                waited_secs = since.elapsed().as_secs(),
+                "OpenSearch takes writes again"
+            );
+        }
+        self.delays = self.applier.backoff.build();
     }
 }
 
@@ -553,7 +716,7 @@ impl Serialize for Document<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
     use tidemark_schemas::Lsn;
 
     fn index_write(id: &str, version: u64, fields: Value, missing: &[&str]) -> Write {
@@ -622,52 +785,6 @@ mod tests {
         };
         assert_eq!(Value::Object(fields), json!({"body": "big", "title": "b"}));
         assert!(missing.is_empty());
-    }
-
-    #[test]
-    fn item_statuses_classify() {
-        let item = |status, result: Option<&str>, error: Option<Value>| BulkItem {
-            status,
-            result: result.map(str::to_owned),
-            error,
-        };
-        assert_eq!(
-            classify(&item(201, Some("created"), None)),
-            Some(Outcome::Applied(Effect::Created))
-        );
-        assert_eq!(
-            classify(&item(200, Some("updated"), None)),
-            Some(Outcome::Applied(Effect::Updated))
-        );
-        assert_eq!(
-            classify(&item(200, Some("deleted"), None)),
-            Some(Outcome::Applied(Effect::Deleted))
-        );
-        assert_eq!(
-            classify(&item(200, None, None)),
-            Some(Outcome::Applied(Effect::Other))
-        );
-        assert_eq!(
-            classify(&item(404, Some("not_found"), None)),
-            Some(Outcome::Applied(Effect::WasAbsent))
-        );
-        assert_eq!(classify(&item(409, None, None)), Some(Outcome::Stale));
-        assert_eq!(classify(&item(429, None, None)), None);
-        assert_eq!(classify(&item(503, None, None)), None);
-        let rejected = classify(&item(
-            400,
-            None,
-            Some(
-                json!({"type": "mapper_parsing_exception", "reason": "failed to parse field [n]",
-                "caused_by": {"type": "x", "reason": "For input string: \"abc\""}}),
-            ),
-        ));
-        assert_eq!(
-            rejected,
-            Some(Outcome::Rejected(
-                "mapper_parsing_exception: failed to parse field [n] (caused by: For input string: \"abc\")".into()
-            ))
-        );
     }
 
     #[test]

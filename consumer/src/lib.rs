@@ -12,12 +12,17 @@
 //! tools reuse it with the same `mapping`.
 //!
 //! Modules: `mapping` (table -> index, id, fields, metadata), `search`
-//! (OpenSearch requests), `apply` (bulk with versions, TOAST, retries),
-//! `run` (Kafka group loop, offsets, dead letters), `metrics`, `http`.
+//! (OpenSearch requests), `answer` (what each OpenSearch answer means:
+//! applied, stale, a bad record, or wait), `apply` (bulk with versions,
+//! TOAST, waiting out what cannot be written now),
+//! `record` (what a record must be to be applied), `run` (Kafka group
+//! loop, offsets, dead letters), `metrics`, `http`.
 
+pub mod answer;
 pub mod apply;
 pub mod http;
 pub mod mapping;
 pub mod metrics;
+pub mod record;
 pub mod run;
 pub mod search;

@@ -238,6 +238,30 @@ pub enum MappingError {
     NoAfter { table: String, op: &'static str },
     #[error("table {table}: commit LSN {lsn} is too large for an OpenSearch version")]
     VersionTooLarge { table: String, lsn: Lsn },
+    #[error("table {table}: {problem}; OpenSearch cannot store such a document id")]
+    InvalidId { table: String, problem: String },
+}
+
+/// OpenSearch refuses a document id over 512 bytes, and for one such write
+/// it refuses the whole bulk request; an id is checked before sending.
+pub const MAX_ID_BYTES: usize = 512;
+
+/// Whether OpenSearch can take `id` as a document id.
+fn check_id(table: &TableMapping, id: String) -> Result<String, MappingError> {
+    let problem = if id.is_empty() {
+        "the document id is empty".to_owned()
+    } else if id.len() > MAX_ID_BYTES {
+        format!(
+            "the document id is {} bytes, over the {MAX_ID_BYTES}-byte limit",
+            id.len()
+        )
+    } else {
+        return Ok(id);
+    };
+    Err(MappingError::InvalidId {
+        table: table.qualified(),
+        problem,
+    })
 }
 
 /// Every configured table's mapping.
@@ -287,7 +311,7 @@ impl Mappings {
             Operation::Truncate => Write::Truncate { index, version },
             Operation::Delete => Write::Delete {
                 index,
-                id: mapping.doc_id(&event.key)?,
+                id: check_id(mapping, mapping.doc_id(&event.key)?)?,
                 version,
             },
             Operation::Snapshot | Operation::Insert | Operation::Update => {
@@ -297,7 +321,7 @@ impl Mappings {
                 })?;
                 Write::Index {
                     index,
-                    id: mapping.doc_id(&event.key)?,
+                    id: check_id(mapping, mapping.doc_id(&event.key)?)?,
                     version,
                     fields: mapping.fields(after),
                     missing: event
@@ -467,6 +491,35 @@ mod tests {
             .write(&event(Operation::Update, json!({"id": 1}), None))
             .expect_err("no after");
         assert!(err.to_string().contains("update event without"), "{err}");
+    }
+
+    #[test]
+    fn ids_opensearch_cannot_store_are_refused_naming_table_and_size() {
+        let m = Mappings::new(&config("[[tables]]\ntable = \"public.articles\""));
+        let with_id = |id: &str| {
+            let after = json!({"id": id});
+            m.write(&event(Operation::Insert, json!({"id": id}), Some(after)))
+        };
+        assert!(with_id(&"x".repeat(MAX_ID_BYTES)).is_ok());
+        let err = with_id(&"x".repeat(MAX_ID_BYTES + 1)).expect_err("too long");
+        assert_eq!(
+            err.to_string(),
+            "table public.articles: the document id is 513 bytes, over the 512-byte limit; OpenSearch cannot store such a document id"
+        );
+        let err = with_id("").expect_err("empty");
+        assert!(
+            err.to_string().contains("the document id is empty"),
+            "{err}"
+        );
+        let delete = m.write(&event(
+            Operation::Delete,
+            json!({"id": "é".repeat(300)}),
+            None,
+        ));
+        assert!(
+            matches!(delete, Err(MappingError::InvalidId { .. })),
+            "{delete:?}"
+        );
     }
 
     #[test]

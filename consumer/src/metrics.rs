@@ -134,6 +134,10 @@ impl Metrics {
         if !self.apply.opensearch_up.load(Ordering::Relaxed) {
             problems.push("opensearch down".to_owned());
         }
+        for (index, stall) in self.apply.blocked.current() {
+            let index = if index.is_empty() { "*" } else { &index };
+            problems.push(format!("blocked on index {index}: {stall}"));
+        }
         let lag = self.max_lag_seconds();
         if lag > self.max_lag_secs as f64 {
             problems.push(format!(
@@ -265,6 +269,19 @@ impl Metrics {
                 u8::from(up)
             );
         }
+        let name = "tidemark_consumer_blocked";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 while writes to the index wait for this reason (index \"*\": the cluster).\n# TYPE {name} gauge"
+        );
+        for (index, reason, now) in self.apply.blocked.gauges() {
+            let index = if index.is_empty() { "*" } else { &index };
+            let _ = writeln!(
+                out,
+                "{name}{{index=\"{index}\",reason=\"{reason}\"}} {}",
+                u8::from(now)
+            );
+        }
         out
     }
 }
@@ -298,5 +315,26 @@ mod tests {
             text.contains("tidemark_consumer_lag_records{topic=\"t\",partition=\"0\"} 5"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_stall_fails_readiness_with_its_reason_and_sets_its_gauge() {
+        let m = Metrics::new(60);
+        m.kafka_up.store(true, Ordering::Relaxed);
+        m.apply.opensearch_up.store(true, Ordering::Relaxed);
+        let stall = crate::answer::Stall {
+            cause: crate::answer::Cause::IndexClosed,
+            detail: "index_closed_exception: closed".into(),
+        };
+        m.apply.blocked.set("orders", &stall);
+        assert_eq!(
+            m.readiness(),
+            Err("blocked on index orders: index_closed (index_closed_exception: closed)".into())
+        );
+        let gauge = "tidemark_consumer_blocked{index=\"orders\",reason=\"index_closed\"}";
+        assert!(m.render().contains(&format!("{gauge} 1")), "{}", m.render());
+        m.apply.blocked.clear("orders");
+        assert_eq!(m.readiness(), Ok(()));
+        assert!(m.render().contains(&format!("{gauge} 0")), "{}", m.render());
     }
 }

@@ -17,6 +17,17 @@
 //! matters beyond tidiness: two changes of one row in one transaction share
 //! a version (the commit LSN) and `external_gte` accepts an equal version,
 //! so a late write of the earlier change would win over the later one.
+//!
+//! Stalls (OpenSearch cannot take the batch now: see `answer`): the member
+//! stays in the group. Once the next batch is full the partitions are
+//! paused and polling goes on, so heartbeats, `max.poll.interval.ms` and
+//! rebalances are served however long the stall lasts. A revocation during
+//! a stall abandons the batch in flight (it is never committed; the new
+//! owner re-reads it from the last commit) and gives the partitions up at
+//! once instead of waiting for OpenSearch. Abandoning is safe because the
+//! group's assignment is eager (librdkafka's default range/roundrobin
+//! strategies): every partition is revoked together, so every record of
+//! the abandoned batch is re-read from its committed offset.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,9 +51,10 @@ use tidemark_schemas::config::Config;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::apply::{Applier, Outcome};
+use crate::apply::{Applier, Outcome, lock};
 use crate::mapping::{Mappings, Write};
 use crate::metrics::Metrics;
+use crate::record::Topics;
 use crate::search::Search;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,15 +114,28 @@ struct GroupContext {
 #[derive(Default)]
 struct Handover {
     /// The outcome of the batch being applied, for the callback to wait on.
-    in_flight: Mutex<Option<mpsc::Receiver<Option<Done>>>>,
+    in_flight: Mutex<Option<InFlight>>,
     /// Partitions revoked since the main loop last looked.
     revoked: Mutex<Vec<(String, i32)>>,
 }
 
+/// The batch being applied, as the rebalance callback sees it.
+struct InFlight {
+    outcome: mpsc::Receiver<Option<Done>>,
+    /// True: give the batch up at its next wait (it stores nothing).
+    abandon: watch::Sender<bool>,
+}
+
+/// How often the revoke callback looks whether the batch it waits for is
+/// stalled (then it abandons it instead of waiting).
+const REVOKE_CHECK: Duration = Duration::from_millis(100);
+
 impl Handover {
-    /// Waits for the batch being applied, if any; its applied offsets.
-    fn wait_in_flight(&self) -> Option<Done> {
-        let receiver = lock(&self.in_flight).take()?;
+    /// Waits for the batch being applied, if any, and returns its applied
+    /// offsets; abandons it (returning nothing) if it is waiting on
+    /// OpenSearch, as `stalled` says.
+    fn wait_in_flight(&self, stalled: impl Fn() -> bool) -> Option<Done> {
+        let InFlight { outcome, abandon } = lock(&self.in_flight).take()?;
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if !multi_thread {
@@ -121,15 +146,29 @@ impl Handover {
             return None;
         }
         // The batch runs on another worker; this one may block meanwhile.
-        tokio::task::block_in_place(|| receiver.recv().ok().flatten())
+        tokio::task::block_in_place(|| {
+            loop {
+                match outcome.recv_timeout(REVOKE_CHECK) {
+                    Ok(done) => return done,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                    Err(mpsc::RecvTimeoutError::Timeout) if stalled() && !*abandon.borrow() => {
+                        info!(
+                            "rebalance while OpenSearch cannot take the batch: abandoning it (not committed; the new owner re-reads it)"
+                        );
+                        let _ = abandon.send(true);
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+            }
+        })
     }
-}
 
-/// A poisoned lock only means a panic elsewhere; the data is still usable.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Asks the batch in flight, if any, to stop at its next wait.
+    fn abandon(&self) {
+        if let Some(in_flight) = lock(&self.in_flight).as_ref() {
+            let _ = in_flight.abandon.send(true);
+        }
+    }
 }
 
 impl ClientContext for GroupContext {
@@ -152,8 +191,13 @@ impl ConsumerContext for GroupContext {
                 // Finish the batch being applied and commit it before
                 // another member takes over (see the module doc).
                 let started = Instant::now();
+                let apply = &self.metrics.apply;
+                let stalled = || {
+                    !apply.blocked.current().is_empty()
+                        || !apply.opensearch_up.load(Ordering::Relaxed)
+                };
                 for (topic, partition, offset, _) in
-                    self.handover.wait_in_flight().unwrap_or_default()
+                    self.handover.wait_in_flight(stalled).unwrap_or_default()
                 {
                     if let Err(e) = consumer.store_offset(&topic, partition, offset) {
                         debug!(topic, partition, offset, error = %e, "offset not stored at revocation");
@@ -196,8 +240,11 @@ struct Record {
     offset: i64,
     timestamp_ms: Option<i64>,
     key: Option<Bytes>,
-    /// The event and its write, or why the record cannot be applied.
-    parsed: Result<(ChangeEvent, Write), String>,
+    /// The event, when the payload is one (a dead letter names its table
+    /// and key even when it cannot be applied).
+    event: Option<ChangeEvent>,
+    /// Its write, or why the record cannot be applied.
+    write: Result<Write, String>,
 }
 
 /// Runs until `shutdown` turns true: then finishes (or abandons, if
@@ -209,14 +256,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let topics: Vec<String> = config
-        .tables
-        .iter()
-        .map(|t| {
-            let (schema, name) = t.parts();
-            config.kafka.table_topic(schema, name)
-        })
-        .collect();
+    let checks = Topics::new(&config);
+    let topics = checks.names();
     let handover = Arc::new(Handover::default());
     let context = GroupContext {
         metrics: metrics.clone(),
@@ -274,11 +315,13 @@ pub async fn run(
     // One batch is applied while the next is read and decoded; the next is
     // sent only when the one before it is done, so per-key order holds.
     let mut in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Option<Done>>>> = None;
+    // Partitions paused while a full batch waits for the one in flight.
+    let mut paused: Option<rdkafka::TopicPartitionList> = None;
     let result = loop {
         if *stop.borrow() {
             break Ok(());
         }
-        let wait = if batch.is_empty() {
+        let wait = if batch.is_empty() || paused.is_some() {
             Duration::from_millis(500)
         } else {
             max_wait.saturating_sub(batch_started.elapsed())
@@ -291,6 +334,11 @@ pub async fn run(
                 match finished(joined) {
                     Ok(done) => store_offsets(&consumer, &metrics, done),
                     Err(e) => break Err(e),
+                }
+                if let Some(partitions) = paused.take()
+                    && let Err(e) = consumer.resume(&partitions)
+                {
+                    debug!(error = %e, "resume after the batch in flight (partitions moved meanwhile)");
                 }
                 continue;
             }
@@ -317,14 +365,15 @@ pub async fn run(
                 }
                 let payload = message.payload().unwrap_or_default();
                 batch_bytes += payload.len();
-                let parsed = ChangeEvent::from_slice(payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|event| {
-                        mappings
-                            .write(&event)
-                            .map(|write| (event, write))
-                            .map_err(|e| e.to_string())
-                    });
+                let (event, write) = match ChangeEvent::from_slice(payload) {
+                    Err(e) => (None, Err(e.to_string())),
+                    Ok(event) => {
+                        let write = checks
+                            .check(message.topic(), message.key(), &event)
+                            .and_then(|()| mappings.write(&event).map_err(|e| e.to_string()));
+                        (Some(event), write)
+                    }
+                };
                 batch.push(Record {
                     topic: message.topic().to_owned(),
                     partition: message.partition(),
@@ -332,7 +381,8 @@ pub async fn run(
                     offset: message.offset(),
                     timestamp_ms: message.timestamp().to_millis(),
                     key: message.key().map(Bytes::copy_from_slice),
-                    parsed,
+                    event,
+                    write,
                 });
             }
             Ok(Err(e)) => {
@@ -343,19 +393,30 @@ pub async fn run(
         }
         let due =
             !batch.is_empty() && (batch_bytes >= max_bytes || batch_started.elapsed() >= max_wait);
-        if due {
-            if let Some(previous) = in_flight.take() {
-                lock(&handover.in_flight).take();
-                match finished(previous.await) {
-                    Ok(done) => store_offsets(&consumer, &metrics, done),
-                    Err(e) => break Err(e),
+        if due && in_flight.is_some() {
+            // The next batch is ready before the last is applied (OpenSearch
+            // is slow or stalled): stop fetching, keep polling.
+            if paused.is_none() {
+                match consumer.assignment() {
+                    Ok(partitions) => match consumer.pause(&partitions) {
+                        Ok(()) => paused = Some(partitions),
+                        Err(e) => debug!(error = %e, "cannot pause the partitions"),
+                    },
+                    Err(e) => debug!(error = %e, "cannot read the assignment"),
                 }
             }
+            continue;
+        }
+        if due {
             let records = std::mem::take(&mut batch);
             batch_bytes = 0;
             let (outcome, waiter) = mpsc::sync_channel(1);
-            *lock(&handover.in_flight) = Some(waiter);
-            let (sinks, stop) = (sinks.clone(), shutdown.clone());
+            let (abandon, stop) = watch::channel(false);
+            *lock(&handover.in_flight) = Some(InFlight {
+                outcome: waiter,
+                abandon,
+            });
+            let sinks = sinks.clone();
             in_flight = Some(tokio::spawn(async move {
                 let applied = apply_batch(records, sinks, stop).await;
                 if let Ok(done) = &applied {
@@ -366,7 +427,9 @@ pub async fn run(
             }));
         }
     };
-    // Finish what was read, unless OpenSearch keeps us from it.
+    // Finish what was read, unless OpenSearch keeps us from it (a batch
+    // that waits on OpenSearch stops at its next wait and stores nothing).
+    handover.abandon();
     if let Some(previous) = in_flight.take() {
         lock(&handover.in_flight).take();
         match finished(previous.await) {
@@ -448,11 +511,17 @@ async fn apply_batch(
         dead_letter_topic,
         metrics,
     } = sinks;
+    if let Some(first) = records.first() {
+        *lock(&applier.stats().oldest_waiting) = Some(format!(
+            "{}/{}/{}",
+            first.topic, first.partition, first.offset
+        ));
+    }
     let mut writes = Vec::new();
     let mut write_of = Vec::with_capacity(records.len());
     for record in &records {
-        match &record.parsed {
-            Ok((_, write)) => {
+        match &record.write {
+            Ok(write) => {
                 write_of.push(Some(writes.len()));
                 writes.push(write.clone());
             }
@@ -469,18 +538,20 @@ async fn apply_batch(
     for (record, slot) in records.iter().zip(&write_of) {
         let outcome = match slot {
             Some(n) => outcomes[*n].clone(),
-            None => Outcome::Rejected(match &record.parsed {
+            None => Outcome::Rejected(match &record.write {
                 Err(reason) => reason.clone(),
                 Ok(_) => String::new(),
             }),
         };
-        match (&outcome, &record.parsed) {
-            (Outcome::Applied(_) | Outcome::Superseded, Ok((event, _))) => {
-                metrics.applied(&event.source.qualified(), event.op);
+        let event = record.event.as_ref();
+        match &outcome {
+            Outcome::Applied(_) | Outcome::Superseded => {
+                if let Some(event) = event {
+                    metrics.applied(&event.source.qualified(), event.op);
+                }
             }
-            (Outcome::Stale, _) => metrics.stale(),
-            (Outcome::Rejected(reason), parsed) => {
-                let event = parsed.as_ref().ok().map(|(e, _)| e);
+            Outcome::Stale => metrics.stale(),
+            Outcome::Rejected(reason) => {
                 warn!(
                     topic = %record.topic,
                     partition = record.partition,
@@ -494,7 +565,6 @@ async fn apply_batch(
                 send_dead_letter(&dead_letters, &dead_letter_topic, record, event, reason).await?;
                 metrics.dead_letter();
             }
-            _ => {}
         }
     }
     // Records of one partition are in offset order: the last one counts.

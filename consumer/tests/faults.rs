@@ -6,53 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use support::{Pipeline, http_get, pg};
+use support::{Pipeline, assert_versions, http_get, writer};
 use tidemark_testkit::scratch::ScratchOpenSearch;
-use tidemark_testkit::topic_record_count;
-
-/// Writes rounds of inserts, updates and deletes until `rounds` are done.
-/// Round r inserts ids r*100..r*100+99, bumps every tenth row, deletes
-/// every 97th.
-fn writer(
-    pg_url: String,
-    table: String,
-    rounds: i64,
-    pause: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = pg(&pg_url).await;
-        for r in 0..rounds {
-            client
-                .batch_execute(&format!(
-                    "INSERT INTO {table} SELECT g, md5(g::text), 0 FROM generate_series({}, {}) g;
-                     UPDATE {table} SET n = n + 1, title = md5(random()::text) WHERE id % 10 = {};
-                     DELETE FROM {table} WHERE id % 97 = {};",
-                    r * 100,
-                    r * 100 + 99,
-                    r % 10,
-                    r % 97
-                ))
-                .await
-                .unwrap_or_else(|e| panic!("round {r}: {e}"));
-            tokio::time::sleep(pause).await;
-        }
-    })
-}
-
-/// Every document's version is its row's last commit LSN.
-fn assert_versions(
-    p: &Pipeline,
-    table: &str,
-    docs: &std::collections::BTreeMap<String, serde_json::Value>,
-) {
-    let expected = topic_record_count(&p.stack.kafka_brokers, &p.topic(table));
-    let last = p.last_events(table, expected as usize);
-    for (id, doc) in docs {
-        let event = &last[id].event;
-        assert_eq!(doc["_version"], json!(event.commit_lsn.0), "doc {id}");
-    }
-}
 
 fn random_millis(low: u64, high: u64) -> Duration {
     let nanos = std::time::SystemTime::now()

@@ -466,3 +466,58 @@ async fn misconfiguration_fails_fast_and_says_how_to_fix_it() {
     p2.cleanup(&[&table2]).await;
     p.cleanup(&[&table]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_whose_key_does_not_match_its_row_is_a_dead_letter() {
+    let mut p = Pipeline::new("c_forged").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, title text", "")
+        .await;
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'one')"))
+        .await
+        .expect("row");
+    // The producer's own record for row 1, with its envelope key changed to
+    // another row's (record key to match): applied, it would create a
+    // document 999999 that no row has.
+    let real = p.last_events(&table, 1).remove("1").expect("row 1's event");
+    let mut forged = real.event.clone();
+    forged.key.insert("id".into(), json!(999999));
+    let key = tidemark_schemas::record_key(&forged.source, &forged.key);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &p.stack.kafka_brokers)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            BaseRecord::<[u8], [u8]>::to(&p.topic(&table))
+                .key(&key[..])
+                .payload(&forged.to_vec()[..]),
+        )
+        .map_err(|(e, _)| e)
+        .expect("inject");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (2, 'two')"))
+        .await
+        .expect("row after");
+    let dead = read_raw(
+        &p.stack.kafka_brokers,
+        &format!("{}.dead-letter", p.name),
+        1,
+    );
+    let dead: Value = serde_json::from_slice(&dead[0]).expect("dead letter JSON");
+    assert_eq!(dead["key"], json!({"id": 999999}), "{dead}");
+    assert!(
+        dead["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("key column \"id\" in `after` does not match")),
+        "{dead}"
+    );
+    assert!(!dead.to_string().contains("one"), "no row contents: {dead}");
+    let docs = p.wait_converged(&table, 30, &[&consumer]).await;
+    assert_eq!(docs.keys().collect::<Vec<_>>(), ["1", "2"]);
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tidemark_schemas::config::Config;
 #[allow(unused_imports)]
 pub use tidemark_testkit::topics::{Record, drop_slot, http_get, pg, read_raw, read_topic};
-use tidemark_testkit::{Stack, unique_name};
+use tidemark_testkit::{Stack, topic_record_count, unique_name};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
@@ -572,4 +572,123 @@ pub fn difference(rows: &BTreeMap<String, Value>, docs: &BTreeMap<String, Value>
         }
     }
     out
+}
+
+/// Writes rounds of inserts, updates and deletes until `rounds` are done.
+/// Round r inserts ids r*100..r*100+99, bumps every tenth row, deletes
+/// every 97th.
+pub fn writer(
+    pg_url: String,
+    table: String,
+    rounds: i64,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = pg(&pg_url).await;
+        for r in 0..rounds {
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO {table} SELECT g, md5(g::text), 0 FROM generate_series({}, {}) g;
+                     UPDATE {table} SET n = n + 1, title = md5(random()::text) WHERE id % 10 = {};
+                     DELETE FROM {table} WHERE id % 97 = {};",
+                    r * 100,
+                    r * 100 + 99,
+                    r % 10,
+                    r % 97
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("round {r}: {e}"));
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// Every document's version is its row's last commit LSN.
+pub fn assert_versions(
+    p: &Pipeline,
+    table: &str,
+    docs: &std::collections::BTreeMap<String, serde_json::Value>,
+) {
+    let expected = topic_record_count(&p.stack.kafka_brokers, &p.topic(table));
+    let last = p.last_events(table, expected as usize);
+    for (id, doc) in docs {
+        let event = &last[id].event;
+        assert_eq!(doc["_version"], json!(event.commit_lsn.0), "doc {id}");
+    }
+}
+
+/// What was seen of a consumer while it waited on something.
+#[derive(Debug, Default)]
+pub struct Watched {
+    /// `/readyz` answered 503 naming the reason.
+    pub unready: bool,
+    /// `tidemark_consumer_blocked{index,reason}` was 1.
+    pub gauge: bool,
+}
+
+impl Pipeline {
+    /// Polls the consumer every second for `secs`: it must stay alive, and
+    /// `/readyz` and the blocked gauge are checked for `reason` on `index`.
+    pub async fn watch_stall(
+        &self,
+        consumer: &mut ConsumerProcess,
+        index: &str,
+        reason: &str,
+        secs: u64,
+    ) -> Watched {
+        let mut seen = Watched::default();
+        let gauge = format!("tidemark_consumer_blocked{{index=\"{index}\",reason=\"{reason}\"}} 1");
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            assert!(
+                consumer.child.try_wait().expect("try_wait").is_none(),
+                "the consumer exited while {index} was {reason}:\n{}",
+                consumer.log()
+            );
+            if let Some(answer) = http_get(consumer.port, "/readyz").await
+                && answer.starts_with("HTTP/1.1 503")
+                && answer.contains(reason)
+                && answer.contains(index)
+            {
+                seen.unready = true;
+            }
+            if consumer.metrics().await.contains(&gauge) {
+                seen.gauge = true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        seen
+    }
+
+    /// Records in this pipeline's dead-letter topic.
+    pub fn dead_letter_count(&self) -> i64 {
+        topic_record_count(
+            &self.stack.kafka_brokers,
+            &format!("{}.dead-letter", self.name),
+        )
+    }
+
+    /// An index API call that must succeed (close, open, settings, mapping).
+    pub async fn index_admin(
+        &self,
+        method: opensearch::http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) {
+        let response = self
+            .os
+            .send(
+                method,
+                path,
+                opensearch::http::headers::HeaderMap::new(),
+                None::<&()>,
+                body.map(opensearch::http::request::JsonBody::new),
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = response.status_code();
+        let text = response.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{path}: {status} {text}");
+    }
 }
