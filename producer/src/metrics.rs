@@ -21,6 +21,8 @@ pub struct Metrics {
     /// Events by (schema, table), counted per operation.
     events: Mutex<BTreeMap<(String, String), [u64; OPERATIONS.len()]>>,
     dead_letters: AtomicU64,
+    /// Changes of published tables this pipeline does not capture.
+    skipped: AtomicU64,
     delivery_errors: AtomicU64,
     confirmed_lsn: AtomicU64,
     server_wal_end: AtomicU64,
@@ -51,6 +53,9 @@ impl Metrics {
     }
     pub fn dead_letter(&self) {
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
     }
     pub fn delivery_error(&self) {
         self.delivery_errors.fetch_add(1, Ordering::Relaxed);
@@ -104,6 +109,13 @@ impl Metrics {
             "Records sent to the dead-letter topic.",
             "counter",
             self.dead_letters.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "tidemark_producer_skipped_total",
+            "Changes of published tables not in [[tables]], skipped.",
+            "counter",
+            self.skipped.load(Ordering::Relaxed).to_string(),
         );
         gauge(
             &mut out,

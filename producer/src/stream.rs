@@ -14,11 +14,15 @@
 //!   confirmed position: duplicates, never gaps.
 //! - An idle captured table set still advances the slot, through keepalive
 //!   positions, so WAL written elsewhere in the database does not pile up.
+//! - Changes of tables not in `[[tables]]` are skipped, keyless ones too: a
+//!   publication may cover more than this pipeline captures (`FOR ALL
+//!   TABLES`, or one shared with another pipeline). They are counted in
+//!   `tidemark_producer_skipped_total`, never sent, never fatal.
 //! - A change that cannot be decoded or mapped goes to the dead-letter topic
 //!   (table, LSN, reason) and the stream goes on. A Kafka delivery failure is
 //!   fatal: nothing after it is confirmed, and the restart re-sends it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -112,6 +116,14 @@ impl Stream {
         ));
 
         let mut changes = Changes::new(database);
+        // What this pipeline captures, by name (a captured table dropped
+        // and created again comes back under a new OID), and the OIDs of
+        // published relations it does not capture.
+        let captured: HashSet<(String, String)> = tables
+            .values()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .collect();
+        let mut skipped: HashSet<u32> = HashSet::new();
         let mut types = TypeResolver::default();
         let mut in_transaction = false;
         let mut last_position = Lsn::INVALID;
@@ -165,6 +177,22 @@ impl Stream {
                                 warn!(%lsn, %error, "undecodable pgoutput message sent to the dead-letter topic");
                                 metrics.dead_letter();
                                 sink.dead_letter(None, None, &error.to_string(), lsn).await?;
+                                continue;
+                            }
+                        };
+                        if let Message::Relation(relation) = &message
+                            && !captured.contains(&(relation.namespace.clone(), relation.name.clone()))
+                        {
+                            if skipped.insert(relation.oid) {
+                                info!(table = %format!("{}.{}", relation.namespace, relation.name), oid = relation.oid,
+                                      "published table not in [[tables]]: its changes are skipped");
+                            }
+                            continue;
+                        }
+                        let message = match skip_uncaptured(message, &skipped) {
+                            Some(message) => message,
+                            None => {
+                                metrics.skipped();
                                 continue;
                             }
                         };
@@ -242,6 +270,36 @@ async fn send(steps: &mpsc::Sender<Position>, step: Position) -> Result<(), Stre
         .send(step)
         .await
         .map_err(|_| StreamError::Task("acknowledgement task ended".into()))
+}
+
+/// The message without the relations this pipeline does not capture;
+/// `None` when nothing of it is captured.
+fn skip_uncaptured(message: Message, skipped: &HashSet<u32>) -> Option<Message> {
+    match message {
+        Message::Insert { relation, .. }
+        | Message::Update { relation, .. }
+        | Message::Delete { relation, .. }
+            if skipped.contains(&relation) =>
+        {
+            None
+        }
+        Message::Truncate {
+            relations,
+            cascade,
+            restart_identity,
+        } => {
+            let relations: Vec<u32> = relations
+                .into_iter()
+                .filter(|oid| !skipped.contains(oid))
+                .collect();
+            (!relations.is_empty()).then_some(Message::Truncate {
+                relations,
+                cascade,
+                restart_identity,
+            })
+        }
+        other => Some(other),
+    }
 }
 
 fn relation_name(changes: &Changes, message: &Message) -> Option<String> {

@@ -342,3 +342,113 @@ async fn oversized_row_goes_to_the_dead_letter_topic_and_the_stream_goes_on() {
     );
     h.cleanup(&[&table]).await;
 }
+
+/// A publication may cover more than the pipeline captures (`FOR ALL
+/// TABLES`, or one shared with another pipeline): changes of the other
+/// tables, keyless ones too, are skipped and counted; the captured table
+/// streams on, truncates included. The test has a database of its own, so
+/// its `FOR ALL TABLES` publication touches no other test's tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn published_tables_not_captured_are_skipped_keyless_ones_too() {
+    let h = Harness::new("skip").await;
+    let db = h.name.clone();
+    h.pg.batch_execute(&format!("CREATE DATABASE {db} OWNER tidemark_repl"))
+        .await
+        .expect("database");
+    let in_db = |url: &str| {
+        format!(
+            "{}/{db}",
+            url.rsplit_once('/').expect("url has a database").0
+        )
+    };
+    let admin = support::pg(&in_db(&h.stack.pg_url)).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE captured (id int PRIMARY KEY, v text);
+             CREATE TABLE keyless (v text);
+             CREATE TABLE other (id int PRIMARY KEY, v text);
+             ALTER TABLE captured OWNER TO tidemark_repl;
+             CREATE PUBLICATION {db} FOR ALL TABLES;"
+        ))
+        .await
+        .expect("tables and publication");
+    let config = h.config(&["captured"], "create_publication = false");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace(
+            &h.stack.pg_replication_url,
+            &in_db(&h.stack.pg_replication_url),
+        ),
+    )
+    .expect("config");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    for round in 0..20 {
+        admin
+            .batch_execute(&format!(
+                "INSERT INTO keyless VALUES ('k{round}');
+                 INSERT INTO other VALUES ({round}, 'o');
+                 INSERT INTO captured VALUES ({round}, 'c');
+                 UPDATE other SET v = 'p' WHERE id = {round};"
+            ))
+            .await
+            .expect("round");
+    }
+    admin
+        .batch_execute("TRUNCATE keyless, other; TRUNCATE captured, keyless;")
+        .await
+        .expect("truncates");
+    let topic = format!("{}.public.captured", h.name);
+    // 20 inserts, and the captured table's truncate on each of 3 partitions.
+    let records = h.read_until(&topic, |r| {
+        r.iter()
+            .filter(|r| r.event.op == Operation::Truncate)
+            .count()
+            >= 3
+    });
+    assert!(
+        producer.try_wait().expect("try_wait").is_none(),
+        "the producer exited:\n{}",
+        h.log(0)
+    );
+    let inserts = records
+        .iter()
+        .filter(|r| r.event.op == Operation::Insert)
+        .count();
+    assert_eq!(inserts, 20);
+    assert!(records.iter().all(|r| r.event.source.table == "captured"));
+    let metrics = support::http_get(h.http_port, "/metrics")
+        .await
+        .unwrap_or_default();
+    let skipped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidemark_producer_skipped_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    // 20 rounds of 3 changes of other tables, plus the first truncate.
+    assert_eq!(skipped, 61, "{metrics}");
+    for table in ["keyless", "other"] {
+        let topic = format!("{}.public.{table}", h.name);
+        assert_eq!(
+            tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &topic),
+            0,
+            "{topic}"
+        );
+    }
+    assert_eq!(
+        tidemark_testkit::topic_record_count(
+            &h.stack.kafka_brokers,
+            &format!("{}.dead-letter", h.name)
+        ),
+        0,
+        "{}",
+        h.log(0)
+    );
+    h.stop(producer, 0);
+    tidemark_testkit::topics::drop_slot(&admin, &h.name).await;
+    drop(admin);
+    let _ =
+        h.pg.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .await;
+}
