@@ -46,6 +46,10 @@ pub enum Cause {
     Forbidden,
     /// An alias without a write index.
     NoWriteIndex,
+    /// The index was deleted and created again (its uuid changed), e.g. by
+    /// `action.auto_create_index` with dynamic mappings after someone
+    /// deleted it: Tidemark does not write into an index it did not set up.
+    IndexReplaced,
     /// `strict_dynamic_mapping_exception`: the table's mapping refuses a
     /// field the rows now have. A problem of the mapping, not of the row.
     StrictMapping,
@@ -70,6 +74,7 @@ impl Cause {
             Cause::Unauthorized => "unauthorized",
             Cause::Forbidden => "forbidden",
             Cause::NoWriteIndex => "no_write_index",
+            Cause::IndexReplaced => "index_replaced",
             Cause::StrictMapping => "strict_mapping",
             Cause::MappingLimit => "mapping_limit",
             Cause::RequestRefused => "request_refused",

@@ -398,29 +398,55 @@ impl Applier {
             };
             self.stats.opensearch_up.store(true, Ordering::Relaxed);
             self.stats.blocked.clear("");
-            let mut retry = Vec::new();
+            let answered: Vec<(Prepared, Item)> = pending
+                .into_iter()
+                .zip(items)
+                .map(|(p, item)| {
+                    let verdict =
+                        answer::item(item.status, item.result.as_deref(), item.error.as_ref());
+                    (p, verdict)
+                })
+                .collect();
+            // A document created (or a tombstone recorded) in an index that
+            // was deleted and made again behind our back is not committed.
             let mut stalls: Vec<(&str, Stall)> = Vec::new();
-            for (p, item) in pending.into_iter().zip(items) {
-                let outcome =
-                    match answer::item(item.status, item.result.as_deref(), item.error.as_ref()) {
-                        Item::Applied(result) => Outcome::Applied(match result.as_deref() {
-                            Some("created") => Effect::Created,
-                            Some("updated") => Effect::Updated,
-                            Some("deleted") => Effect::Deleted,
-                            _ => Effect::Other,
-                        }),
-                        Item::WasAbsent => Outcome::Applied(Effect::WasAbsent),
-                        Item::Stale => Outcome::Stale,
-                        Item::BadRecord(reason) => Outcome::Rejected(reason),
-                        Item::Wait(stall) => {
-                            let index = indices[p.index].as_str();
-                            if !stalls.iter().any(|(i, _)| *i == index) {
-                                stalls.push((index, stall));
-                            }
-                            retry.push(p);
-                            continue;
+            for (p, verdict) in &answered {
+                let creates = matches!(verdict, Item::WasAbsent)
+                    || matches!(verdict, Item::Applied(Some(r)) if r == "created");
+                let index = indices[p.index].as_str();
+                let check = creates || self.search.found_replaced(index).is_some();
+                if check && !stalls.iter().any(|(i, _)| *i == index) {
+                    if let Err(stall) = self.search.same_index(index).await {
+                        stalls.push((index, stall));
+                    }
+                }
+            }
+            let replaced = stalls.len();
+            let mut retry = Vec::new();
+            for (p, verdict) in answered {
+                let index = indices[p.index].as_str();
+                if stalls[..replaced].iter().any(|(i, _)| *i == index) {
+                    retry.push(p);
+                    continue;
+                }
+                let outcome = match verdict {
+                    Item::Applied(result) => Outcome::Applied(match result.as_deref() {
+                        Some("created") => Effect::Created,
+                        Some("updated") => Effect::Updated,
+                        Some("deleted") => Effect::Deleted,
+                        _ => Effect::Other,
+                    }),
+                    Item::WasAbsent => Outcome::Applied(Effect::WasAbsent),
+                    Item::Stale => Outcome::Stale,
+                    Item::BadRecord(reason) => Outcome::Rejected(reason),
+                    Item::Wait(stall) => {
+                        if !stalls.iter().any(|(i, _)| *i == index) {
+                            stalls.push((index, stall));
                         }
-                    };
+                        retry.push(p);
+                        continue;
+                    }
+                };
                 outcomes[p.input] = outcome;
             }
             for index in indices {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,7 +14,8 @@ use opensearch::http::StatusCode;
 use opensearch::http::Url;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::indices::{
-    IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts, IndicesPutMappingParts,
+    IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts, IndicesGetSettingsParts,
+    IndicesPutMappingParts,
 };
 use opensearch::params::Conflicts;
 use opensearch::{BulkParts, DeleteByQueryParts, MgetParts, OpenSearch};
@@ -23,6 +25,7 @@ use tidemark_schemas::Row;
 use tidemark_schemas::config::{self, META_FIELD};
 use tracing::{info, warn};
 
+use crate::answer::{Cause, Stall};
 use crate::mapping::{TableMapping, meta_mapping};
 
 /// A request that did not go through.
@@ -79,6 +82,13 @@ struct BulkResponse {
 pub struct Search {
     client: OpenSearch,
     url: String,
+    /// The uuid of each index this process writes, as it first saw it (set
+    /// up at start by `ensure_index`, else at its first check).
+    uuids: Mutex<HashMap<String, String>>,
+    /// Indices found replaced. It sticks until the process restarts: the
+    /// writes that found it were applied to the stray index, so their
+    /// retries answer `updated` and would otherwise pass unchecked.
+    replaced: Mutex<HashMap<String, Stall>>,
 }
 
 /// Whether a get-mapping answer lacks a field of [`meta_mapping`] under
@@ -121,6 +131,8 @@ impl Search {
         Ok(Search {
             client: OpenSearch::new(transport),
             url: tidemark_schemas::config::redact_url(&config.url),
+            uuids: Mutex::default(),
+            replaced: Mutex::default(),
         })
     }
 
@@ -236,6 +248,9 @@ impl Search {
             let text = response.text().await.unwrap_or_default();
             if status.is_success() {
                 info!(table = %mapping.qualified(), index = %index, "created index");
+                self.remember_uuid(index).await.map_err(|e| {
+                    anyhow::anyhow!("{}: cannot read the index's uuid: {e}", what())
+                })?;
                 return Ok(());
             }
             // Another consumer of the group may have created it meanwhile.
@@ -294,7 +309,95 @@ impl Search {
         } else if lacks_meta_field(&mappings) {
             self.add_meta_fields(&mapping.qualified(), index).await;
         }
+        self.remember_uuid(index)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: cannot read the index's uuid: {e}", what()))?;
         Ok(())
+    }
+
+    /// The uuid of `index` (of the index behind it, for an alias), `None`
+    /// when there is none.
+    async fn index_uuid(&self, index: &str) -> Result<Option<String>, SearchError> {
+        let response = self
+            .client
+            .indices()
+            .get_settings(IndicesGetSettingsParts::IndexName(
+                &[index],
+                &["index.uuid"],
+            ))
+            .flat_settings(true)
+            .send()
+            .await
+            .map_err(|e| SearchError::Transport(e.to_string()))?;
+        if response.status_code() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let answer: Value = successful(response)
+            .await?
+            .json()
+            .await
+            .map_err(|e| SearchError::Transport(format!("unreadable settings answer: {e}")))?;
+        Ok(answer
+            .as_object()
+            .and_then(|m| m.values().next())
+            .and_then(|i| i["settings"]["index.uuid"].as_str())
+            .map(str::to_owned))
+    }
+
+    /// Remembers the uuid `index` has now, as the one this process writes.
+    async fn remember_uuid(&self, index: &str) -> Result<(), SearchError> {
+        if let Some(uuid) = self.index_uuid(index).await? {
+            crate::apply::lock(&self.uuids).insert(index.to_owned(), uuid);
+        }
+        Ok(())
+    }
+
+    /// `Ok` while `index` is still the index this process first saw; a
+    /// stall when it was deleted and created again (or cannot be checked).
+    pub async fn same_index(&self, index: &str) -> Result<(), Stall> {
+        if let Some(stall) = self.found_replaced(index) {
+            return Err(stall);
+        }
+        let now = match self.index_uuid(index).await {
+            Ok(now) => now,
+            Err(e) => {
+                return Err(Stall {
+                    cause: if e.retryable() {
+                        Cause::Unreachable
+                    } else {
+                        Cause::RequestRefused
+                    },
+                    detail: format!("cannot read the uuid of index {index}: {e}"),
+                });
+            }
+        };
+        let mut uuids = crate::apply::lock(&self.uuids);
+        let (Some(now), Some(known)) = (now.as_ref(), uuids.get(index)) else {
+            if let Some(now) = now {
+                uuids.insert(index.to_owned(), now);
+            }
+            return Ok(());
+        };
+        if now == known {
+            return Ok(());
+        }
+        let stall = Stall {
+            cause: Cause::IndexReplaced,
+            detail: format!(
+                "index {index} was deleted and created again (uuid {known} -> {now}), e.g. by \
+                 action.auto_create_index with dynamic mappings; nothing written to it since is \
+                 committed. Delete it and restart the consumer to create it with its mappings, \
+                 then repair with tidemark-replay audit --repair (or restart to keep it as it is)"
+            ),
+        };
+        drop(uuids);
+        crate::apply::lock(&self.replaced).insert(index.to_owned(), stall.clone());
+        Err(stall)
+    }
+
+    /// The stall of an index found replaced earlier, if it was.
+    pub fn found_replaced(&self, index: &str) -> Option<Stall> {
+        crate::apply::lock(&self.replaced).get(index).cloned()
     }
 
     /// Adds `_tidemark` fields that an index made by an earlier version

@@ -240,6 +240,9 @@ async fn a_redelivered_old_event_changes_nothing() {
         .find(|r| r.event.after.as_ref().is_some_and(|a| a["title"] == "v1"))
         .expect("the v1 insert");
     let payload = serde_json::to_vec(&old.raw).expect("payload");
+    // A redelivery is the record as the producer wrote it, key included (a
+    // record whose key does not match its event is a dead letter).
+    let key = tidemark_schemas::record_key(&old.event.source, &old.event.key);
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &p.stack.kafka_brokers)
         .create()
@@ -248,6 +251,7 @@ async fn a_redelivered_old_event_changes_nothing() {
         .send(
             BaseRecord::<[u8], [u8]>::to(&p.topic(&table))
                 .partition(old.partition)
+                .key(&key[..])
                 .payload(&payload[..]),
         )
         .map_err(|(e, _)| e)

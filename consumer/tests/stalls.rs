@@ -348,3 +348,82 @@ async fn a_rebalance_while_stalled_hands_the_partitions_over_at_once() {
     second.stop();
     p.cleanup(&[&table]).await;
 }
+
+/// An index deleted under a running consumer is not silently made again by
+/// `action.auto_create_index` with dynamic mappings: the first write that
+/// lands in the new index stalls (`index_replaced`), uncommitted. The
+/// operator's fix (delete the stray index, restart) re-applies those writes
+/// into an index made with Tidemark's mappings.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_index_is_not_silently_made_again_with_dynamic_mappings() {
+    let mut p = Pipeline::new("c_replaced").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, title text", "")
+        .await;
+    p.start_producer().await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    let index = p.index(&table);
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 't' || g FROM generate_series(1, 10) g"
+    ))
+    .await
+    .expect("rows");
+    p.wait_converged(&table, 60, &[&consumer]).await;
+    p.index_admin(Method::Delete, &format!("/{index}"), None)
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 't' || g FROM generate_series(11, 20) g"
+    ))
+    .await
+    .expect("rows after the delete");
+    let seen = p
+        .watch_stall(&mut consumer, &index, "index_replaced", 10)
+        .await;
+    assert!(
+        seen.unready,
+        "/readyz never said index_replaced:\n{}",
+        consumer.log()
+    );
+    assert!(seen.gauge);
+    assert_eq!(p.dead_letter_count(), 0);
+    // The operator removes the stray index and restarts the consumer.
+    consumer.stop();
+    p.index_admin(Method::Delete, &format!("/{index}"), None)
+        .await;
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids: Vec<i64> = p
+            .docs(&index)
+            .await
+            .keys()
+            .filter_map(|k| k.parse().ok())
+            .collect();
+        if ids.len() == 10 && ids.iter().all(|id| (11..=20).contains(id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ids {ids:?}\n{}", consumer.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Made by the consumer: `_tidemark.key` is stored but not indexed.
+    let mapping =
+        p.os.indices()
+            .get_mapping(opensearch::indices::IndicesGetMappingParts::Index(&[
+                &index,
+            ]))
+            .send()
+            .await
+            .expect("mapping")
+            .json::<Value>()
+            .await
+            .expect("mapping json");
+    assert_eq!(
+        mapping[&index]["mappings"]["properties"]["_tidemark"]["properties"]["key"]["enabled"],
+        json!(false),
+        "{mapping}"
+    );
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}
