@@ -415,10 +415,11 @@ impl Applier {
                     || matches!(verdict, Item::Applied(Some(r)) if r == "created");
                 let index = indices[p.index].as_str();
                 let check = creates || self.search.found_replaced(index).is_some();
-                if check && !stalls.iter().any(|(i, _)| *i == index) {
-                    if let Err(stall) = self.search.same_index(index).await {
-                        stalls.push((index, stall));
-                    }
+                if check
+                    && !stalls.iter().any(|(i, _)| *i == index)
+                    && let Err(stall) = self.search.same_index(index).await
+                {
+                    stalls.push((index, stall));
                 }
             }
             let replaced = stalls.len();
