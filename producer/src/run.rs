@@ -11,6 +11,11 @@
 //!    drop the slot and start over. If it is missing, record "snapshot
 //!    started" first, then create it with an exported snapshot, read every
 //!    table at that snapshot, and record "snapshot complete".
+//!
+//!    Before any of that, the history must be unbroken (`state::history_gap`):
+//!    a slot gone after it had streamed, another cluster, or a new timeline
+//!    stops start-up with what was lost and the fix, unless `--resnapshot`
+//!    asks for a new snapshot over the gap, which is then recorded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +35,7 @@ use crate::source::{
     self, CatalogTable, ConnInfo, SESSION_OPTIONS, SourceError, check_server, describe_table,
     ensure_publication, quote_ident, slot_state,
 };
-use crate::state::{SlotProgress, StateStore};
+use crate::state::{HistoryGap, SlotProgress, StateStore, history_gap};
 use crate::stream::{Stream, StreamError};
 
 /// How long start-up waits for an active slot to be released before
@@ -61,6 +66,43 @@ pub enum RunError {
     },
     #[error("CREATE_REPLICATION_SLOT for {slot} returned no {what}")]
     SlotCreation { slot: String, what: &'static str },
+    #[error(
+        "the change history of slot {slot} has a gap: {what}. Tidemark had confirmed changes up to \
+         {last_confirmed}; what happened after that was never read, so rows changed or deleted since \
+         may be wrong in the index. To recover: start tidemark-producer once with --resnapshot (it takes \
+         a new snapshot of every table and records the gap in the state topic), then run \
+         `tidemark-replay audit --repair --yes` for the tables, which removes the documents of rows \
+         deleted during the gap"
+    )]
+    HistoryGap {
+        slot: String,
+        what: String,
+        last_confirmed: String,
+    },
+}
+
+/// How the producer starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Take a new snapshot over a gap in the history (see [`RunError::HistoryGap`])
+    /// instead of refusing to start.
+    pub resnapshot: bool,
+}
+
+/// The cluster and timeline that answer now.
+struct Server {
+    system_id: String,
+    timeline: u32,
+}
+
+/// IDENTIFY_SYSTEM, on a replication session of its own that never starts.
+async fn identify(config: ReplicationConfig) -> Result<Server, RunError> {
+    let mut session = ReplicationClient::connect_gated(config).await?;
+    let answer = session.identify_system().await?;
+    Ok(Server {
+        system_id: answer.system_id,
+        timeline: answer.timeline,
+    })
 }
 
 /// The start-up checks alone (`tidemark-producer --check`): PostgreSQL,
@@ -81,6 +123,16 @@ pub async fn check(config: &Config) -> Result<(), RunError> {
 /// Runs the producer until `shutdown` turns true or an error stops it.
 pub async fn run(
     config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    run_with(config, StartOptions::default(), metrics, shutdown).await
+}
+
+/// [`run`], started as `options` say.
+pub async fn run_with(
+    config: Config,
+    options: StartOptions,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
@@ -117,8 +169,46 @@ pub async fn run(
         &config.kafka.brokers,
         &config.kafka.state_topic(),
     ));
-    let recorded = state.load(&slot).await?;
+    let mut recorded = state.load(&slot).await?;
     let mut existing = released_slot_state(&sql, &slot, &conn.database).await?;
+    let server = identify(replication_config(&conn, &config)).await?;
+    let mut gap = None;
+    if let Some(progress) = &recorded
+        && let Some(what) = history_gap(
+            progress,
+            existing.is_some(),
+            &server.system_id,
+            server.timeline,
+        )
+    {
+        let last_confirmed = progress.confirmed_lsn.or(progress.snapshot_lsn);
+        if !options.resnapshot {
+            return Err(RunError::HistoryGap {
+                slot,
+                what,
+                last_confirmed: last_confirmed
+                    .map_or_else(|| "nothing".to_owned(), |l| l.to_string()),
+            });
+        }
+        warn!(slot, last_confirmed = ?last_confirmed, gap = %what,
+              "gap in the change history: taking a new snapshot (--resnapshot)");
+        if existing.is_some() {
+            drop_slot(&sql, &slot).await?;
+            existing = None;
+        }
+        recorded = None;
+        gap = Some(HistoryGap {
+            what,
+            last_confirmed,
+            resnapshot_lsn: None,
+            at: jiff::Timestamp::now().to_string(),
+        });
+    } else if options.resnapshot {
+        info!(
+            slot,
+            "--resnapshot given, but the history has no gap: starting as usual"
+        );
+    }
 
     if let (Some(_), Some(progress)) = (&existing, &recorded)
         && !progress.snapshot_complete
@@ -157,27 +247,35 @@ pub async fn run(
                         snapshot_complete: true,
                         snapshot_lsn: None,
                         confirmed_lsn: Some(slot_now.confirmed_flush),
+                        system_id: None,
+                        timeline: None,
+                        gap: None,
                     }
                 }
             };
             info!(slot, lsn = %slot_now.confirmed_flush, "resuming from the slot");
             let repl = ReplicationClient::connect(repl_config).await?;
+            let progress = SlotProgress {
+                system_id: Some(server.system_id),
+                timeline: Some(server.timeline),
+                ..progress
+            };
             (repl, progress)
         }
         None => {
             if !config.producer.create_slot {
                 return Err(SourceError::NoSlot { slot }.into());
             }
-            create_and_snapshot(
-                &config,
-                &conn,
-                &tables,
-                &sink,
-                &state,
-                &metrics,
-                repl_config,
-            )
-            .await?
+            let first = SlotProgress {
+                slot: slot.clone(),
+                snapshot_complete: false,
+                snapshot_lsn: None,
+                confirmed_lsn: None,
+                system_id: Some(server.system_id),
+                timeline: Some(server.timeline),
+                gap,
+            };
+            create_and_snapshot(&config, &conn, &tables, &sink, &state, &metrics, first).await?
         }
     };
 
@@ -261,18 +359,12 @@ async fn create_and_snapshot(
     sink: &Arc<Sink>,
     state: &StateStore,
     metrics: &Arc<Metrics>,
-    repl_config: ReplicationConfig,
+    mut progress: SlotProgress,
 ) -> Result<(ReplicationClient, SlotProgress), RunError> {
     let slot = config.producer.slot.clone();
     // Recorded before the slot exists: a crash from here on is recognised.
-    let mut progress = SlotProgress {
-        slot: slot.clone(),
-        snapshot_complete: false,
-        snapshot_lsn: None,
-        confirmed_lsn: None,
-    };
     state.save(&progress).await?;
-    let mut repl = ReplicationClient::connect_gated(repl_config).await?;
+    let mut repl = ReplicationClient::connect_gated(replication_config(conn, config)).await?;
     let snapshot_mode = if config.producer.snapshot {
         "export"
     } else {
@@ -302,6 +394,11 @@ async fn create_and_snapshot(
             })?;
     info!(slot, lsn = %consistent_point, "created replication slot");
     progress.snapshot_lsn = Some(consistent_point);
+    if let Some(gap) = &mut progress.gap {
+        gap.resnapshot_lsn = Some(consistent_point);
+        warn!(slot, lsn = %consistent_point, last_confirmed = ?gap.last_confirmed,
+              "new snapshot over the gap in the history; documents it does not rewrite are older than its LSN");
+    }
     if config.producer.snapshot {
         let snapshot_name = text(2).ok_or_else(|| RunError::SlotCreation {
             slot: slot.clone(),

@@ -11,6 +11,12 @@
 //!   PostgreSQL the producer records the LSN it is about to confirm, so the
 //!   slot can never be ahead of the record unless another reader consumed
 //!   it, which would mean changes never reached Kafka.
+//! - Is the history unbroken? The record names the cluster (system
+//!   identifier) and timeline the slot's changes came from. A slot that is
+//!   gone while the record says it had streamed, another cluster, or a new
+//!   timeline (a failover, a point-in-time restore) is a gap: changes may
+//!   never have been read. [`history_gap`] is that rule; start-up refuses
+//!   such a gap unless told to take a new snapshot over it.
 
 use std::time::Duration;
 
@@ -36,6 +42,70 @@ pub struct SlotProgress {
     /// The highest LSN confirmed (or about to be) to PostgreSQL.
     #[serde(default)]
     pub confirmed_lsn: Option<Lsn>,
+    /// The cluster the slot's changes come from (IDENTIFY_SYSTEM). Absent in
+    /// records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<String>,
+    /// The server's timeline when the record was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// The last gap in the history a new snapshot was taken over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<HistoryGap>,
+}
+
+/// A gap in the change history, as recorded when a new snapshot was taken
+/// over it (`tidemark-producer --resnapshot`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryGap {
+    /// What was lost.
+    pub what: String,
+    /// The last position Tidemark had confirmed before the gap.
+    pub last_confirmed: Option<Lsn>,
+    /// The LSN the new snapshot is consistent at (the documents it did not
+    /// rewrite are older than it).
+    #[serde(default)]
+    pub resnapshot_lsn: Option<Lsn>,
+    /// When the new snapshot was started (RFC 3339).
+    pub at: String,
+}
+
+/// Whether the history recorded in `progress` goes on unbroken on the server
+/// that answers now (`system_id`, `timeline`), with the slot present or not;
+/// else what was lost. A record from before identities were kept checks only
+/// the slot.
+pub fn history_gap(
+    progress: &SlotProgress,
+    slot_exists: bool,
+    system_id: &str,
+    timeline: u32,
+) -> Option<String> {
+    if let Some(recorded) = &progress.system_id
+        && recorded != system_id
+    {
+        return Some(format!(
+            "PostgreSQL's system identifier is {system_id}, not {recorded} as when slot {} streamed: \
+             this is another cluster (restored from a backup, rebuilt, or the wrong server)",
+            progress.slot
+        ));
+    }
+    if let Some(recorded) = progress.timeline
+        && recorded != timeline
+    {
+        return Some(format!(
+            "PostgreSQL is on timeline {timeline}, not {recorded} as when slot {} streamed: a \
+             failover or a point-in-time restore, whose history may lack changes Kafka already has",
+            progress.slot
+        ));
+    }
+    if !slot_exists && progress.snapshot_complete {
+        return Some(format!(
+            "replication slot {} is gone (dropped, or lost in a failover: PostgreSQL 15 does not \
+             copy slots to standbys)",
+            progress.slot
+        ));
+    }
+    None
 }
 
 pub struct StateStore {
@@ -149,5 +219,51 @@ fn read_latest(brokers: &str, topic: &str, slot: &str) -> Result<Option<SlotProg
         if message.offset() + 1 >= high {
             return Ok(latest);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress() -> SlotProgress {
+        SlotProgress {
+            slot: "s".into(),
+            snapshot_complete: true,
+            snapshot_lsn: Some(Lsn(16)),
+            confirmed_lsn: Some(Lsn(32)),
+            system_id: Some("7400".into()),
+            timeline: Some(1),
+            gap: None,
+        }
+    }
+
+    #[test]
+    fn the_history_is_unbroken_only_on_the_same_cluster_timeline_and_slot() {
+        assert_eq!(history_gap(&progress(), true, "7400", 1), None);
+        let lost = history_gap(&progress(), false, "7400", 1).expect("slot gone");
+        assert!(lost.contains("replication slot s is gone"), "{lost}");
+        let other = history_gap(&progress(), true, "9999", 1).expect("other cluster");
+        assert!(
+            other.contains("system identifier is 9999, not 7400"),
+            "{other}"
+        );
+        let failover = history_gap(&progress(), false, "7400", 2).expect("new timeline");
+        assert!(failover.contains("timeline 2, not 1"), "{failover}");
+        // An interrupted first snapshot is no gap: it is taken again.
+        let mut first = progress();
+        first.snapshot_complete = false;
+        assert_eq!(history_gap(&first, false, "7400", 1), None);
+    }
+
+    #[test]
+    fn records_from_before_identities_still_parse_and_check_the_slot() {
+        let old: SlotProgress = serde_json::from_str(
+            r#"{"slot":"s","snapshot_complete":true,"snapshot_lsn":"0/10","confirmed_lsn":"0/20"}"#,
+        )
+        .expect("an old record");
+        assert_eq!(old.system_id, None);
+        assert_eq!(history_gap(&old, true, "anything", 7), None);
+        assert!(history_gap(&old, false, "anything", 7).is_some());
     }
 }

@@ -478,3 +478,101 @@ async fn refused_record_stops_the_stream_and_is_resent_after_the_fix() {
     h.stop(producer, 1);
     h.cleanup(&[&table]).await;
 }
+
+/// A slot dropped while the producer was stopped is a gap in the history:
+/// the restart refuses (exit 2) naming the last confirmed LSN and the fix,
+/// instead of silently taking a new snapshot and leaving the rows deleted
+/// during the gap in the index for good. `--resnapshot` then takes the new
+/// snapshot and records the gap in the state topic, with both LSNs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_is_refused_then_resnapshotted_on_request() {
+    let h = Harness::new("lostslot").await;
+    let table = h.table("rows");
+    h.create_table(&table, "id int PRIMARY KEY, v text").await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'v' FROM generate_series(1, 20) g"
+    ))
+    .await
+    .expect("seed");
+    let config = h.config(&[&table], "");
+    let topic = h.topic(&table);
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    h.pg.batch_execute(&format!("UPDATE {table} SET v = 'w' WHERE id = 1"))
+        .await
+        .expect("a streamed change");
+    h.read_until(&topic, |r| r.len() >= 21);
+    let confirmed = h.current_wal_lsn().await;
+    h.wait_slot_confirmed(&confirmed, 0).await;
+    h.stop(producer, 0);
+    tidemark_testkit::topics::drop_slot(&h.pg, &h.name).await;
+    h.pg.batch_execute(&format!("DELETE FROM {table} WHERE id <= 10"))
+        .await
+        .expect("deletes during the gap");
+
+    let log = run_expecting_failure(&h, &config, 1);
+    assert!(
+        log.contains(&format!("replication slot {} is gone", h.name)),
+        "{log}"
+    );
+    assert!(
+        log.contains("Tidemark had confirmed changes up to"),
+        "{log}"
+    );
+    assert!(
+        log.contains("--resnapshot") && log.contains("audit --repair"),
+        "{log}"
+    );
+    let before = tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &topic);
+    assert_eq!(before, 21, "the refused start sent nothing");
+
+    let mut producer = h.start_with(&config, 2, &["--resnapshot"]);
+    h.wait_ready(&mut producer, 2).await;
+    // The 10 rows left, snapshotted again.
+    let records = h.read_until(&topic, |r| r.len() >= 31);
+    // Partitions interleave: tell the two snapshots apart by their LSN.
+    let mut snapshots: BTreeMap<tidemark_schemas::Lsn, Vec<i64>> = BTreeMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.event.op == tidemark_schemas::Operation::Snapshot)
+    {
+        snapshots
+            .entry(r.event.commit_lsn)
+            .or_default()
+            .push(r.event.key["id"].as_i64().expect("id"));
+    }
+    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    let (snapshot_lsn, mut ids) = snapshots.pop_last().expect("the new snapshot");
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (11..=20).collect::<Vec<i64>>(),
+        "the rows left, snapshotted again"
+    );
+    h.stop(producer, 2);
+    let state_topic = format!("{}.state", h.name);
+    let count = tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &state_topic);
+    let records: Vec<serde_json::Value> =
+        support::read_raw(&h.stack.kafka_brokers, &state_topic, count as usize)
+            .iter()
+            .map(|r| serde_json::from_slice(r).expect("state record JSON"))
+            .collect();
+    let latest = records.last().expect("a state record");
+    assert_eq!(
+        latest["gap"]["resnapshot_lsn"],
+        snapshot_lsn.to_string(),
+        "{latest}"
+    );
+    assert!(latest["gap"]["last_confirmed"].is_string(), "{latest}");
+    assert!(
+        latest["gap"]["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("is gone")),
+        "{latest}"
+    );
+    assert!(
+        latest["system_id"].is_string() && latest["timeline"].is_u64(),
+        "{latest}"
+    );
+    h.cleanup(&[&table]).await;
+}

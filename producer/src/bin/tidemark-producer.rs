@@ -38,6 +38,14 @@ struct Args {
     /// Check the config, PostgreSQL and Kafka, then exit without streaming.
     #[arg(long)]
     check: bool,
+    /// When the change history has a gap (the slot is gone after it had
+    /// streamed, another PostgreSQL cluster, a new timeline after a failover
+    /// or restore), take a new snapshot of every table instead of refusing to
+    /// start. The gap is recorded in the state topic. Afterwards run
+    /// `tidemark-replay audit --repair --yes` to remove documents of rows
+    /// deleted during the gap.
+    #[arg(long)]
+    resnapshot: bool,
 }
 
 fn main() -> ExitCode {
@@ -89,7 +97,10 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
         info!("signal received; shutting down");
         let _ = stop.send(true);
     });
-    let result = tidemark_producer::run::run(config, metrics, shutdown).await;
+    let options = tidemark_producer::run::StartOptions {
+        resnapshot: args.resnapshot,
+    };
+    let result = tidemark_producer::run::run_with(config, options, metrics, shutdown).await;
     http.abort();
     result.map_err(Into::into)
 }

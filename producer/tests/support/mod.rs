@@ -115,11 +115,17 @@ impl Harness {
 
     /// Starts the producer binary; its log goes to `<dir>/producer-<n>.log`.
     pub fn start(&self, config: &PathBuf, run: usize) -> Producer {
+        self.start_with(config, run, &[])
+    }
+
+    /// [`Harness::start`] with more command-line arguments.
+    pub fn start_with(&self, config: &PathBuf, run: usize, args: &[&str]) -> Producer {
         let log =
             std::fs::File::create(self.dir.join(format!("producer-{run}.log"))).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_tidemark-producer"))
             .arg("--config")
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info,tidemark_producer=debug")
             .env_remove("TIDEMARK_KAFKA_BROKERS")
             .env_remove("TIDEMARK_POSTGRES_URL")
