@@ -7,12 +7,15 @@
 //! target and counts first and needs `--dry-run` or an explicit confirmation.
 //!
 //! Modules: `window` (repair a time window, source and log mode), `audit`
-//! (source against index) and `merge` (its key-ordered merge), `history` (a
+//! (source against index) and `merge` (its key-ordered merge),
+//! `dead_letters` (list the dead-letter topic, gather keys to repair),
+//! `history` (a
 //! row's changes from Kafka), `runs` (the record of every run), `keys` (key
 //! arguments -> the producer's key object), `time` (RFC 3339 and relative
 //! times).
 
 pub mod audit;
+pub mod dead_letters;
 pub mod history;
 pub mod keys;
 pub mod merge;

@@ -692,3 +692,29 @@ impl Pipeline {
         assert!(status.is_success(), "{path}: {status} {text}");
     }
 }
+
+impl Pipeline {
+    /// Runs `tidemark-replay` with this pipeline's config: exit code,
+    /// standard output, standard error. Only replay's own tests know the
+    /// binary.
+    pub fn run_replay(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let Some(binary) = option_env!("CARGO_BIN_EXE_tidemark-replay") else {
+            panic!("the replay binary is only known to the replay crate's tests");
+        };
+        let config = self.dir.join("replay.toml");
+        std::fs::write(&config, self.config_text(1, "")).expect("config");
+        let output = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("TIDEMARK_KAFKA_BROKERS")
+            .env_remove("TIDEMARK_OPENSEARCH_URL")
+            .output()
+            .expect("run tidemark-replay");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}

@@ -131,6 +131,34 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Lists what the dead-letter topic holds: time, stage, table, key,
+    /// reason and origin (never row contents). With --repair, once the
+    /// cause is fixed (a mapping, say), re-applies those keys through
+    /// window's source mode: rows read at an exported snapshot, written at
+    /// its LSN, vanished rows deleted; a dry run without --yes; recorded in
+    /// the runs index. Exit 0 listed (or repaired), 1 none found (or some
+    /// still differ), 2 error.
+    DeadLetters {
+        /// Only dead letters set aside at or after this time: RFC 3339 or
+        /// relative (-2h, -1d).
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
+        /// Only this table (schema.table).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only dead letters whose reason contains this text
+        /// (case-insensitive), e.g. mapper_parsing_exception.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Repair the keys of the dead letters listed.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: write.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,6 +209,31 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = Config::from_toml(&text, |name| std::env::var(name).ok())
         .with_context(|| format!("config file {}", path.display()))?;
     match args.command {
+        Command::DeadLetters {
+            since,
+            table,
+            reason,
+            repair,
+            yes,
+            format,
+        } => {
+            let now = jiff::Timestamp::now();
+            let since_ms = since
+                .map(|s| time::parse_time(&s, now).map_err(|e| anyhow::anyhow!("--since {e}")))
+                .transpose()?
+                .map(|t| t.as_millisecond());
+            if let Some(t) = &table
+                && !config.tables.iter().any(|c| &c.table == t)
+            {
+                anyhow::bail!("--table {t}: not in the config's [[tables]]");
+            }
+            let filter = tidemark_replay::dead_letters::Filter {
+                since_ms,
+                table,
+                reason,
+            };
+            dead_letters(&config, &filter, repair, yes, format).await
+        }
         Command::Window {
             from,
             to,
@@ -646,21 +699,135 @@ async fn repair_drift(
     client: &mut tokio_postgres::Client,
     write: bool,
 ) -> anyhow::Result<ExitCode> {
+    let sets: Vec<(String, Vec<(String, tidemark_schemas::Row)>)> = reports
+        .iter()
+        .filter(|r| r.drifted() > 0)
+        .map(|r| (r.table.clone(), r.drifted_keys.clone()))
+        .collect();
+    repair_keys(
+        config,
+        &sets,
+        client,
+        write,
+        "audit --repair",
+        "drifted documents",
+    )
+    .await
+}
+
+/// Lists dead letters; with `repair`, feeds their keys to window's source
+/// mode, then checks them again.
+async fn dead_letters(
+    config: &Config,
+    filter: &tidemark_replay::dead_letters::Filter,
+    repair: bool,
+    write: bool,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::dead_letters;
+    let topic = config.kafka.dead_letter_topic();
+    let brokers = config.kafka.brokers.clone();
+    let scan_filter = filter.clone();
+    let scan_topic = topic.clone();
+    // librdkafka's calls block; the scan runs beside the runtime.
+    let letters = tokio::task::spawn_blocking(move || {
+        dead_letters::list(&brokers, &scan_topic, &scan_filter)
+    })
+    .await
+    .context("dead-letter scan task")??;
+    match format {
+        Format::Text => print!("{}", dead_letters::render_text(&letters)),
+        Format::Json => println!(
+            "{:#}",
+            serde_json::json!({"topic": topic, "dead_letters": letters})
+        ),
+    }
+    if letters.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    if !repair {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mut sets = Vec::new();
+    for (table, keys) in dead_letters::keys_by_table(&letters) {
+        let Some((schema, name)) = table.split_once('.') else {
+            continue;
+        };
+        let Some(mapping) = mappings.get(schema, name) else {
+            eprintln!("{table}: not in the config's [[tables]]; its dead letters are left out");
+            continue;
+        };
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in keys {
+            match mapping.doc_id(&key) {
+                Ok(id) => ids.push((id, key)),
+                Err(e) => eprintln!("{e}; that dead letter is left out"),
+            }
+        }
+        sets.push((table, ids));
+    }
+    let unkeyed = letters.len()
+        - letters
+            .iter()
+            .filter(|d| d.table.is_some() && d.key.is_some())
+            .count();
+    if unkeyed > 0 {
+        eprintln!(
+            "{unkeyed} dead letters name no table and key (payloads that were not change events): nothing to repair from them"
+        );
+    }
+    let mut client = ConnInfo::from_config(config)?
+        .connect("tidemark-dead-letters")
+        .await?;
+    repair_keys(
+        config,
+        &sets,
+        &mut client,
+        write,
+        "dead-letters --repair",
+        "dead-lettered keys",
+    )
+    .await
+}
+
+/// The one repair path of audit and dead letters: prints the target, feeds
+/// each table's keys (document id, key) to window's source mode, checks
+/// them again after a real run, and records the run. Exit 0 when nothing
+/// differs any more.
+async fn repair_keys(
+    config: &Config,
+    sets: &[(String, Vec<(String, tidemark_schemas::Row)>)],
+    client: &mut tokio_postgres::Client,
+    write: bool,
+    command: &str,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
     use tidemark_replay::window;
     let search = std::sync::Arc::new(tidemark_consumer::search::Search::connect(
         config.opensearch()?,
     )?);
     let cluster = search.info().await?;
     let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let targets: Vec<(
+        &tidemark_consumer::mapping::TableMapping,
+        &Vec<(String, tidemark_schemas::Row)>,
+    )> = sets
+        .iter()
+        .filter(|(_, keys)| !keys.is_empty())
+        .filter_map(|(table, keys)| {
+            let (schema, name) = table.split_once('.')?;
+            Some((mappings.get(schema, name)?, keys))
+        })
+        .collect();
     eprintln!(
-        "repair target: OpenSearch cluster {} ({}), {} drifted documents in {}; {}",
+        "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}",
         cluster.cluster_name,
         cluster.cluster_uuid,
-        reports.iter().map(|r| r.drifted()).sum::<u64>(),
-        reports
+        targets.iter().map(|(_, keys)| keys.len()).sum::<usize>(),
+        targets
             .iter()
-            .filter(|r| r.drifted() > 0)
-            .map(|r| r.index.as_str())
+            .map(|(m, _)| m.index.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         if write {
@@ -679,28 +846,20 @@ async fn repair_drift(
     let started = jiff::Timestamp::now();
     let mut results = Vec::new();
     let mut still = 0;
-    for report in reports.iter().filter(|r| r.drifted() > 0) {
-        let Some((schema, name)) = report.table.split_once('.') else {
-            continue;
-        };
-        let Some(mapping) = mappings.get(schema, name) else {
-            continue;
-        };
-        let keys = window::WindowKeys::from_keys(&report.drifted_keys)?;
-        results.push(window::run_table(&job, mapping, &keys).await?);
+    for (mapping, keys) in targets {
+        let window_keys = window::WindowKeys::from_keys(keys.iter())?;
+        results.push(window::run_table(&job, mapping, &window_keys).await?);
         if write {
-            still +=
-                tidemark_replay::audit::recheck(client, &search, mapping, &report.drifted_keys)
-                    .await?;
+            still += tidemark_replay::audit::recheck(client, &search, mapping, keys).await?;
         }
     }
     print!("{}", window::render_text(&results, write));
     if write {
-        println!("after the repair: {still} of the drifted documents still differ");
+        println!("after the repair: {still} of the {what} still differ");
     }
     let (user, host) = tidemark_replay::runs::who();
     let record = tidemark_replay::runs::RunRecord {
-        command: "audit --repair".into(),
+        command: command.into(),
         user,
         host,
         started: started.to_string(),

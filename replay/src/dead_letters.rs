@@ -1,0 +1,271 @@
+//! The way back from the dead-letter topic: list what was set aside (time,
+//! stage, table, key, reason, origin), and gather the keys to repair.
+//!
+//! A dead letter never holds row contents, only where the record came from
+//! and why it was set aside. So a repair does not re-send anything from the
+//! dead-letter topic: once the cause is fixed (a mapping, say), the rows of
+//! those keys are read again from PostgreSQL at an exported snapshot and
+//! written through window's source mode, like every other repair.
+//!
+//! The topic is read from `--since` (via `offsets_for_times`, a minute
+//! early as window does) to its end as of the start; memory holds the
+//! matching dead letters only.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use serde_json::Value;
+use tidemark_schemas::Row;
+
+use crate::window::scanner_config;
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One dead letter, as listed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    /// When it was set aside (the record's Kafka timestamp), RFC 3339.
+    pub time: String,
+    /// `producer` or `consumer`.
+    pub stage: String,
+    /// schema.table, when known (a payload that was not a change event has
+    /// none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<Row>,
+    pub reason: String,
+    /// Where the record was: topic/partition/offset (consumer) or the LSN
+    /// (producer).
+    pub origin: String,
+}
+
+/// What to list.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub since_ms: Option<i64>,
+    pub table: Option<String>,
+    /// A piece of the reason, case-insensitive.
+    pub reason: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, letter: &DeadLetter) -> bool {
+        let table = self
+            .table
+            .as_ref()
+            .is_none_or(|t| letter.table.as_ref() == Some(t));
+        let reason = self
+            .reason
+            .as_ref()
+            .is_none_or(|r| letter.reason.to_lowercase().contains(&r.to_lowercase()));
+        table && reason
+    }
+}
+
+/// A dead-letter record's payload as the producer and the consumer write
+/// it; `None` for what is not one.
+pub fn parse(payload: &[u8], timestamp_ms: Option<i64>) -> Option<DeadLetter> {
+    let body: Value = serde_json::from_slice(payload).ok()?;
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let origin = match &body["origin"] {
+        Value::Object(o) => format!(
+            "{}/{}/{}",
+            o.get("topic").and_then(Value::as_str).unwrap_or("?"),
+            o.get("partition").map(Value::to_string).unwrap_or_default(),
+            o.get("offset").map(Value::to_string).unwrap_or_default()
+        ),
+        _ => match text(&body["lsn"]).or_else(|| text(&body["commit_lsn"])) {
+            Some(lsn) => format!("lsn {lsn}"),
+            None => "?".to_owned(),
+        },
+    };
+    let time = timestamp_ms
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Some(DeadLetter {
+        time,
+        stage: text(&body["stage"]).unwrap_or_else(|| "?".into()),
+        table: text(&body["table"]),
+        key: body["key"].as_object().cloned(),
+        reason: text(&body["reason"]).unwrap_or_default(),
+        origin,
+    })
+}
+
+/// The dead letters in `topic` that `filter` keeps, oldest first by
+/// partition and offset.
+pub fn list(brokers: &str, topic: &str, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+    let consumer: BaseConsumer =
+        scanner_config(brokers, "tidemark-replay-dead-letters").create()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
+        })?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
+    let mut ends = std::collections::HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    let starts = match filter.since_ms {
+        Some(since) => {
+            let mut query = TopicPartitionList::new();
+            for p in 0..partitions {
+                query.add_partition_offset(topic, p, Offset::Offset(since - 60_000))?;
+            }
+            Some(consumer.offsets_for_times(query, KAFKA_TIMEOUT)?)
+        }
+        None => None,
+    };
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
+            .map_err(|e| anyhow::anyhow!("{topic} partition {p}: cannot read offsets: {e}"))?;
+        let start = match starts
+            .as_ref()
+            .and_then(|s| s.find_partition(topic, p))
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => o.max(low),
+            Some(Offset::End) => high,
+            _ => low,
+        };
+        if start < high {
+            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+            ends.insert(p, high);
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&assignment)?;
+    while !ends.is_empty() {
+        let Some(message) = consumer.poll(Duration::from_secs(1)) else {
+            continue;
+        };
+        let message = message.map_err(|e| anyhow::anyhow!("reading {topic}: {e}"))?;
+        let partition = message.partition();
+        if ends
+            .get(&partition)
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&partition);
+        }
+        let timestamp = message.timestamp().to_millis();
+        if let (Some(since), Some(ts)) = (filter.since_ms, timestamp)
+            && ts < since
+        {
+            continue;
+        }
+        if let Some(letter) = message
+            .payload()
+            .and_then(|payload| parse(payload, timestamp))
+            && filter.keeps(&letter)
+        {
+            out.push(letter);
+        }
+    }
+    std::thread::spawn(move || drop(consumer));
+    Ok(out)
+}
+
+/// Text for a terminal: one line per dead letter.
+pub fn render_text(letters: &[DeadLetter]) -> String {
+    let mut out = format!("{} dead letters\n", letters.len());
+    for d in letters {
+        let key = d
+            .key
+            .as_ref()
+            .map(|k| Value::Object(k.clone()).to_string())
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{}  {:<8}  {}  {}  {}  ({})\n",
+            d.time,
+            d.stage,
+            d.table.as_deref().unwrap_or("-"),
+            key,
+            d.reason,
+            d.origin
+        ));
+    }
+    out
+}
+
+/// The distinct keys per table of the dead letters that name both.
+pub fn keys_by_table(letters: &[DeadLetter]) -> Vec<(String, Vec<Row>)> {
+    let mut tables: Vec<(String, Vec<Row>)> = Vec::new();
+    for d in letters {
+        let (Some(table), Some(key)) = (&d.table, &d.key) else {
+            continue;
+        };
+        if key.is_empty() {
+            continue;
+        }
+        let keys = match tables.iter_mut().find(|(t, _)| t == table) {
+            Some((_, keys)) => keys,
+            None => {
+                tables.push((table.clone(), Vec::new()));
+                &mut tables.last_mut().expect("just pushed").1
+            }
+        };
+        if !keys.contains(key) {
+            keys.push(key.clone());
+        }
+    }
+    tables
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn both_stages_dead_letters_parse_and_filter() {
+        let consumer = json!({"stage": "consumer", "origin": {"topic": "p.public.t", "partition": 1, "offset": 42},
+            "table": "public.t", "key": {"id": 2}, "op": "insert", "commit_lsn": "0/10",
+            "commit_time": "2026-12-01T10:00:00Z", "reason": "mapper_parsing_exception: failed to parse field [n]"});
+        let producer = json!({"stage": "producer", "table": "public.u", "key": {"id": 7},
+            "lsn": "0/20", "reason": "event of 9000 bytes exceeds producer.max_event_bytes (4096)"});
+        let garbage = json!({"stage": "consumer", "origin": {"topic": "p.public.t", "partition": 0, "offset": 3},
+            "table": null, "key": null, "reason": "not a change event"});
+        let parsed: Vec<DeadLetter> = [&consumer, &producer, &garbage]
+            .iter()
+            .map(|v| parse(v.to_string().as_bytes(), Some(1_764_583_200_000)).expect("parses"))
+            .collect();
+        assert_eq!(parsed[0].origin, "p.public.t/1/42");
+        assert_eq!(parsed[0].time, "2025-12-01T10:00:00Z");
+        assert_eq!(parsed[1].origin, "lsn 0/20");
+        assert_eq!(parsed[2].table, None);
+        let mapping = Filter {
+            reason: Some("MAPPER_PARSING".into()),
+            ..Filter::default()
+        };
+        assert!(mapping.keeps(&parsed[0]) && !mapping.keeps(&parsed[1]));
+        let table = Filter {
+            table: Some("public.u".into()),
+            ..Filter::default()
+        };
+        assert!(!table.keeps(&parsed[0]) && table.keeps(&parsed[1]) && !table.keeps(&parsed[2]));
+        // Repairable: the ones with a table and a key, each key once.
+        let mut twice = parsed.clone();
+        twice.push(parsed[0].clone());
+        let keys = keys_by_table(&twice);
+        assert_eq!(keys.len(), 2);
+        assert_eq!(
+            keys[0],
+            (
+                "public.t".to_owned(),
+                vec![parsed[0].key.clone().expect("key")]
+            )
+        );
+        assert!(parse(b"not json", None).is_none());
+    }
+}
