@@ -178,7 +178,18 @@ pub struct Applier {
     search: Arc<Search>,
     stats: Arc<ApplyStats>,
     backoff: ExponentialBuilder,
+    /// At most this many bytes of unchanged TOAST values are fetched from
+    /// the index before the writes that need them are sent (see
+    /// [`Applier::with_fill_budget`]).
+    fill_budget: usize,
 }
+
+/// How many documents the first TOAST multi-get of a part asks for; later
+/// ones are sized from the bytes per document seen so far, within the
+/// budget, up to [`FILL_CHUNK_MAX`].
+const FILL_CHUNK_FIRST: usize = 8;
+/// The most documents one TOAST multi-get asks for.
+const FILL_CHUNK_MAX: usize = 1_000;
 
 /// A write ready to send: its input position, its index (a position in
 /// the segment's list of indices) and its bulk lines.
@@ -198,7 +209,19 @@ impl Applier {
                 .with_max_delay(Duration::from_secs(10))
                 .with_jitter()
                 .without_max_times(),
+            fill_budget: tidemark_schemas::config::DEFAULT_BATCH_MAX_BYTES,
         }
+    }
+
+    /// Bounds the unchanged TOAST values held at once: writes are filled
+    /// and sent in parts, each cut once the values fetched for it reach
+    /// `bytes` (the consumer passes `consumer.batch_max_bytes`, so a batch
+    /// of updates to rows with huge TOASTed values holds about one batch of
+    /// them, not all). A single document larger than that is still fetched
+    /// whole.
+    pub fn with_fill_budget(mut self, bytes: usize) -> Applier {
+        self.fill_budget = bytes.max(1);
+        self
     }
 
     pub fn stats(&self) -> &Arc<ApplyStats> {
@@ -256,62 +279,98 @@ impl Applier {
             slots.push(Some((input, write)));
         }
         let mut survivors: Vec<(usize, Write)> = slots.into_iter().flatten().collect();
-        self.fill_toast_from_index(&mut survivors, stop).await?;
         // A batch mostly writes one index or a few: a linear search is cheap.
         let mut indices: Vec<String> = Vec::new();
-        let prepared: Vec<Prepared> = survivors
-            .iter()
-            .map(|(input, write)| {
-                let index = match indices.iter().position(|i| i == write.index()) {
-                    Some(n) => n,
-                    None => {
-                        indices.push(write.index().to_owned());
-                        indices.len() - 1
+        // Filled and sent a part at a time (each document is in one part
+        // only, so per-key order holds): see `with_fill_budget`.
+        let mut start = 0;
+        while start < survivors.len() {
+            let end = start
+                + self
+                    .fill_toast_from_index(&mut survivors[start..], stop)
+                    .await?;
+            let part = &mut survivors[start..end];
+            let prepared: Vec<Prepared> = part
+                .iter()
+                .map(|(input, write)| {
+                    let index = match indices.iter().position(|i| i == write.index()) {
+                        Some(n) => n,
+                        None => {
+                            indices.push(write.index().to_owned());
+                            indices.len() - 1
+                        }
+                    };
+                    Prepared {
+                        input: *input,
+                        index,
+                        lines: bulk_lines(write, &self.stats),
                     }
-                };
-                Prepared {
-                    input: *input,
-                    index,
-                    lines: bulk_lines(write, &self.stats),
+                })
+                .collect();
+            // The lines hold the documents now; the fields can go.
+            for (_, write) in part.iter_mut() {
+                if let Write::Index { fields, .. } = write {
+                    *fields = Row::new();
                 }
-            })
-            .collect();
-        self.send(prepared, &indices, outcomes, stop).await
+            }
+            self.send(prepared, &indices, outcomes, stop).await?;
+            start = end;
+        }
+        Ok(())
     }
 
-    /// Takes unchanged TOAST fields from the current documents.
+    /// Takes unchanged TOAST fields from the current documents, for a
+    /// prefix of `writes`: stops once the values fetched reach the fill
+    /// budget and returns how many writes, from the first, are ready.
     async fn fill_toast_from_index(
         &self,
         writes: &mut [(usize, Write)],
         stop: &watch::Receiver<bool>,
-    ) -> Result<(), Interrupted> {
-        let mut wanted: HashMap<String, Vec<usize>> = HashMap::new();
-        for (n, (_, write)) in writes.iter().enumerate() {
-            if let Write::Index { index, missing, .. } = write
-                && !missing.is_empty()
-            {
-                wanted.entry(index.clone()).or_default().push(n);
+    ) -> Result<usize, Interrupted> {
+        let needs = |w: &Write| matches!(w, Write::Index { missing, .. } if !missing.is_empty());
+        let mut fetched = 0usize;
+        let mut docs_fetched = 0usize;
+        let mut chunk = FILL_CHUNK_FIRST;
+        let mut next = 0;
+        while next < writes.len() {
+            // The next run of writes to one index that need values, at most
+            // `chunk` of them; writes that need nothing ride along.
+            let Some(first) = (next..writes.len()).find(|&n| needs(&writes[n].1)) else {
+                return Ok(writes.len());
+            };
+            let index = writes[first].1.index().to_owned();
+            let mut group = Vec::new();
+            let mut end = first;
+            while end < writes.len() && group.len() < chunk {
+                let write = &writes[end].1;
+                if needs(write) {
+                    if write.index() != index {
+                        break;
+                    }
+                    group.push(end);
+                }
+                end += 1;
             }
-        }
-        for (index, positions) in wanted {
-            let mut ids = Vec::new();
-            let mut fields: Vec<&str> = Vec::new();
-            for &n in &positions {
+            let mut ids = Vec::with_capacity(group.len());
+            let mut fields: Vec<String> = Vec::new();
+            for &n in &group {
                 if let (_, Write::Index { id, missing, .. }) = &writes[n] {
-                    ids.push(id.as_str());
+                    ids.push(id.clone());
                     for field in missing {
-                        if !fields.contains(&field.as_str()) {
-                            fields.push(field);
+                        if !fields.contains(field) {
+                            fields.push(field.clone());
                         }
                     }
                 }
             }
-            let current = self
+            let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let field_refs: Vec<&str> = fields.iter().map(String::as_str).collect();
+            let (current, bytes) = self
                 .retry(&index, stop, || {
-                    self.search.current_fields(&index, &ids, &fields)
+                    self.search.current_fields(&index, &id_refs, &field_refs)
                 })
                 .await?;
-            for n in positions {
+            for &n in &group {
                 if let (
                     _,
                     Write::Index {
@@ -332,8 +391,17 @@ impl Applier {
                     });
                 }
             }
+            drop(current);
+            fetched += bytes;
+            docs_fetched += group.len();
+            next = end;
+            if fetched >= self.fill_budget {
+                return Ok(next);
+            }
+            let per_doc = (fetched / docs_fetched).max(1);
+            chunk = ((self.fill_budget - fetched) / per_doc).clamp(1, FILL_CHUNK_MAX);
         }
-        Ok(())
+        Ok(writes.len())
     }
 
     /// Sends prepared writes until every one has an outcome: writes that

@@ -291,7 +291,8 @@ pub async fn run(
         .create()
         .context("cannot create the dead-letter producer")?;
     let dead_letter_topic = config.kafka.dead_letter_topic();
-    let applier = Applier::new(search.clone(), metrics.apply.clone());
+    let applier = Applier::new(search.clone(), metrics.apply.clone())
+        .with_fill_budget(config.consumer.batch_max_bytes);
     metrics.apply.opensearch_up.store(true, Ordering::Relaxed);
     let health = tokio::spawn(health_loop(
         search.clone(),

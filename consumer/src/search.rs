@@ -483,12 +483,13 @@ impl Search {
 
     /// The current (realtime, not refresh-bound) values of `fields` of
     /// documents `ids` in `index`; absent documents are absent from the map.
+    /// Also the size of the answer in bytes (what the caller now holds).
     pub async fn current_fields(
         &self,
         index: &str,
         ids: &[&str],
         fields: &[&str],
-    ) -> Result<HashMap<String, Row>, SearchError> {
+    ) -> Result<(HashMap<String, Row>, usize), SearchError> {
         let response = self
             .client
             .mget(MgetParts::Index(index))
@@ -515,16 +516,19 @@ impl Search {
         struct Docs {
             docs: Vec<Doc>,
         }
-        let docs: Docs = response
-            .json()
+        let body = response
+            .bytes()
             .await
             .map_err(|e| SearchError::Transport(format!("unreadable mget response: {e}")))?;
-        Ok(docs
+        let docs: Docs = serde_json::from_slice(&body)
+            .map_err(|e| SearchError::Transport(format!("unreadable mget response: {e}")))?;
+        let found = docs
             .docs
             .into_iter()
             .filter(|d| d.found)
             .map(|d| (d.id, d.source.unwrap_or_default()))
-            .collect())
+            .collect();
+        Ok((found, body.len()))
     }
 
     /// Deletes every document of `index` whose version is below `version`

@@ -482,7 +482,7 @@ pub(crate) async fn doc_meta(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let found = search
+    let (found, _) = search
         .current_fields(index, ids, &["_tidemark.hash", "_tidemark.commit_time"])
         .await
         .with_context(|| format!("index {index}: multi-get"))?;

@@ -32,6 +32,8 @@ pub struct Pipeline {
     pub os: OpenSearch,
     /// `[[tables]]` entries, appended to every config.
     tables_toml: String,
+    /// More lines for the config's `[producer]` section.
+    pub producer_extra: String,
     producer: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)>,
     next_run: usize,
 }
@@ -182,6 +184,7 @@ impl Pipeline {
             opensearch_url: opensearch_url.to_owned(),
             name,
             tables_toml: String::new(),
+            producer_extra: String::new(),
             producer: None,
             next_run: 0,
         }
@@ -225,7 +228,7 @@ impl Pipeline {
         format!(
             "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n\
              [opensearch]\nurl = \"{}\"\n\
-             [producer]\nslot = \"{}\"\npublication = \"{}\"\n\
+             [producer]\nslot = \"{}\"\npublication = \"{}\"\n{}\n\
              [consumer]\ngroup_id = \"{}\"\nbatch_max_wait_ms = 100\nhttp_listen = \"127.0.0.1:{consumer_port}\"\n{consumer_extra}\n{}",
             self.stack.pg_replication_url,
             self.stack.kafka_brokers,
@@ -233,6 +236,7 @@ impl Pipeline {
             self.opensearch_url,
             self.name,
             self.name,
+            self.producer_extra,
             self.name,
             self.tables_toml,
         )
@@ -717,4 +721,55 @@ impl Pipeline {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     }
+}
+
+impl Pipeline {
+    /// Sets one config of a table's topic (AlterConfigs replaces the
+    /// topic's whole dynamic config, so one at a time).
+    pub async fn set_topic_config(&self, table: &str, name: &str, value: &str) {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &self.stack.kafka_brokers)
+                .create()
+                .expect("admin client");
+        let topic = self.topic(table);
+        let change = AlterConfig::new(ResourceSpecifier::Topic(&topic)).set(name, value);
+        let results = admin
+            .alter_configs(&[change], &AdminOptions::new())
+            .await
+            .expect("alter configs");
+        for result in results {
+            result.unwrap_or_else(|e| panic!("{topic} {name}={value}: {e:?}"));
+        }
+    }
+
+    /// Documents in an index matching a query string (`*` for all).
+    pub async fn count(&self, index: &str, query: &str) -> u64 {
+        let _ = self
+            .os
+            .indices()
+            .refresh(IndicesRefreshParts::Index(&[index]))
+            .send()
+            .await;
+        let response = self
+            .os
+            .count(opensearch::CountParts::Index(&[index]))
+            .q(query)
+            .send()
+            .await
+            .expect("count");
+        let body: Value = response.json().await.unwrap_or_default();
+        body["count"].as_u64().unwrap_or(0)
+    }
+}
+
+/// The peak resident memory of a process (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
