@@ -50,7 +50,17 @@ async fn ready(State(metrics): State<Arc<Metrics>>) -> (StatusCode, String) {
         .filter(|(_, ok)| !ok)
         .map(|(name, _)| *name)
         .collect();
-    if failing.is_empty() {
+    let blocked = metrics
+        .blocked
+        .lock()
+        .map(|b| b.clone())
+        .unwrap_or_default();
+    if let Some(why) = blocked {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    } else if failing.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
         (

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub postgres_up: AtomicBool,
     pub kafka_up: AtomicBool,
     pub streaming: AtomicBool,
+    /// Why the stream waits instead of running, for `/readyz`.
+    pub blocked: Mutex<Option<String>>,
 }
 
 impl Metrics {

@@ -129,13 +129,149 @@ pub async fn run(
     run_with(config, StartOptions::default(), metrics, shutdown).await
 }
 
-/// [`run`], started as `options` say.
+/// How long the producer waits, at most, before reading again after a
+/// change too large for `producer.max_message_bytes` (first 1 s, doubling).
+const TOO_LARGE_MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// [`run`], started as `options` say. A change too large to be read
+/// (`producer.max_message_bytes`) cannot be skipped, since the stream
+/// cannot resume past it: the producer names its table and LSN, says so on
+/// `/readyz`, and reads again with backoff (so a raised limit, or a
+/// restart with one, resumes), instead of exiting into a restart loop.
 pub async fn run_with(
     config: Config,
     options: StartOptions,
     metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let mut wait = Duration::from_secs(1);
+    let mut options = options;
+    let mut reconnecting = false;
+    loop {
+        let result = run_once(&config, options, &metrics, shutdown.clone()).await;
+        let Err(error) = &result else {
+            return result;
+        };
+        let Some(what) = wait_reason(&config, error, reconnecting).await else {
+            return result;
+        };
+        reconnecting = true;
+        // A new snapshot, if one was asked for, was taken: do not take it again.
+        options.resnapshot = false;
+        tracing::error!(%what, retry_in_secs = wait.as_secs(), "cannot stream now; waiting");
+        metrics
+            .postgres_up
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut blocked) = metrics.blocked.lock() {
+            *blocked = Some(what);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        wait = (wait * 2).min(TOO_LARGE_MAX_WAIT);
+    }
+}
+
+/// Why the producer waits and reads again instead of stopping, for an error
+/// that an outage (or a change too large to read) caused; `None` for an
+/// error to stop on (misconfiguration fails fast at start-up). Once the
+/// producer is reconnecting, a PostgreSQL that is still away (refusing
+/// connections, starting up) is waited for too.
+async fn wait_reason(config: &Config, error: &RunError, reconnecting: bool) -> Option<String> {
+    match error {
+        RunError::Stream(StreamError::Replication(e)) if e.is_message_too_large() => Some(format!(
+            "cannot read the next change: {}",
+            too_large_change(config, e).await
+        )),
+        RunError::Stream(StreamError::Replication(e)) | RunError::Replication(e) if e.is_io() => {
+            Some(format!(
+                "the replication connection to PostgreSQL broke ({e}); reconnecting"
+            ))
+        }
+        RunError::Source(SourceError::Connect { .. } | SourceError::Query { .. })
+        | RunError::Stream(StreamError::Source(_))
+        | RunError::Replication(_)
+            if reconnecting =>
+        {
+            Some(format!(
+                "PostgreSQL is not back yet ({error}); reconnecting"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Which change was too large, as far as PostgreSQL can tell without
+/// sending it: peeks the slot for the first change over the limit (its
+/// size, LSN and table; never its contents).
+async fn too_large_change(config: &Config, error: &pgwire_replication::PgWireError) -> String {
+    let limit = config.producer.max_message_bytes;
+    let fix = "raise producer.max_message_bytes (up to 1073741824), or make the row smaller";
+    let found = async {
+        let conn = ConnInfo::from_config(config).ok()?;
+        let sql = conn.connect("tidemark-producer-peek").await.ok()?;
+        // The slot is free once the ended session's walsender lets go.
+        let mut tries = 0;
+        while tries < 20
+            && sql
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&config.producer.slot],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        {
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Only the first bytes leave the server: tag, then the relation OID
+        // of an insert, update or delete (protocol version 1).
+        let row = sql
+            .query_opt(
+                "SELECT lsn::text, length(data)::bigint, get_byte(data, 0), \
+                        CASE WHEN get_byte(data, 0) IN (73, 85, 68) \
+                             THEN (SELECT n.nspname || '.' || c.relname FROM pg_class c \
+                                   JOIN pg_namespace n ON n.oid = c.relnamespace \
+                                   WHERE c.oid = (get_byte(data, 1)::bigint << 24 | get_byte(data, 2) << 16 \
+                                                  | get_byte(data, 3) << 8 | get_byte(data, 4))::oid) END \
+                 FROM pg_logical_slot_peek_binary_changes($1, NULL, 100000, \
+                      'proto_version', '1', 'publication_names', $2) \
+                 WHERE length(data) > $3::bigint LIMIT 1",
+                &[
+                    &config.producer.slot,
+                    &config.producer.publication,
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(|e| tracing::debug!(error = %e, "peeking the slot for the change too large"))
+            .ok()??;
+        let lsn: String = row.get(0);
+        let bytes: i64 = row.get(1);
+        let table: Option<String> = row.get(3);
+        Some(format!(
+            "a change of {bytes} bytes to table {} at LSN {lsn} is over producer.max_message_bytes ({limit})",
+            table.as_deref().unwrap_or("(unknown)")
+        ))
+    }
+    .await;
+    match found {
+        Some(what) => format!("{what}: {fix}"),
+        None => format!("{error}, over producer.max_message_bytes ({limit}): {fix}"),
+    }
+}
+
+async fn run_once(
+    config: &Config,
+    options: StartOptions,
+    metrics: &Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
+    let config = config.clone();
+    let metrics = metrics.clone();
     let conn = ConnInfo::from_config(&config)?;
     let sql = conn.connect("tidemark-producer").await?;
     check_server(&sql, &conn).await?;
@@ -341,15 +477,8 @@ fn replication_config(conn: &ConnInfo, config: &Config) -> ReplicationConfig {
     .with_options(SESSION_OPTIONS)
     .with_application_name("tidemark-producer")
     .with_status_interval(Duration::from_secs(1))
-    // One change is one message; refuse anything far beyond what could be
-    // sent to Kafka rather than buffering it.
-    .with_max_message_size(
-        config
-            .producer
-            .max_event_bytes
-            .saturating_mul(8)
-            .max(64 * 1024 * 1024),
-    )
+    // One change is one message; see producer.max_message_bytes.
+    .with_max_message_size(config.producer.max_message_bytes)
 }
 
 async fn create_and_snapshot(

@@ -124,6 +124,7 @@ impl Stream {
             .map(|t| (t.schema.clone(), t.name.clone()))
             .collect();
         let mut skipped: HashSet<u32> = HashSet::new();
+        let mut past_block = false;
         let mut types = TypeResolver::default();
         let mut in_transaction = false;
         let mut last_position = Lsn::INVALID;
@@ -154,6 +155,13 @@ impl Stream {
                         in_transaction = true;
                     }
                     ReplicationEvent::Commit { end_lsn, .. } => {
+                        if !past_block {
+                            // Read past what had blocked the stream, if anything.
+                            past_block = true;
+                            if let Ok(mut blocked) = metrics.blocked.lock() {
+                                blocked.take();
+                            }
+                        }
                         changes.commit();
                         in_transaction = false;
                         last_position = Lsn(end_lsn.0);
@@ -161,6 +169,13 @@ impl Stream {
                         send(&steps, step).await?;
                     }
                     ReplicationEvent::KeepAlive { wal_end, .. } => {
+                        if !past_block {
+                            // Streaming again after an outage.
+                            past_block = true;
+                            if let Ok(mut blocked) = metrics.blocked.lock() {
+                                blocked.take();
+                            }
+                        }
                         let wal_end = Lsn(wal_end.0);
                         metrics.server_wal_end(wal_end);
                         if !in_transaction && wal_end > last_position {

@@ -576,3 +576,150 @@ async fn a_lost_slot_is_refused_then_resnapshotted_on_request() {
     );
     h.cleanup(&[&table]).await;
 }
+
+/// A change larger than `producer.max_message_bytes` cannot be read, and
+/// the replication stream cannot resume past it. The producer does not
+/// exit into a restart loop: it names the table and LSN on `/readyz` and in
+/// its log, backing off; restarted with a larger limit, it streams on and
+/// the change arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_too_large_to_read_waits_with_its_table_and_lsn() {
+    let h = Harness::new("toolarge").await;
+    let table = h.table("docs");
+    h.create_table(&table, "id int PRIMARY KEY, body text")
+        .await;
+    let config = h.config(&[&table], "max_message_bytes = 100000");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    h.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES (1, 'small');
+         INSERT INTO {table} VALUES (2, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 6250) g));"
+    ))
+    .await
+    .expect("rows");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let answer = support::http_get(h.http_port, "/readyz")
+            .await
+            .unwrap_or_default();
+        if answer.contains("max_message_bytes") {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named the change: {answer}\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains(&format!("to table public.{table} at LSN ")),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        producer.try_wait().expect("try_wait").is_none(),
+        "the producer exited:\n{}",
+        h.log(0)
+    );
+    // Backing off (1, 2, 4 s...), not a tight loop.
+    let tries = h.log(0).matches("cannot stream now; waiting").count();
+    assert!(
+        (1..=5).contains(&tries),
+        "{tries} tries in ~8 s:\n{}",
+        h.log(0)
+    );
+    h.stop(producer, 0);
+
+    let config = h.config(&[&table], "max_message_bytes = 1000000");
+    let mut producer = h.start(&config, 1);
+    h.wait_ready(&mut producer, 1).await;
+    let records = h.read_until(&h.topic(&table), |r| {
+        r.iter().any(|r| r.event.key["id"] == 2)
+    });
+    assert!(
+        records.iter().any(|r| r.event.key["id"] == 1),
+        "row 1 is there too (at least once)"
+    );
+    h.stop(producer, 1);
+    h.cleanup(&[&table]).await;
+}
+
+/// PostgreSQL restarting under a streaming producer is waited out: the
+/// producer says so on `/readyz`, reconnects with backoff once the server
+/// is back, and streams on from its last confirmed position; it does not
+/// exit and need a supervisor. A scratch cluster, since the shared one
+/// serves other tests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_is_waited_out_and_streaming_resumes() {
+    use tidemark_testkit::scratch::ScratchPostgres;
+    let h = Harness::new("pgrestart").await;
+    let server = ScratchPostgres::primary(&[("wal_level", "logical")]);
+    let admin = support::pg(&server.url()).await;
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .expect("table");
+    let text = std::fs::read_to_string(h.config(&["t"], "")).expect("config");
+    let config = h.dir.join("scratch.toml");
+    std::fs::write(
+        &config,
+        text.replace(&h.stack.pg_replication_url, &server.url()),
+    )
+    .expect("config");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    admin
+        .batch_execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 10) g")
+        .await
+        .expect("rows before");
+    let topic = h.topic("t");
+    h.read_until(&topic, |r| r.len() >= 10);
+    drop(admin);
+
+    // The server goes down for 6 s; /readyz is watched meanwhile.
+    let restart = tokio::task::spawn_blocking(move || {
+        server.restart(Duration::from_secs(6));
+        server
+    });
+    let mut saw_wait = false;
+    while !restart.is_finished() {
+        if let Some(answer) = support::http_get(h.http_port, "/readyz").await
+            && answer.starts_with("HTTP/1.1 503")
+            && answer.contains("reconnecting")
+        {
+            saw_wait = true;
+        }
+        assert!(
+            producer.try_wait().expect("try_wait").is_none(),
+            "the producer exited on the restart:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let server = restart.await.expect("restart");
+    let admin = support::pg(&server.url()).await;
+    admin
+        .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(11, 20) g")
+        .await
+        .expect("rows after");
+    let records = h.read_until(&topic, |r| r.iter().any(|r| r.event.key["id"] == 20));
+    assert!(
+        saw_wait,
+        "/readyz never said it was reconnecting:\n{}",
+        h.log(0)
+    );
+    let ids: std::collections::BTreeSet<i64> = records
+        .iter()
+        .filter_map(|r| r.event.key["id"].as_i64())
+        .collect();
+    assert_eq!(ids, (1..=20).collect(), "every row, before and after");
+    h.wait_ready(&mut producer, 0).await;
+    assert!(
+        producer.try_wait().expect("try_wait").is_none(),
+        "{}",
+        h.log(0)
+    );
+    h.stop(producer, 0);
+}

@@ -24,6 +24,11 @@ pub const DEFAULT_PARTITIONS: i32 = 3;
 /// the dead-letter topic. Matches Kafka's default `message.max.bytes` (1 MB),
 /// so an event the broker would refuse never stalls the stream.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+/// Default largest replication message the producer reads, in bytes: 1 GiB,
+/// PostgreSQL's own limit for a value, so every row PostgreSQL can hold is
+/// read (and, over `max_event_bytes`, dead-lettered). It costs memory only
+/// when such a row comes: one message is held whole while it is decoded.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 30;
 /// Tables snapshotted at once. Each holds one PostgreSQL connection and a
 /// cursor; 2 keeps a 2-core database responsive.
 pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 2;
@@ -191,6 +196,12 @@ pub struct Producer {
     pub snapshot_fetch_rows: usize,
     #[serde(default = "default_max_event_bytes")]
     pub max_event_bytes: usize,
+    /// Largest replication message read (one row change is one message).
+    /// A larger one cannot be read nor skipped (the stream cannot resume
+    /// past it): the producer then waits, backing off, with the table and
+    /// LSN on `/readyz`, until this is raised.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
@@ -207,6 +218,7 @@ impl Default for Producer {
             snapshot_parallelism: DEFAULT_SNAPSHOT_PARALLELISM,
             snapshot_fetch_rows: DEFAULT_SNAPSHOT_FETCH_ROWS,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             http_listen: default_http_listen(),
         }
     }
@@ -331,6 +343,9 @@ fn default_snapshot_fetch_rows() -> usize {
 fn default_max_event_bytes() -> usize {
     DEFAULT_MAX_EVENT_BYTES
 }
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
 fn default_http_listen() -> String {
     "127.0.0.1:9464".into()
 }
@@ -447,6 +462,14 @@ impl Config {
         }
         if self.producer.max_event_bytes < 1024 {
             return Err(invalid("producer.max_event_bytes", "must be at least 1024"));
+        }
+        if self.producer.max_message_bytes < 1024
+            || self.producer.max_message_bytes > DEFAULT_MAX_MESSAGE_BYTES
+        {
+            return Err(invalid(
+                "producer.max_message_bytes",
+                "must be from 1024 to 1073741824 (1 GiB, the protocol's limit)",
+            ));
         }
         if self
             .producer

@@ -181,6 +181,23 @@ impl ScratchPostgres {
         );
     }
 
+    /// Stops the server cleanly, as a restart would, keeps it down for
+    /// `down`, and starts it again on the same port.
+    pub fn restart(&self, down: std::time::Duration) {
+        let data = self.dir.join("data").display().to_string();
+        run(
+            &self.bin.join("pg_ctl"),
+            &["-D", &data, "-m", "fast", "-w", "stop"],
+        );
+        std::thread::sleep(down);
+        let log = self.dir.join("postgres.log").display().to_string();
+        let options = format!("-p {}", self.port);
+        run(
+            &self.bin.join("pg_ctl"),
+            &["-D", &data, "-l", &log, "-o", &options, "-w", "start"],
+        );
+    }
+
     /// Superuser URL.
     pub fn url(&self) -> String {
         format!(
