@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: demo demo-stop test lint stack-up stack-down stack-status
+.PHONY: demo demo-stop test lint soak stack-up stack-down stack-status
 
 ## demo: start the local stack and run the demo pipeline (see dev/demo).
 demo:
@@ -11,6 +11,11 @@ demo:
 ## test: start the local stack if needed, then run every test against it.
 test: stack-up
 	eval "$$(dev/stack env)" && cargo test --workspace --locked
+
+## soak: kill -9 the producer and consumer 50 times under load, restart
+## each server once, then audit (minutes; not part of `test`). See dev/soak.
+soak:
+	dev/soak
 
 ## lint: formatting and clippy, as CI checks them.
 lint:
