@@ -147,6 +147,7 @@ fn event(table: &str, i: u64, lsn: u64) -> ChangeEvent {
         after: Some(after),
         unchanged_toast: vec![],
         commit_lsn: Lsn(lsn),
+        timeline: 1,
         lsn: Lsn(lsn),
         xid: Some(1),
         commit_time: "2026-11-22T10:00:00.000000Z".into(),

@@ -716,7 +716,9 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
             let document = Document {
                 fields,
                 meta: Meta {
-                    version: lsn.0,
+                    // The write's own version: truncates and resnapshots
+                    // delete below it.
+                    version: *version,
                     lsn: lsn.to_string(),
                     commit_time,
                     hash: &hash,

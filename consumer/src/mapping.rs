@@ -236,8 +236,12 @@ pub enum MappingError {
     EmptyKey { table: String },
     #[error("table {table}: {op} event without an `after` row")]
     NoAfter { table: String, op: &'static str },
-    #[error("table {table}: commit LSN {lsn} is too large for an OpenSearch version")]
-    VersionTooLarge { table: String, lsn: Lsn },
+    #[error("table {table}: commit LSN {lsn} makes no document version: {source}")]
+    VersionTooLarge {
+        table: String,
+        lsn: Lsn,
+        source: tidemark_schemas::VersionError,
+    },
     #[error("table {table}: {problem}; OpenSearch cannot store such a document id")]
     InvalidId { table: String, problem: String },
 }
@@ -299,13 +303,14 @@ impl Mappings {
                 .ok_or_else(|| MappingError::UnknownTable {
                     table: source.qualified(),
                 })?;
-        let version = event.commit_lsn.0;
-        if version > i64::MAX as u64 {
-            return Err(MappingError::VersionTooLarge {
+        let version = event
+            .version()
+            .map_err(|source| MappingError::VersionTooLarge {
                 table: mapping.qualified(),
                 lsn: event.commit_lsn,
-            });
-        }
+                source,
+            })?
+            .get();
         let index = mapping.index.clone();
         Ok(match event.op {
             Operation::Truncate => Write::Truncate { index, version },
@@ -371,6 +376,7 @@ mod tests {
             after: after.map(row),
             unchanged_toast: vec![],
             commit_lsn: Lsn(0x1_0000_0010),
+            timeline: 1,
             lsn: Lsn(0x1_0000_0008),
             xid: Some(7),
             commit_time: "2026-11-22T10:00:00.000000Z".into(),

@@ -117,6 +117,7 @@ mod tests {
             after: after.map(row),
             unchanged_toast: vec![],
             commit_lsn: Lsn(16),
+            timeline: 1,
             lsn: Lsn(8),
             xid: Some(1),
             commit_time: "2026-12-01T10:00:00.000000Z".into(),

@@ -82,6 +82,8 @@ struct Txn {
 #[derive(Debug)]
 pub struct Changes {
     database: String,
+    /// The timeline the stream reads (part of every change's version).
+    timeline: u32,
     tables: HashMap<u32, TableInfo>,
     txn: Option<Txn>,
 }
@@ -111,9 +113,10 @@ pub fn unix_micros_to_rfc3339(unix: i64) -> String {
 }
 
 impl Changes {
-    pub fn new(database: impl Into<String>) -> Changes {
+    pub fn new(database: impl Into<String>, timeline: u32) -> Changes {
         Changes {
             database: database.into(),
+            timeline,
             tables: HashMap::new(),
             txn: None,
         }
@@ -208,6 +211,7 @@ impl Changes {
             after,
             unchanged_toast,
             commit_lsn: txn.commit_lsn,
+            timeline: self.timeline,
             lsn,
             xid: Some(txn.xid),
             commit_time: txn.commit_time.clone(),
@@ -419,7 +423,7 @@ mod tests {
     }
 
     fn setup() -> Changes {
-        let mut changes = Changes::new("shop");
+        let mut changes = Changes::new("shop", 1);
         let rel = relation(&[("id", 23), ("title", 25), ("body", 25)]);
         let mappings = rel
             .columns

@@ -431,6 +431,7 @@ async fn run_once(
         metrics: metrics.clone(),
         database: conn.database.clone(),
         tables: by_oid,
+        timeline: server.timeline,
     };
     let result = stream.run(shutdown).await;
     health.abort();
@@ -533,11 +534,15 @@ async fn create_and_snapshot(
             slot: slot.clone(),
             what: "snapshot name",
         })?;
+        let point = snapshot::Point {
+            lsn: consistent_point,
+            timeline: progress.timeline.unwrap_or(1),
+        };
         snapshot::run(
             conn,
             tables,
             &snapshot_name,
-            consistent_point,
+            point,
             config.producer.snapshot_parallelism,
             config.producer.snapshot_fetch_rows,
             sink.clone(),
@@ -561,6 +566,18 @@ pub struct ExportedSnapshot {
     pub session: ReplicationClient,
     pub name: String,
     pub lsn: Lsn,
+    /// The server's timeline: with `lsn`, the version of rows read at it.
+    pub timeline: u32,
+}
+
+impl ExportedSnapshot {
+    /// Where it is consistent.
+    pub fn point(&self) -> crate::snapshot::Point {
+        crate::snapshot::Point {
+            lsn: self.lsn,
+            timeline: self.timeline,
+        }
+    }
 }
 
 impl std::fmt::Debug for ExportedSnapshot {
@@ -578,6 +595,7 @@ pub async fn export_snapshot(
     slot: &str,
 ) -> Result<ExportedSnapshot, RunError> {
     let mut session = ReplicationClient::connect_gated(replication_config(conn, config)).await?;
+    let timeline = session.identify_system().await?.timeline;
     let rows = session
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')",
@@ -600,7 +618,12 @@ pub async fn export_snapshot(
         slot: slot.to_owned(),
         what: "snapshot name",
     })?;
-    Ok(ExportedSnapshot { session, name, lsn })
+    Ok(ExportedSnapshot {
+        session,
+        name,
+        lsn,
+        timeline,
+    })
 }
 
 async fn drop_slot(sql: &Client, slot: &str) -> Result<(), SourceError> {

@@ -59,6 +59,14 @@ pub enum SnapshotError {
     Task(String),
 }
 
+/// Where a snapshot is consistent: the LSN, on the timeline it was taken
+/// on (together they make its rows' version, `tidemark_schemas::Version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Point {
+    pub lsn: Lsn,
+    pub timeline: u32,
+}
+
 /// What a finished snapshot read.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SnapshotStats {
@@ -72,7 +80,7 @@ pub async fn run(
     conn: &ConnInfo,
     tables: &[CatalogTable],
     snapshot_name: &str,
-    consistent_point: Lsn,
+    point: Point,
     parallelism: usize,
     fetch_rows: usize,
     sink: Arc<Sink>,
@@ -96,7 +104,7 @@ pub async fn run(
                 &conn,
                 &table,
                 &snapshot_name,
-                consistent_point,
+                point,
                 &commit_time,
                 fetch_rows,
                 &sink,
@@ -111,7 +119,7 @@ pub async fn run(
         total.rows += stats.rows;
         total.dead_letters += stats.dead_letters;
     }
-    info!(rows = total.rows, dead_letters = total.dead_letters, lsn = %consistent_point,
+    info!(rows = total.rows, dead_letters = total.dead_letters, lsn = %point.lsn,
           seconds = started.elapsed().as_secs_f64(), "initial snapshot complete");
     Ok(total)
 }
@@ -121,7 +129,7 @@ async fn snapshot_table(
     conn: &ConnInfo,
     table: &CatalogTable,
     snapshot_name: &str,
-    consistent_point: Lsn,
+    point: Point,
     commit_time: &str,
     fetch_rows: usize,
     sink: &Sink,
@@ -166,7 +174,7 @@ async fn snapshot_table(
         ))
         .await
         .map_err(query_err)?;
-    info!(table = %name, lsn = %consistent_point, "snapshot of table started");
+    info!(table = %name, lsn = %point.lsn, "snapshot of table started");
 
     let source = Source {
         database: conn.database.clone(),
@@ -195,7 +203,7 @@ async fn snapshot_table(
                 &mappings,
                 &key_index,
                 &row,
-                consistent_point,
+                point,
                 commit_time,
             ) {
                 Ok(event) => {
@@ -205,9 +213,9 @@ async fn snapshot_table(
                 Err(error) => {
                     stats.dead_letters += 1;
                     metrics.dead_letter();
-                    warn!(table = %name, lsn = %consistent_point, %error, "snapshot row sent to the dead-letter topic");
+                    warn!(table = %name, lsn = %point.lsn, %error, "snapshot row sent to the dead-letter topic");
                     let reason = error.to_string();
-                    sink.dead_letter(None, Some(&name), &reason, consistent_point)
+                    sink.dead_letter(None, Some(&name), &reason, point.lsn)
                         .await
                         .map_err(sink_err)?;
                 }
@@ -237,7 +245,7 @@ fn snapshot_event(
     mappings: &[Mapping],
     key_index: &[usize],
     row: &tokio_postgres::SimpleQueryRow,
-    consistent_point: Lsn,
+    point: Point,
     commit_time: &str,
 ) -> Result<ChangeEvent, ChangeError> {
     let (key, after) = row_values(table, mappings, key_index, row)?;
@@ -249,8 +257,9 @@ fn snapshot_event(
         before: None,
         after: Some(after),
         unchanged_toast: Vec::new(),
-        commit_lsn: consistent_point,
-        lsn: consistent_point,
+        commit_lsn: point.lsn,
+        timeline: point.timeline,
+        lsn: point.lsn,
         xid: None,
         commit_time: commit_time.to_owned(),
     })

@@ -85,7 +85,9 @@ pub fn history_gap(
     {
         return Some(format!(
             "PostgreSQL's system identifier is {system_id}, not {recorded} as when slot {} streamed: \
-             this is another cluster (restored from a backup, rebuilt, or the wrong server)",
+             this is another cluster (restored from a backup, rebuilt, or the wrong server), whose \
+             versions have no order with the indexed ones: if it is the right server, delete the \
+             tables' indices (or point them at new ones) before --resnapshot",
             progress.slot
         ));
     }

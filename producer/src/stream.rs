@@ -79,6 +79,9 @@ pub struct Stream {
     pub database: String,
     /// Captured tables by relation OID, as described at start-up.
     pub tables: HashMap<u32, CatalogTable>,
+    /// The server's timeline (a promotion ends the stream, so it holds for
+    /// the whole stream).
+    pub timeline: u32,
 }
 
 impl std::fmt::Debug for Stream {
@@ -102,6 +105,7 @@ impl Stream {
             metrics,
             database,
             mut tables,
+            timeline,
         } = self;
         let (steps, step_rx) = mpsc::channel::<Position>(ACK_QUEUE);
         let (confirm_tx, mut confirm_rx) =
@@ -115,7 +119,7 @@ impl Stream {
             metrics.clone(),
         ));
 
-        let mut changes = Changes::new(database);
+        let mut changes = Changes::new(database, timeline);
         // What this pipeline captures, by name (a captured table dropped
         // and created again comes back under a new OID), and the OIDs of
         // published relations it does not capture.

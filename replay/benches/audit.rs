@@ -96,6 +96,7 @@ async fn main() {
             after: Some(after),
             unchanged_toast: vec![],
             commit_lsn: Lsn(1_000),
+            timeline: 1,
             lsn: Lsn(1_000),
             xid: None,
             commit_time: "2026-11-22T10:00:00.000000Z".into(),

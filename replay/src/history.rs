@@ -358,6 +358,7 @@ mod tests {
             after: after.and_then(|a| a.as_object().cloned()),
             unchanged_toast: toast.iter().map(|s| s.to_string()).collect(),
             commit_lsn: Lsn(100),
+            timeline: 1,
             lsn: Lsn(90),
             xid: Some(7),
             commit_time: "2026-11-22T10:00:00.000000Z".into(),

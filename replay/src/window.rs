@@ -42,7 +42,7 @@ use serde_json::Value;
 use tidemark_consumer::apply::{Applier, Effect, Outcome};
 use tidemark_consumer::mapping::{TableMapping, Write, content_hash};
 use tidemark_consumer::search::Search;
-use tidemark_schemas::{ChangeEvent, EventHead, Lsn, Operation, Row, Source, record_key};
+use tidemark_schemas::{ChangeEvent, EventHead, Operation, Row, Source, Version, record_key};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::info;
@@ -412,11 +412,12 @@ async fn plan(
     mapping: &TableMapping,
     search: &Search,
     keys: &[(String, Row)],
-    version: Lsn,
+    at: tidemark_producer::snapshot::Point,
     commit_time: &str,
     write: bool,
 ) -> anyhow::Result<Vec<(String, Write, Option<Class>)>> {
     let started = Instant::now();
+    let version = Version::of_snapshot(at.timeline, at.lsn)?.get();
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
     let read = async {
@@ -472,11 +473,11 @@ async fn plan(
                     Write::Index {
                         index: mapping.index.clone(),
                         id: id.clone(),
-                        version: version.0,
+                        version,
                         fields,
                         missing: Vec::new(),
                         key: key.clone(),
-                        lsn: version,
+                        lsn: at.lsn,
                         commit_time: commit_time.to_owned(),
                     },
                     class,
@@ -487,7 +488,7 @@ async fn plan(
                 Write::Delete {
                     index: mapping.index.clone(),
                     id: id.clone(),
-                    version: version.0,
+                    version,
                 },
                 match doc {
                     _ if write => None,
@@ -587,8 +588,8 @@ pub async fn run_table(
     let slot = format!("tidemark_replay_{}", std::process::id());
     let snapshot = tidemark_producer::run::export_snapshot(job.config, &conn, &slot).await?;
     tracing::debug!(table = %mapping.qualified(), prepare_ms = prepare.elapsed().as_millis() as u64, "window: connected, described, snapshot exported");
-    let version = snapshot.lsn;
-    result.version_lsn = Some(version.to_string());
+    let at = snapshot.point();
+    result.version_lsn = Some(at.lsn.to_string());
     let now = jiff::Timestamp::now().to_string();
     let (_keep, never) = watch::channel(false);
     let started = Instant::now();
@@ -597,7 +598,7 @@ pub async fn run_table(
     // Keys written as documents go, chunk by chunk once applied, to the
     // re-check running beside the writes (step 4).
     let (to_recheck, recheck_rx) = tokio::sync::mpsc::channel::<Vec<(String, Row)>>(RECHECK_QUEUE);
-    let recheck = recheck_written(job, &conn, &d, mapping, version, recheck_rx);
+    let recheck = recheck_written(job, &conn, &d, mapping, at, recheck_rx);
     let writes_done = async {
         let mut done = 0u64;
         let mut chunks = found.chunks()?;
@@ -611,7 +612,7 @@ pub async fn run_table(
             mapping,
             job.search,
             &chunk,
-            version,
+            at,
             &now,
             job.write,
         )
@@ -655,7 +656,7 @@ pub async fn run_table(
                         mapping,
                         job.search,
                         &next_chunk,
-                        version,
+                        at,
                         &now,
                         job.write,
                     )
@@ -757,9 +758,12 @@ async fn recheck_written(
     conn: &tidemark_producer::source::ConnInfo,
     d: &Described,
     mapping: &TableMapping,
-    version: Lsn,
+    at: tidemark_producer::snapshot::Point,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<(String, Row)>>,
 ) -> anyhow::Result<u64> {
+    let version = Version::of_snapshot(at.timeline, at.lsn)?
+        .superseding()
+        .get();
     let (_keep, never) = watch::channel(false);
     let mut client: Option<Client> = None;
     let mut deleted = 0u64;
@@ -783,7 +787,7 @@ async fn recheck_written(
                 .map(|&n| Write::Delete {
                     index: mapping.index.clone(),
                     id: part[n].0.clone(),
-                    version: version.0 + 1,
+                    version,
                 })
                 .collect();
             deleted += deletes.len() as u64;

@@ -42,8 +42,14 @@ pub struct ChangeEvent {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unchanged_toast: Vec<String>,
     /// Commit LSN of the source transaction; for snapshot rows, the LSN at
-    /// which the snapshot is consistent. This is the document version.
+    /// which the snapshot is consistent. With `timeline`, it makes the
+    /// document version ([`crate::Version`]).
     pub commit_lsn: Lsn,
+    /// The PostgreSQL timeline the change was read on. Absent (and written
+    /// only when above 1) for timeline 1, where every cluster starts and
+    /// every envelope written before the field existed was read.
+    #[serde(default = "first_timeline", skip_serializing_if = "is_first_timeline")]
+    pub timeline: u32,
     /// The change's own position in the WAL (equal to `commit_lsn` for
     /// snapshot rows).
     pub lsn: Lsn,
@@ -53,6 +59,21 @@ pub struct ChangeEvent {
     /// Commit time, RFC 3339 in UTC with microseconds; for snapshot rows the
     /// time the snapshot was taken.
     pub commit_time: String,
+}
+
+fn first_timeline() -> u32 {
+    1
+}
+
+fn is_first_timeline(timeline: &u32) -> bool {
+    *timeline == 1
+}
+
+impl ChangeEvent {
+    /// The document version of this change ([`crate::Version`]'s rule).
+    pub fn version(&self) -> Result<crate::Version, crate::VersionError> {
+        crate::Version::of_commit(self.timeline, self.commit_lsn)
+    }
 }
 
 /// A table in a database.
@@ -221,6 +242,7 @@ mod tests {
             after: None,
             unchanged_toast: vec![],
             commit_lsn: Lsn(2),
+            timeline: 1,
             lsn: Lsn(1),
             xid: Some(9),
             commit_time: "2026-01-01T00:00:00.000000Z".into(),
@@ -247,6 +269,7 @@ mod tests {
             )),
             unchanged_toast: vec!["bio".into()],
             commit_lsn: Lsn(0x20),
+            timeline: 1,
             lsn: Lsn(0x18),
             xid: Some(11),
             commit_time: "2026-01-01T00:00:00.000001Z".into(),

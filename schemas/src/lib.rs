@@ -1,5 +1,5 @@
 //! The types every Tidemark stage agrees on: what a position in the source
-//! log is ([`Lsn`]), and the change-event envelope ([`ChangeEvent`]) that
+//! log is ([`Lsn`]), how a document version is made from it ([`Version`]), and the change-event envelope ([`ChangeEvent`]) that
 //! travels through Kafka, whose JSON Schema is `schemas/envelope.schema.json`.
 //!
 //! This crate does no I/O, so the producer, the consumer and the replay tools
@@ -9,8 +9,10 @@ pub mod config;
 mod envelope;
 mod lsn;
 pub mod partition;
+mod version;
 
 pub use envelope::{
     ChangeEvent, EnvelopeError, EventHead, FORMAT_VERSION, Operation, Row, Source, record_key,
 };
 pub use lsn::{Lsn, ParseLsnError};
+pub use version::{LSN_BITS, MAX_TIMELINE, Version, VersionError};

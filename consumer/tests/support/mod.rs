@@ -34,6 +34,9 @@ pub struct Pipeline {
     tables_toml: String,
     /// More lines for the config's `[producer]` section.
     pub producer_extra: String,
+    /// The PostgreSQL the pipeline captures, when not the stack's (a
+    /// scratch cluster).
+    pub source_url: Option<String>,
     producer: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)>,
     next_run: usize,
 }
@@ -185,6 +188,7 @@ impl Pipeline {
             name,
             tables_toml: String::new(),
             producer_extra: String::new(),
+            source_url: None,
             producer: None,
             next_run: 0,
         }
@@ -213,6 +217,12 @@ impl Pipeline {
             ))
             .await
             .unwrap_or_else(|e| panic!("create {table}: {e}"));
+        self.add_table(table, mapping);
+    }
+
+    /// Adds a table of schema public to the config only (it lives
+    /// elsewhere, e.g. in a scratch cluster).
+    pub fn add_table(&mut self, table: &str, mapping: &str) {
         let settings = if mapping.contains("index_settings") {
             ""
         } else {
@@ -230,7 +240,9 @@ impl Pipeline {
              [opensearch]\nurl = \"{}\"\n\
              [producer]\nslot = \"{}\"\npublication = \"{}\"\n{}\n\
              [consumer]\ngroup_id = \"{}\"\nbatch_max_wait_ms = 100\nhttp_listen = \"127.0.0.1:{consumer_port}\"\n{consumer_extra}\n{}",
-            self.stack.pg_replication_url,
+            self.source_url
+                .as_deref()
+                .unwrap_or(&self.stack.pg_replication_url),
             self.stack.kafka_brokers,
             self.name,
             self.opensearch_url,

@@ -184,18 +184,35 @@ impl ScratchPostgres {
     /// Stops the server cleanly, as a restart would, keeps it down for
     /// `down`, and starts it again on the same port.
     pub fn restart(&self, down: std::time::Duration) {
+        self.stop("fast");
+        std::thread::sleep(down);
+        self.start_again();
+    }
+
+    /// Stops the server: `fast` (clean) or `immediate` (a crash).
+    pub fn stop(&self, mode: &str) {
         let data = self.dir.join("data").display().to_string();
         run(
             &self.bin.join("pg_ctl"),
-            &["-D", &data, "-m", "fast", "-w", "stop"],
+            &["-D", &data, "-m", mode, "-w", "stop"],
         );
-        std::thread::sleep(down);
+    }
+
+    /// Starts a stopped server again on its port.
+    pub fn start_again(&self) {
+        let data = self.dir.join("data").display().to_string();
         let log = self.dir.join("postgres.log").display().to_string();
         let options = format!("-p {}", self.port);
         run(
             &self.bin.join("pg_ctl"),
             &["-D", &data, "-l", &log, "-o", &options, "-w", "start"],
         );
+    }
+
+    /// Promotes a standby to a primary (a new timeline), waiting until done.
+    pub fn promote(&self) {
+        let data = self.dir.join("data").display().to_string();
+        run(&self.bin.join("pg_ctl"), &["-D", &data, "-w", "promote"]);
     }
 
     /// Superuser URL.
