@@ -13,13 +13,11 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::Value;
 use tidemark_schemas::Row;
-
-use crate::window::scanner_config;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,18 +97,8 @@ pub fn parse(payload: &[u8], timestamp_ms: Option<i64>) -> Option<DeadLetter> {
 /// The dead letters in `topic` that `filter` keeps, oldest first by
 /// partition and offset.
 pub fn list(brokers: &str, topic: &str, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
-    let consumer: BaseConsumer =
-        scanner_config(brokers, "tidemark-replay-dead-letters").create()?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
-        })?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
+    let (consumer, partitions) =
+        crate::window::open_scanner(brokers, topic, "tidemark-replay-dead-letters")?;
     let mut ends = std::collections::HashMap::new();
     let mut assignment = TopicPartitionList::new();
     let starts = match filter.since_ms {

@@ -11,7 +11,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -138,18 +138,8 @@ pub fn read_history(
     key: &Row,
     since_ms: Option<i64>,
 ) -> anyhow::Result<History> {
-    let consumer: BaseConsumer =
-        crate::window::scanner_config(brokers, "tidemark-replay-history").create()?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
-        })?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
+    let (consumer, partitions) =
+        crate::window::open_scanner(brokers, topic, "tidemark-replay-history")?;
     if partitions == 0 {
         anyhow::bail!(
             "topic {topic} does not exist: is {} a captured table, and has the producer run?",

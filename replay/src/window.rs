@@ -192,17 +192,14 @@ pub(crate) fn scanner_config(brokers: &str, group: &str) -> ClientConfig {
     config
 }
 
-/// A consumer assigned to every partition of `topic` from
-/// `offsets_for_times(from - 60 s)` (Kafka timestamps are commit times but
-/// not strictly monotonic), with each partition's end (exclusive) as of now;
-/// `None` when no partition has anything from then on.
-fn open_window(
+/// A scanner (see [`scanner_config`]) and the partition count of `topic`
+/// (0: no such topic); an error says Kafka cannot be reached.
+pub(crate) fn open_scanner(
     brokers: &str,
     topic: &str,
-    mapping: &TableMapping,
-    from_ms: i64,
-) -> anyhow::Result<Option<(BaseConsumer, HashMap<i32, i64>)>> {
-    let consumer: BaseConsumer = scanner_config(brokers, "tidemark-replay-window").create()?;
+    group: &str,
+) -> anyhow::Result<(BaseConsumer, i32)> {
+    let consumer: BaseConsumer = scanner_config(brokers, group).create()?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| {
@@ -213,6 +210,20 @@ fn open_window(
         .first()
         .map(|t| t.partitions().len())
         .unwrap_or(0) as i32;
+    Ok((consumer, partitions))
+}
+
+/// A consumer assigned to every partition of `topic` from
+/// `offsets_for_times(from - 60 s)` (Kafka timestamps are commit times but
+/// not strictly monotonic), with each partition's end (exclusive) as of now;
+/// `None` when no partition has anything from then on.
+fn open_window(
+    brokers: &str,
+    topic: &str,
+    mapping: &TableMapping,
+    from_ms: i64,
+) -> anyhow::Result<Option<(BaseConsumer, HashMap<i32, i64>)>> {
+    let (consumer, partitions) = open_scanner(brokers, topic, "tidemark-replay-window")?;
     if partitions == 0 {
         anyhow::bail!(
             "topic {topic} does not exist: has the producer run for {}?",

@@ -15,22 +15,9 @@ use support::Pipeline;
 use tidemark_testkit::topic_record_count;
 
 fn audit(p: &Pipeline, args: &[&str]) -> (Option<i32>, String, String) {
-    let config = p.dir.join("audit.toml");
-    std::fs::write(&config, p.config_text(1, "")).expect("config");
-    let output = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
-        .arg("--config")
-        .arg(&config)
-        .arg("audit")
-        .args(args)
-        .env_remove("TIDEMARK_KAFKA_BROKERS")
-        .env_remove("TIDEMARK_OPENSEARCH_URL")
-        .output()
-        .expect("run tidemark-replay audit");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut all = vec!["audit"];
+    all.extend_from_slice(args);
+    p.run_replay(&all)
 }
 
 fn ids(report: &Value, kind: &str) -> BTreeSet<String> {

@@ -17,21 +17,7 @@ use support::Pipeline;
 use tidemark_testkit::topic_record_count;
 
 fn replay(p: &Pipeline, args: &[&str]) -> (Option<i32>, String, String) {
-    let config = p.dir.join("replay.toml");
-    std::fs::write(&config, p.config_text(1, "")).expect("config");
-    let output = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
-        .arg("--config")
-        .arg(&config)
-        .args(args)
-        .env_remove("TIDEMARK_KAFKA_BROKERS")
-        .env_remove("TIDEMARK_OPENSEARCH_URL")
-        .output()
-        .expect("run tidemark-replay");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    p.run_replay(args)
 }
 
 fn counts(report: &Value) -> Value {
