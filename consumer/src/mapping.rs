@@ -313,7 +313,9 @@ impl Mappings {
             .get();
         let index = mapping.index.clone();
         Ok(match event.op {
-            Operation::Truncate => Write::Truncate { index, version },
+            // Both remove what is older than the event: a truncate every
+            // row, a resnapshot the rows its snapshot did not rewrite.
+            Operation::Truncate | Operation::Resnapshot => Write::Truncate { index, version },
             Operation::Delete => Write::Delete {
                 index,
                 id: check_id(mapping, mapping.doc_id(&event.key)?)?,

@@ -11,12 +11,13 @@ use tidemark_schemas::Operation;
 
 use crate::apply::{ApplyStats, LATENCY_BUCKETS};
 
-const OPERATIONS: [Operation; 5] = [
+const OPERATIONS: [Operation; 6] = [
     Operation::Snapshot,
     Operation::Insert,
     Operation::Update,
     Operation::Delete,
     Operation::Truncate,
+    Operation::Resnapshot,
 ];
 
 /// Where one assigned partition stands.

@@ -64,7 +64,7 @@ impl Topics {
                 "table {table}: the record key does not match the event's table and key"
             ));
         }
-        if event.op == Operation::Truncate {
+        if matches!(event.op, Operation::Truncate | Operation::Resnapshot) {
             return Ok(());
         }
         let Some(after) = &event.after else {

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use tidemark_schemas::{Lsn, Operation, Source};
 
-const OPERATIONS: [Operation; 5] = [
+const OPERATIONS: [Operation; 6] = [
     Operation::Snapshot,
     Operation::Insert,
     Operation::Update,
     Operation::Delete,
     Operation::Truncate,
+    Operation::Resnapshot,
 ];
 
 #[derive(Debug, Default)]

@@ -69,10 +69,10 @@ pub enum RunError {
     #[error(
         "the change history of slot {slot} has a gap: {what}. Tidemark had confirmed changes up to \
          {last_confirmed}; what happened after that was never read, so rows changed or deleted since \
-         may be wrong in the index. To recover: start tidemark-producer once with --resnapshot (it takes \
-         a new snapshot of every table and records the gap in the state topic), then run \
-         `tidemark-replay audit --repair --yes` for the tables, which removes the documents of rows \
-         deleted during the gap"
+         may be wrong in the index. To recover: start tidemark-producer once with --resnapshot. It takes \
+         a new snapshot of every table, records the gap in the state topic, and sends each table a \
+         resnapshot marker after its rows, with which consumers remove the documents of rows deleted \
+         during the gap; then check with `tidemark-replay audit`"
     )]
     HistoryGap {
         slot: String,
@@ -549,6 +549,9 @@ async fn create_and_snapshot(
             metrics.clone(),
         )
         .await?;
+        if progress.gap.is_some() {
+            send_resnapshot_markers(conn, tables, point, sink).await?;
+        }
     }
     progress.snapshot_complete = true;
     progress.confirmed_lsn = Some(consistent_point);
@@ -633,6 +636,45 @@ async fn drop_slot(sql: &Client, slot: &str) -> Result<(), SourceError> {
             what: "drop interrupted slot",
             source,
         })?;
+    Ok(())
+}
+
+/// After a new snapshot over a gap: one `resnapshot` event per table, to
+/// every partition after its rows, at the snapshot's version. Consumers
+/// remove what is older (the documents of rows deleted during the gap);
+/// waits until Kafka acknowledged them.
+async fn send_resnapshot_markers(
+    conn: &ConnInfo,
+    tables: &[CatalogTable],
+    point: snapshot::Point,
+    sink: &Arc<Sink>,
+) -> Result<(), RunError> {
+    let commit_time =
+        crate::changes::unix_micros_to_rfc3339(jiff::Timestamp::now().as_microsecond());
+    for table in tables {
+        let event = tidemark_schemas::ChangeEvent {
+            format: tidemark_schemas::FORMAT_VERSION,
+            source: tidemark_schemas::Source {
+                database: conn.database.clone(),
+                schema: table.schema.clone(),
+                table: table.name.clone(),
+            },
+            op: tidemark_schemas::Operation::Resnapshot,
+            key: tidemark_schemas::Row::new(),
+            before: None,
+            after: None,
+            unchanged_toast: Vec::new(),
+            commit_lsn: point.lsn,
+            timeline: point.timeline,
+            lsn: point.lsn,
+            xid: None,
+            commit_time: commit_time.clone(),
+        };
+        sink.send(&event).await?;
+        info!(table = %table.qualified(), lsn = %point.lsn,
+              "resnapshot marker sent: consumers remove the documents the new snapshot did not rewrite");
+    }
+    sink.acknowledged(sink.sent()).await?;
     Ok(())
 }
 

@@ -363,9 +363,9 @@ impl Sink {
                 .dead_letter(Some(event), None, &reason, event.lsn)
                 .await;
         }
-        // A truncate goes to every partition, ordered with every key;
-        // anything else to the partition of its key.
-        let truncate = event.op == Operation::Truncate;
+        // A truncate (or a resnapshot's marker) goes to every partition,
+        // ordered with every key; anything else to the partition of its key.
+        let truncate = matches!(event.op, Operation::Truncate | Operation::Resnapshot);
         let targets = if truncate { partitions } else { 1 };
         let timestamp = commit_millis(&event.commit_time);
         let lsn = event.commit_lsn.to_string();

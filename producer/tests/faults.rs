@@ -520,7 +520,7 @@ async fn a_lost_slot_is_refused_then_resnapshotted_on_request() {
         "{log}"
     );
     assert!(
-        log.contains("--resnapshot") && log.contains("audit --repair"),
+        log.contains("--resnapshot") && log.contains("resnapshot marker"),
         "{log}"
     );
     let before = tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &topic);
@@ -529,7 +529,7 @@ async fn a_lost_slot_is_refused_then_resnapshotted_on_request() {
     let mut producer = h.start_with(&config, 2, &["--resnapshot"]);
     h.wait_ready(&mut producer, 2).await;
     // The 10 rows left, snapshotted again.
-    let records = h.read_until(&topic, |r| r.len() >= 31);
+    let records = h.read_until(&topic, |r| r.len() >= 34);
     // Partitions interleave: tell the two snapshots apart by their LSN.
     let mut snapshots: BTreeMap<tidemark_schemas::Lsn, Vec<i64>> = BTreeMap::new();
     for r in records
@@ -549,6 +549,27 @@ async fn a_lost_slot_is_refused_then_resnapshotted_on_request() {
         (11..=20).collect::<Vec<i64>>(),
         "the rows left, snapshotted again"
     );
+    // Then, on every partition, the marker that makes consumers remove what
+    // the new snapshot did not rewrite.
+    let markers: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.event.op == tidemark_schemas::Operation::Resnapshot)
+        .collect();
+    assert_eq!(markers.len(), 3, "one per partition");
+    assert!(
+        markers
+            .iter()
+            .all(|m| m.event.commit_lsn == snapshot_lsn && m.event.key.is_empty())
+    );
+    for marker in &markers {
+        assert!(
+            records.iter().all(|r| r.partition != marker.partition
+                || r.event.op != tidemark_schemas::Operation::Snapshot
+                || r.event.commit_lsn != snapshot_lsn
+                || r.offset < marker.offset),
+            "the marker comes after the snapshot's rows of its partition"
+        );
+    }
     h.stop(producer, 2);
     let state_topic = format!("{}.state", h.name);
     let count = tidemark_testkit::topic_record_count(&h.stack.kafka_brokers, &state_topic);

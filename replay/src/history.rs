@@ -54,15 +54,26 @@ pub struct Step {
 #[derive(Debug, Default)]
 pub struct Differ {
     state: Option<Row>,
+    /// The version of the last change of the row (a resnapshot removes the
+    /// row only if its snapshot did not rewrite it, i.e. if this is older).
+    last: Option<tidemark_schemas::Version>,
 }
 
 impl Differ {
     /// The field changes `event` makes to the current state, and the new state.
     pub fn step(&mut self, event: &ChangeEvent) -> Vec<FieldChange> {
+        let version = event.version().ok();
+        if event.op == Operation::Resnapshot {
+            let rewritten = self.last.is_some() && self.last >= version;
+            if rewritten || self.state.is_none() {
+                return Vec::new();
+            }
+        }
+        self.last = version;
         let before = self.state.take();
         let mut changes = Vec::new();
         match event.op {
-            Operation::Delete | Operation::Truncate => {
+            Operation::Delete | Operation::Truncate | Operation::Resnapshot => {
                 for (field, value) in before.iter().flatten() {
                     changes.push(FieldChange {
                         field: field.clone(),
@@ -286,9 +297,18 @@ pub fn render_text(history: &History) -> String {
         match step.op {
             Operation::Delete => out.push_str("    row deleted\n"),
             Operation::Truncate => out.push_str("    table truncated: row removed\n"),
+            Operation::Resnapshot if step.changes.is_empty() => {
+                out.push_str("    new snapshot over a gap in the history: row kept\n")
+            }
+            Operation::Resnapshot => out.push_str(
+                "    new snapshot over a gap in the history: the row was gone (deleted during the gap), removed\n",
+            ),
             _ => {}
         }
-        if matches!(step.op, Operation::Delete | Operation::Truncate) {
+        if matches!(
+            step.op,
+            Operation::Delete | Operation::Truncate | Operation::Resnapshot
+        ) {
             continue;
         }
         for change in &step.changes {

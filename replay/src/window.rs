@@ -330,7 +330,7 @@ pub fn collect_keys(
             continue;
         }
         found.events += 1;
-        if event.op == Operation::Truncate {
+        if matches!(event.op, Operation::Truncate | Operation::Resnapshot) {
             found.truncates += 1;
             continue;
         }
@@ -1061,7 +1061,7 @@ pub fn collect_log(
         if at < from_ms {
             continue;
         }
-        if event.op == Operation::Truncate {
+        if matches!(event.op, Operation::Truncate | Operation::Resnapshot) {
             if at <= to_ms {
                 found.events += 1;
                 found.truncates += 1;

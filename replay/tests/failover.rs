@@ -2,8 +2,9 @@
 //! that tail carry versions from timeline 1 that are above the promoted
 //! standby's LSNs. The version's timeline epoch (`tidemark_schemas::Version`)
 //! makes every change of timeline 2 outrank them, so after the producer's
-//! refusal, `--resnapshot` and `audit --repair`, the index holds exactly
-//! the new primary's rows, and later changes go on landing.
+//! refusal and `--resnapshot`, the index holds exactly the new primary's
+//! rows, and later changes go on landing. A slot lost without a failover
+//! converges the same way.
 
 #[path = "../../consumer/tests/support/mod.rs"]
 mod support;
@@ -104,14 +105,13 @@ async fn after_a_failover_the_index_converges_to_the_new_primary() {
             && docs.contains_key("50")
     })
     .await;
-    // Row 100 exists only in the lost tail: the audit finds it, the repair
-    // removes it, and the index is the new primary's.
-    let (code, out, err) = p.run_replay(&["audit", "--repair", "--yes", "--recheck-after", "1"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(
-        out.contains("after the repair: 0 of the drifted documents still differ"),
-        "{out}"
-    );
+    // Row 100 exists only in the lost tail: the resnapshot's marker removes
+    // it (its version is timeline 1's), and the index is the new primary's
+    // without any repair.
+    wait_for("the tail-only row removed", async || {
+        doc(&p, &index, "100").await.is_none()
+    })
+    .await;
     let (code, out, err) = p.run_replay(&["audit", "--format", "json", "--recheck-after", "1"]);
     assert_eq!(code, Some(0), "clean after the failover: {out}\n{err}");
     // And the new timeline's later changes land.
@@ -132,4 +132,66 @@ async fn after_a_failover_the_index_converges_to_the_new_primary() {
             .delete(opensearch::indices::IndicesDeleteParts::Index(&[&index]))
             .send()
             .await;
+}
+
+/// The slot is dropped while the producer is stopped and rows are deleted
+/// meanwhile: after the refusal, `--resnapshot` alone (its marker) leaves
+/// the index equal to the table, the rows deleted in the gap gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_lost_slot_the_resnapshot_alone_converges_the_index() {
+    let mut p = Pipeline::new("r_lostslot").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, v text", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 40) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&table, 90, &[]).await;
+    p.stop_producer().await;
+    support::drop_slot(&p.pg, &p.name).await;
+    p.pg.batch_execute(&format!(
+        "DELETE FROM {table} WHERE id <= 10; UPDATE {table} SET v = 'gap' WHERE id = 20"
+    ))
+    .await
+    .expect("changes during the gap");
+
+    let metrics = Arc::new(tidemark_producer::metrics::Metrics::default());
+    let (_stop, shutdown) = watch::channel(false);
+    let refused = tidemark_producer::run::run(p.config(), metrics.clone(), shutdown).await;
+    let message = refused.expect_err("a lost slot is a gap").to_string();
+    assert!(message.contains("is gone"), "{message}");
+    let (stop, shutdown) = watch::channel(false);
+    let resnapshot = tokio::spawn(tidemark_producer::run::run_with(
+        p.config(),
+        tidemark_producer::run::StartOptions { resnapshot: true },
+        metrics,
+        shutdown,
+    ));
+    let docs = p.wait_converged(&table, 90, &[]).await;
+    assert_eq!(docs.len(), 30);
+    assert_eq!(docs["20"]["v"], "gap");
+    let (code, out, err) = p.run_replay(&["audit", "--format", "json", "--recheck-after", "1"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    // The row's history says what the resnapshot did to it.
+    let key = "{\"id\": 3}";
+    let (code, out, err) = p.run_replay(&[
+        "history",
+        "--table",
+        &format!("public.{table}"),
+        "--key",
+        key,
+    ]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("the row was gone (deleted during the gap), removed"),
+        "{out}"
+    );
+    let _ = stop.send(true);
+    let _ = resnapshot.await;
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
 }

@@ -103,6 +103,13 @@ pub enum Operation {
     /// The whole table was truncated. Sent to every partition of the table's
     /// topic, so that it is ordered with every key's changes.
     Truncate,
+    /// A new snapshot, taken over a gap in the history (`tidemark-producer
+    /// --resnapshot`), rewrote every row of the table at this event's
+    /// version: a document older than it is of a row that is gone. Sent to
+    /// every partition, after the snapshot's rows, with an empty key. Not a
+    /// change of any row: readers before it existed set it aside as a
+    /// record they cannot read.
+    Resnapshot,
 }
 
 impl Operation {
@@ -114,6 +121,7 @@ impl Operation {
             Operation::Update => "update",
             Operation::Delete => "delete",
             Operation::Truncate => "truncate",
+            Operation::Resnapshot => "resnapshot",
         }
     }
 }

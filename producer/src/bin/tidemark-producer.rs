@@ -41,9 +41,10 @@ struct Args {
     /// When the change history has a gap (the slot is gone after it had
     /// streamed, another PostgreSQL cluster, a new timeline after a failover
     /// or restore), take a new snapshot of every table instead of refusing to
-    /// start. The gap is recorded in the state topic. Afterwards run
-    /// `tidemark-replay audit --repair --yes` to remove documents of rows
-    /// deleted during the gap.
+    /// start. The gap is recorded in the state topic, and each table gets a
+    /// resnapshot marker after its rows, with which consumers remove the
+    /// documents the new snapshot did not rewrite (rows deleted during the
+    /// gap).
     #[arg(long)]
     resnapshot: bool,
 }
