@@ -10,7 +10,7 @@ demo:
 
 ## test: start the local stack if needed, then run every test against it.
 test: stack-up
-	eval "$$(dev/stack env)" && cargo test --workspace --locked
+	eval "$$(dev/stack env)" && cargo test --workspace --locked --no-fail-fast
 
 ## soak: kill -9 the producer and consumer 50 times under load, restart
 ## each server once, then audit (minutes; not part of `test`). See dev/soak.

@@ -94,8 +94,7 @@ pub fn parse(payload: &[u8], timestamp_ms: Option<i64>) -> Option<DeadLetter> {
     })
 }
 
-/// The dead letters in `topic` that `filter` keeps, oldest first by
-/// partition and offset.
+/// The dead letters in `topic` that `filter` keeps, oldest first.
 pub fn list(brokers: &str, topic: &str, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
     let (consumer, partitions) =
         crate::window::open_scanner(brokers, topic, "tidemark-replay-dead-letters")?;
@@ -161,6 +160,8 @@ pub fn list(brokers: &str, topic: &str, filter: &Filter) -> anyhow::Result<Vec<D
         }
     }
     std::thread::spawn(move || drop(consumer));
+    // Partitions interleave as they are read: list in time order.
+    out.sort_by(|a, b| a.time.cmp(&b.time));
     Ok(out)
 }
 
