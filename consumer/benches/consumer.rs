@@ -36,8 +36,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use tidemark_consumer::apply::{ApplyStats, bulk_lines};
-use tidemark_consumer::mapping::Mappings;
+use tidemark_index::apply::{ApplyStats, bulk_lines};
+use tidemark_index::mapping::Mappings;
 use tidemark_schemas::config::Config;
 use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Source, record_key};
 use tidemark_testkit::{Stack, unique_name};
@@ -280,7 +280,7 @@ async fn main() {
         .indices()
         .create(opensearch::indices::IndicesCreateParts::Index(&index_a))
         .body(json!({"settings": {"number_of_shards": 1, "number_of_replicas": 0},
-                     "mappings": {"properties": {"_tidemark": tidemark_consumer::mapping::meta_mapping()}}}))
+                     "mappings": {"properties": {"_tidemark": tidemark_index::mapping::meta_mapping()}}}))
         .send()
         .await
         .expect("create baseline index");
@@ -292,7 +292,7 @@ async fn main() {
         let mut write = mappings
             .write(&event(&table_b, i, 1_000 + i))
             .expect("maps");
-        if let tidemark_consumer::mapping::Write::Index { index, .. } = &mut write {
+        if let tidemark_index::mapping::Write::Index { index, .. } = &mut write {
             index.clone_from(&index_a);
         }
         body.put_slice(&bulk_lines(&write, &stats));

@@ -8,21 +8,14 @@
 //! - Progress: an offset is stored (and so committed) only after OpenSearch
 //!   accepted, or the dead-letter topic took, every record at or before it.
 //!
-//! `apply` is the only path by which Tidemark writes documents; the replay
-//! tools reuse it with the same `mapping`.
+//! Documents are mapped, written and classified by the index layer
+//! (`tidemark-index`: mapping, bulk apply, answers), the one path the replay
+//! tools use too; this crate owns the Kafka side of the worker.
 //!
-//! Modules: `mapping` (table -> index, id, fields, metadata), `search`
-//! (OpenSearch requests), `answer` (what each OpenSearch answer means:
-//! applied, stale, a bad record, or wait), `apply` (bulk with versions,
-//! TOAST, waiting out what cannot be written now),
-//! `record` (what a record must be to be applied), `run` (Kafka group
-//! loop, offsets, dead letters), `metrics`, `http`.
+//! Modules: `record` (what a record must be to be applied), `run` (Kafka
+//! group loop, offsets, dead letters), `metrics`, `http`.
 
-pub mod answer;
-pub mod apply;
 pub mod http;
-pub mod mapping;
 pub mod metrics;
 pub mod record;
 pub mod run;
-pub mod search;

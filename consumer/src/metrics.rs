@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use tidemark_schemas::Operation;
 
-use crate::apply::{ApplyStats, LATENCY_BUCKETS};
+use tidemark_index::apply::{ApplyStats, LATENCY_BUCKETS};
 
 const OPERATIONS: [Operation; 6] = [
     Operation::Snapshot,
@@ -323,8 +323,8 @@ mod tests {
         let m = Metrics::new(60);
         m.kafka_up.store(true, Ordering::Relaxed);
         m.apply.opensearch_up.store(true, Ordering::Relaxed);
-        let stall = crate::answer::Stall {
-            cause: crate::answer::Cause::IndexClosed,
+        let stall = tidemark_index::answer::Stall {
+            cause: tidemark_index::answer::Cause::IndexClosed,
             detail: "index_closed_exception: closed".into(),
         };
         m.apply.blocked.set("orders", &stall);

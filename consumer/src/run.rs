@@ -51,11 +51,11 @@ use tidemark_schemas::config::Config;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::apply::{Applier, Outcome, lock};
-use crate::mapping::{Mappings, Write};
 use crate::metrics::Metrics;
 use crate::record::Topics;
-use crate::search::Search;
+use tidemark_index::apply::{Applier, Outcome, lock};
+use tidemark_index::mapping::{Mappings, Write};
+use tidemark_index::search::Search;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -55,7 +55,7 @@ fn assert_versions_match_last_events(
         fields.remove("_version");
         assert_eq!(
             doc["_tidemark"]["hash"],
-            json!(tidemark_consumer::mapping::content_hash(&fields)),
+            json!(tidemark_index::mapping::content_hash(&fields)),
             "doc {id}"
         );
     }

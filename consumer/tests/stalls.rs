@@ -224,9 +224,9 @@ async fn one_over_long_id_is_one_dead_letter_and_its_transaction_is_applied() {
 /// write is alone: it alone is rejected, every other write is applied.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bulk_refused_for_one_write_is_split_and_the_rest_applied() {
-    use tidemark_consumer::apply::{Applier, Outcome};
-    use tidemark_consumer::mapping::Write;
-    use tidemark_consumer::search::Search;
+    use tidemark_index::apply::{Applier, Outcome};
+    use tidemark_index::mapping::Write;
+    use tidemark_index::search::Search;
     let p = Pipeline::new("c_split").await;
     let index = p.name.clone();
     let config = tidemark_schemas::config::Config::from_toml(

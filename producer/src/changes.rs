@@ -21,7 +21,8 @@ use serde_json::Value;
 use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Row, Source};
 
 use crate::pgoutput::{Datum, Message, Relation, Tuple};
-use crate::values::{Mapping, ValueError, to_json};
+use tidemark_postgres::RowError;
+use tidemark_postgres::values::{Mapping, ValueError, to_json};
 
 /// What we know of a captured table.
 #[derive(Debug, Clone)]
@@ -52,21 +53,12 @@ pub enum ChangeError {
         expected: usize,
         got: usize,
     },
-    #[error("{table}.{column}: {source}")]
-    Value {
-        table: String,
-        column: String,
-        #[source]
-        source: ValueError,
-    },
+    /// A value or key column that cannot be mapped (the same error a row
+    /// read by SQL gives).
+    #[error(transparent)]
+    Row(#[from] RowError),
     #[error("{table}.{column}: binary values are not requested and cannot be mapped")]
     Binary { table: String, column: String },
-    #[error("{table}: primary-key column {column} is {what}")]
-    BadKey {
-        table: String,
-        column: String,
-        what: &'static str,
-    },
     #[error("{table}: primary-key column {column} is not in the relation")]
     MissingKeyColumn { table: String, column: String },
 }
@@ -353,7 +345,7 @@ fn value(info: &TableInfo, column: &ColumnInfo, datum: &Datum) -> Result<Value, 
     match datum {
         Datum::Null | Datum::UnchangedToast => Ok(Value::Null),
         Datum::Text(bytes) => {
-            let text = std::str::from_utf8(bytes).map_err(|e| ChangeError::Value {
+            let text = std::str::from_utf8(bytes).map_err(|e| RowError::Value {
                 table: info.source.qualified(),
                 column: column.name.clone(),
                 source: ValueError {
@@ -361,10 +353,12 @@ fn value(info: &TableInfo, column: &ColumnInfo, datum: &Datum) -> Result<Value, 
                     detail: format!("not UTF-8: {e}"),
                 },
             })?;
-            to_json(&column.mapping, text).map_err(|source| ChangeError::Value {
-                table: info.source.qualified(),
-                column: column.name.clone(),
-                source,
+            to_json(&column.mapping, text).map_err(|source| {
+                ChangeError::Row(RowError::Value {
+                    table: info.source.qualified(),
+                    column: column.name.clone(),
+                    source,
+                })
             })
         }
         Datum::Binary(_) => Err(ChangeError::Binary {
@@ -378,10 +372,12 @@ fn key_of(info: &TableInfo, row: &Row) -> Result<Row, ChangeError> {
     let mut key = Row::new();
     for &i in &info.key {
         let name = &info.columns[i].name;
-        let bad = |what| ChangeError::BadKey {
-            table: info.source.qualified(),
-            column: name.clone(),
-            what,
+        let bad = |what| {
+            ChangeError::Row(RowError::BadKey {
+                table: info.source.qualified(),
+                column: name.clone(),
+                what,
+            })
         };
         match row.get(name) {
             None => return Err(bad("missing")),

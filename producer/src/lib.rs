@@ -10,8 +10,11 @@
 //! - Progress: the confirmed flush LSN moves only with Kafka's delivery
 //!   reports, or, when nothing is pending, to the server's keepalive position.
 //!
-//! Modules: `source` (PostgreSQL checks, publication, catalog), `pgoutput`
-//! (decoder), `values` (type mapping), `changes` (messages to events),
+//! The PostgreSQL side apart from the stream (connections, checks,
+//! publication, catalog, the key rule, value mapping) is the PostgreSQL
+//! layer, `tidemark-postgres`, which replay uses too.
+//!
+//! Modules: `pgoutput` (decoder), `changes` (messages to events),
 //! `snapshot`, `stream` (replication to Kafka with acknowledgement),
 //! `sink` (Kafka), `state` (progress record), `metrics`, `http`, `run`.
 
@@ -22,7 +25,5 @@ pub mod pgoutput;
 pub mod run;
 pub mod sink;
 pub mod snapshot;
-pub mod source;
 pub mod state;
 pub mod stream;
-pub mod values;

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use tidemark_schemas::Lsn;
 use tidemark_schemas::config::Config;
 use tokio::sync::watch;
@@ -31,12 +31,12 @@ use tracing::{info, warn};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
 use crate::snapshot::{self, SnapshotError};
-use crate::source::{
-    self, CatalogTable, ConnInfo, SESSION_OPTIONS, SourceError, check_server, describe_table,
-    ensure_publication, quote_ident, slot_state,
-};
 use crate::state::{HistoryGap, SlotProgress, StateStore, history_gap};
 use crate::stream::{Stream, StreamError};
+use tidemark_postgres::server::{self, check_server, ensure_publication, slot_state};
+use tidemark_postgres::{
+    CatalogTable, ConnInfo, Point, Replication, SourceError, describe_table, quote_ident,
+};
 
 /// How long start-up waits for an active slot to be released before
 /// reporting that another reader holds it.
@@ -452,7 +452,7 @@ async fn released_slot_state(
     sql: &Client,
     slot: &str,
     database: &str,
-) -> Result<Option<source::SlotState>, SourceError> {
+) -> Result<Option<server::SlotState>, SourceError> {
     let deadline = tokio::time::Instant::now() + SLOT_RELEASE_WAIT;
     loop {
         match slot_state(sql, slot, database).await {
@@ -464,22 +464,9 @@ async fn released_slot_state(
     }
 }
 
+/// The replication session of this producer's slot.
 fn replication_config(conn: &ConnInfo, config: &Config) -> ReplicationConfig {
-    ReplicationConfig::new(
-        conn.host.clone(),
-        conn.user.clone(),
-        conn.password.clone(),
-        conn.database.clone(),
-        config.producer.slot.clone(),
-        config.producer.publication.clone(),
-    )
-    .with_port(conn.port)
-    .with_tls(TlsConfig::disabled())
-    .with_options(SESSION_OPTIONS)
-    .with_application_name("tidemark-producer")
-    .with_status_interval(Duration::from_secs(1))
-    // One change is one message; see producer.max_message_bytes.
-    .with_max_message_size(config.producer.max_message_bytes)
+    conn.replication(&Replication::of(config, "tidemark-producer"))
 }
 
 async fn create_and_snapshot(
@@ -534,7 +521,7 @@ async fn create_and_snapshot(
             slot: slot.clone(),
             what: "snapshot name",
         })?;
-        let point = snapshot::Point {
+        let point = Point {
             lsn: consistent_point,
             timeline: progress.timeline.unwrap_or(1),
         };
@@ -560,75 +547,6 @@ async fn create_and_snapshot(
     Ok((repl, progress))
 }
 
-/// A consistent snapshot whose LSN is known exactly, for tools that read
-/// rows and write them with that LSN as their version (replay's source
-/// mode): a TEMPORARY logical slot created with an exported snapshot.
-/// PostgreSQL keeps the snapshot importable (`SET TRANSACTION SNAPSHOT`)
-/// while `session` is open and drops the slot when it closes.
-pub struct ExportedSnapshot {
-    pub session: ReplicationClient,
-    pub name: String,
-    pub lsn: Lsn,
-    /// The server's timeline: with `lsn`, the version of rows read at it.
-    pub timeline: u32,
-}
-
-impl ExportedSnapshot {
-    /// Where it is consistent.
-    pub fn point(&self) -> crate::snapshot::Point {
-        crate::snapshot::Point {
-            lsn: self.lsn,
-            timeline: self.timeline,
-        }
-    }
-}
-
-impl std::fmt::Debug for ExportedSnapshot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExportedSnapshot")
-            .field("name", &self.name)
-            .field("lsn", &self.lsn)
-            .finish()
-    }
-}
-
-pub async fn export_snapshot(
-    config: &Config,
-    conn: &ConnInfo,
-    slot: &str,
-) -> Result<ExportedSnapshot, RunError> {
-    let mut session = ReplicationClient::connect_gated(replication_config(conn, config)).await?;
-    let timeline = session.identify_system().await?.timeline;
-    let rows = session
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_ident(slot)
-        ))
-        .await?;
-    let text = |i: usize| {
-        rows.first()
-            .and_then(|row| row.get(i))
-            .and_then(|v| v.as_ref())
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-    };
-    let lsn = text(1)
-        .and_then(|t| t.parse().ok())
-        .ok_or_else(|| RunError::SlotCreation {
-            slot: slot.to_owned(),
-            what: "consistent point",
-        })?;
-    let name = text(2).ok_or_else(|| RunError::SlotCreation {
-        slot: slot.to_owned(),
-        what: "snapshot name",
-    })?;
-    Ok(ExportedSnapshot {
-        session,
-        name,
-        lsn,
-        timeline,
-    })
-}
-
 async fn drop_slot(sql: &Client, slot: &str) -> Result<(), SourceError> {
     sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
@@ -646,7 +564,7 @@ async fn drop_slot(sql: &Client, slot: &str) -> Result<(), SourceError> {
 async fn send_resnapshot_markers(
     conn: &ConnInfo,
     tables: &[CatalogTable],
-    point: snapshot::Point,
+    point: Point,
     sink: &Arc<Sink>,
 ) -> Result<(), RunError> {
     let commit_time =

@@ -18,8 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Row, Source};
+use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Operation, Source};
 use tokio::sync::Semaphore;
 use tokio_postgres::SimpleQueryMessage;
 use tracing::{info, warn};
@@ -27,8 +26,9 @@ use tracing::{info, warn};
 use crate::changes::{ChangeError, unix_micros_to_rfc3339};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
-use crate::source::{CatalogTable, ConnInfo, SourceError, TypeResolver, quote_ident};
-use crate::values::{Mapping, to_json};
+use tidemark_postgres::values::Mapping;
+use tidemark_postgres::{CatalogTable, ConnInfo, SourceError, TypeResolver, quote_ident};
+use tidemark_postgres::{Point, row_values};
 
 /// Records in flight before a snapshot waits for Kafka to catch up.
 const MAX_PENDING: u64 = 10_000;
@@ -43,7 +43,7 @@ pub enum SnapshotError {
         #[source]
         source: SourceError,
     },
-    #[error("snapshot of {table}: PostgreSQL failed: {}", crate::source::pg_text(.source))]
+    #[error("snapshot of {table}: PostgreSQL failed: {}", tidemark_postgres::pg_text(.source))]
     Query {
         table: String,
         #[source]
@@ -57,14 +57,6 @@ pub enum SnapshotError {
     },
     #[error("snapshot task failed: {0}")]
     Task(String),
-}
-
-/// Where a snapshot is consistent: the LSN, on the timeline it was taken
-/// on (together they make its rows' version, `tidemark_schemas::Version`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Point {
-    pub lsn: Lsn,
-    pub timeline: u32,
 }
 
 /// What a finished snapshot read.
@@ -263,45 +255,4 @@ fn snapshot_event(
         xid: None,
         commit_time: commit_time.to_owned(),
     })
-}
-
-/// A row read as text (`SELECT` of `table.columns`, in order) mapped to
-/// JSON exactly as the snapshot and the stream map it: the key and the
-/// whole row. Replay and audit use it, so "what a row maps to" is the same
-/// everywhere.
-pub fn row_values(
-    table: &CatalogTable,
-    mappings: &[Mapping],
-    key_index: &[usize],
-    row: &tokio_postgres::SimpleQueryRow,
-) -> Result<(Row, Row), ChangeError> {
-    let mut after = Row::new();
-    for (i, ((column, _), mapping)) in table.columns.iter().zip(mappings).enumerate() {
-        let value = match row.get(i) {
-            None => Value::Null,
-            Some(text) => to_json(mapping, text).map_err(|source| ChangeError::Value {
-                table: table.qualified(),
-                column: column.clone(),
-                source,
-            })?,
-        };
-        after.insert(column.clone(), value);
-    }
-    let mut key = Row::new();
-    for &i in key_index {
-        let name = &table.columns[i].0;
-        match after.get(name) {
-            Some(Value::Null) | None => {
-                return Err(ChangeError::BadKey {
-                    table: table.qualified(),
-                    column: name.clone(),
-                    what: "null",
-                });
-            }
-            Some(v) => {
-                key.insert(name.clone(), v.clone());
-            }
-        }
-    }
-    Ok((key, after))
 }

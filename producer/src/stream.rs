@@ -37,8 +37,8 @@ use crate::changes::{Changes, PG_EPOCH_UNIX_MICROS};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::sink::{Sink, SinkError};
-use crate::source::{CatalogTable, SourceError, TypeResolver, describe_table};
 use crate::state::{SlotProgress, StateStore};
+use tidemark_postgres::{CatalogTable, SourceError, TypeResolver, describe_table};
 
 /// How often confirmed progress is recorded and reported to PostgreSQL.
 /// Each confirmation costs one acknowledged write to the state topic.

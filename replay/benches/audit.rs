@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use serde_json::{Value, json};
-use tidemark_consumer::apply::{ApplyStats, bulk_lines};
-use tidemark_consumer::mapping::Mappings;
-use tidemark_consumer::search::Search;
+use tidemark_index::apply::{ApplyStats, bulk_lines};
+use tidemark_index::mapping::Mappings;
+use tidemark_index::search::Search;
 use tidemark_schemas::config::Config;
 use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Source};
 use tidemark_testkit::{Stack, unique_name};

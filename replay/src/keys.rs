@@ -3,8 +3,8 @@
 //!
 //! Accepted forms: a JSON object (`{"id": 42}`), `column=value` pairs
 //! (`tenant=7,id=1`), or a bare value for a one-column primary key (`42`).
-//! The last two need the primary key's columns and types, read from the
-//! PostgreSQL catalog; integer and boolean columns become JSON numbers and
+//! The last two need the key's columns and types, read from the
+//! PostgreSQL catalog by the producer's key rule; integer and boolean columns become JSON numbers and
 //! booleans (as the producer maps them), everything else a string.
 
 use serde_json::{Map, Value};
@@ -14,32 +14,23 @@ use tokio_postgres::Client;
 /// A primary-key column and its type name (`int4`, `text`, ...).
 pub type KeyColumn = (String, String);
 
-/// The primary-key columns of `schema.table`, in key order.
+/// The key columns of `schema.table`, in key order, by the one key rule
+/// the producer keys events by (`tidemark_postgres::catalog`).
 pub async fn primary_key(
     client: &Client,
     schema: &str,
     table: &str,
 ) -> anyhow::Result<Vec<KeyColumn>> {
-    let rows = client
-        .query(
-            "SELECT a.attname::text, t.typname::text
-               FROM pg_index i
-               JOIN pg_class c ON c.oid = i.indrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-               JOIN pg_type t ON t.oid = a.atttypid
-              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary
-              ORDER BY array_position(i.indkey, a.attnum)",
-            &[&schema, &table],
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("table {schema}.{table}: cannot read its primary key: {e}"))?;
-    if rows.is_empty() {
-        anyhow::bail!(
+    use tidemark_postgres::SourceError;
+    match tidemark_postgres::table_key(client, schema, table).await {
+        Ok(key) => Ok(key),
+        Err(SourceError::NoSuchTable(_) | SourceError::NoKey(_)) => anyhow::bail!(
             "table {schema}.{table} has no primary key (or does not exist); pass --key as JSON, e.g. '{{\"id\": 42}}'"
-        );
+        ),
+        Err(e) => Err(anyhow::anyhow!(
+            "table {schema}.{table}: cannot read its primary key: {e}"
+        )),
     }
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Whether a key text needs the catalog (is not a JSON object).

@@ -3,14 +3,15 @@
 //!
 //! Contract (DESIGN.md invariants 2, 3, 8): replay never resurrects a deleted
 //! row nor regresses a newer one, however often it runs; it writes only
-//! through the consumer's apply path; and every command that writes shows its
+//! through the index layer's apply path (`tidemark-index`, the consumer's
+//! too) and reads rows only through the PostgreSQL layer
+//! (`tidemark-postgres`, the producer's too); and every command that writes shows its
 //! target and counts first and needs `--dry-run` or an explicit confirmation.
 //!
 //! Modules: `window` (repair a time window, source and log mode), `audit`
 //! (source against index) and `merge` (its key-ordered merge),
 //! `dead_letters` (list the dead-letter topic, gather keys to repair),
-//! `history` (a
-//! row's changes from Kafka), `runs` (the record of every run), `keys` (key
+//! `history` (a row's changes from Kafka), `keys` (key
 //! arguments -> the producer's key object), `time` (RFC 3339 and relative
 //! times).
 
@@ -19,6 +20,5 @@ pub mod dead_letters;
 pub mod history;
 pub mod keys;
 pub mod merge;
-pub mod runs;
 pub mod time;
 pub mod window;

@@ -39,9 +39,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::Value;
-use tidemark_consumer::apply::{Applier, Effect, Outcome};
-use tidemark_consumer::mapping::{TableMapping, Write, content_hash};
-use tidemark_consumer::search::Search;
+use tidemark_index::apply::{Applier, Effect, Outcome};
+use tidemark_index::mapping::{TableMapping, Write, content_hash};
+use tidemark_index::search::Search;
 use tidemark_schemas::{ChangeEvent, EventHead, Operation, Row, Source, Version, record_key};
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -423,7 +423,7 @@ async fn plan(
     mapping: &TableMapping,
     search: &Search,
     keys: &[(String, Row)],
-    at: tidemark_producer::snapshot::Point,
+    at: tidemark_postgres::Point,
     commit_time: &str,
     write: bool,
 ) -> anyhow::Result<Vec<(String, Write, Option<Class>)>> {
@@ -580,7 +580,7 @@ pub async fn run_table(
         return Ok(result);
     }
     let prepare = Instant::now();
-    let conn = tidemark_producer::source::ConnInfo::from_config(job.config)?;
+    let conn = tidemark_postgres::ConnInfo::from_config(job.config)?;
     let mut client = conn.connect("tidemark-replay").await?;
     let d = describe(&client, &mapping.schema, &mapping.table).await?;
     let row_bytes = sample_row_bytes(&client, &d).await?;
@@ -597,7 +597,12 @@ pub async fn run_table(
             .await;
     }
     let slot = format!("tidemark_replay_{}", std::process::id());
-    let snapshot = tidemark_producer::run::export_snapshot(job.config, &conn, &slot).await?;
+    let snapshot = tidemark_postgres::export_snapshot(
+        &conn,
+        &tidemark_postgres::Replication::of(job.config, "tidemark-replay"),
+        &slot,
+    )
+    .await?;
     tracing::debug!(table = %mapping.qualified(), prepare_ms = prepare.elapsed().as_millis() as u64, "window: connected, described, snapshot exported");
     let at = snapshot.point();
     result.version_lsn = Some(at.lsn.to_string());
@@ -766,10 +771,10 @@ const RECHECK_QUEUE: usize = 2;
 /// land. Returns how many documents it deleted again.
 async fn recheck_written(
     job: &Job<'_>,
-    conn: &tidemark_producer::source::ConnInfo,
+    conn: &tidemark_postgres::ConnInfo,
     d: &Described,
     mapping: &TableMapping,
-    at: tidemark_producer::snapshot::Point,
+    at: tidemark_postgres::Point,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<(String, Row)>>,
 ) -> anyhow::Result<u64> {
     let version = Version::of_snapshot(at.timeline, at.lsn)?
@@ -1099,7 +1104,7 @@ pub fn collect_log(
 pub async fn run_log(
     job: &Job<'_>,
     mapping: &TableMapping,
-    mappings: &tidemark_consumer::mapping::Mappings,
+    mappings: &tidemark_index::mapping::Mappings,
     found: &LogWindow,
 ) -> anyhow::Result<LogResult> {
     let mut result = LogResult {

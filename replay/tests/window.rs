@@ -762,7 +762,7 @@ async fn documents_from_before_the_id_field_are_classified_right() {
         .await;
     p.start_producer().await;
     let index = p.index(&table);
-    let mut old_meta = tidemark_consumer::mapping::meta_mapping();
+    let mut old_meta = tidemark_index::mapping::meta_mapping();
     old_meta["properties"]
         .as_object_mut()
         .expect("properties")
@@ -799,7 +799,7 @@ async fn documents_from_before_the_id_field_are_classified_right() {
         let mut doc = Value::Object(fields.clone());
         doc["_tidemark"] = json!({
             "version": 1, "lsn": "0/1", "commit_time": "2026-01-01T00:00:00Z",
-            "hash": tidemark_consumer::mapping::content_hash(&fields), "key": {"id": id},
+            "hash": tidemark_index::mapping::content_hash(&fields), "key": {"id": id},
         });
         doc
     };

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidemark_producer::values::{Mapping, to_json};
+use tidemark_postgres::values::{Mapping, to_json};
 
 const OIDS: [u32; 16] = [16, 20, 700, 1700, 17, 3802, 1114, 1184, 25, 1007, 1009, 1185, 3807, 1001, 1231, 1000];
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tidemark_producer::source::ConnInfo;
+use tidemark_postgres::ConnInfo;
 use tidemark_replay::{history, keys, time};
 use tidemark_schemas::Source;
 use tidemark_schemas::config::Config;
@@ -263,8 +263,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Runs { limit, format } => {
-            let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
-            let runs = tidemark_replay::runs::list(&search, limit).await?;
+            let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
+            let runs = tidemark_index::runs::list(&search, limit).await?;
             match format {
                 Format::Json => println!("{:#}", serde_json::Value::Array(runs.clone())),
                 Format::Text => {
@@ -417,12 +417,12 @@ async fn audit(
             anyhow::bail!("--table {t}: not in the config's [[tables]]");
         }
     }
-    let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
+    let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
     search.info().await?;
     let mut client = ConnInfo::from_config(config)?
         .connect("tidemark-audit")
         .await?;
-    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mappings = tidemark_index::mapping::Mappings::new(config);
     let mut reports = Vec::new();
     for entry in &config.tables {
         if !tables.is_empty() && !tables.contains(&entry.table) {
@@ -525,7 +525,7 @@ async fn window(
                 std::time::Duration::from_secs(10),
             ))
     });
-    let search = tidemark_consumer::search::Search::connect(config.opensearch()?)?;
+    let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
     let conn = ConnInfo::from_config(config)?;
     // The three systems of the target print are asked at the same time.
     let (cluster, client) = tokio::try_join!(search.info(), async {
@@ -542,7 +542,7 @@ async fn window(
         Ok(row) => row.get::<_, String>(0),
         Err(_) => "unknown (reading it needs pg_monitor)".to_owned(),
     };
-    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mappings = tidemark_index::mapping::Mappings::new(config);
     let mut found = Vec::new();
     for entry in &config.tables {
         if !tables.is_empty() && !tables.contains(&entry.table) {
@@ -610,9 +610,9 @@ async fn window(
         },
     );
     eprint!("{target}");
-    let stats = std::sync::Arc::new(tidemark_consumer::apply::ApplyStats::default());
+    let stats = std::sync::Arc::new(tidemark_index::apply::ApplyStats::default());
     let search = std::sync::Arc::new(search);
-    let applier = tidemark_consumer::apply::Applier::new(search.clone(), stats);
+    let applier = tidemark_index::apply::Applier::new(search.clone(), stats);
     let job = window::Job {
         config,
         search: &search,
@@ -642,7 +642,7 @@ async fn window(
         Mode::Source => window::to_json(&results),
         Mode::Log => serde_json::json!(log_results),
     };
-    let (user, host) = tidemark_replay::runs::who();
+    let (user, host) = tidemark_index::runs::who();
     // Log mode refuses keys that changed again after the window; the run
     // then did not do all it was asked, and says so in its exit code.
     let refused: u64 = log_results.iter().map(|r| r.refused).sum();
@@ -652,7 +652,7 @@ async fn window(
         (None, _) if refused > 0 => format!("done; {refused} keys refused (newer changes)"),
         (None, _) => "done".to_owned(),
     };
-    let record = tidemark_replay::runs::RunRecord {
+    let record = tidemark_index::runs::RunRecord {
         command: "window".into(),
         user,
         host,
@@ -663,7 +663,7 @@ async fn window(
         outcome: outcome.clone(),
         results: results_json.clone(),
     };
-    tidemark_replay::runs::record(&search, &record).await?;
+    tidemark_index::runs::record(&search, &record).await?;
     tracing::debug!("window: run recorded");
     if let Some(e) = failure {
         anyhow::bail!(e);
@@ -748,7 +748,7 @@ async fn dead_letters(
     if !repair {
         return Ok(ExitCode::SUCCESS);
     }
-    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mappings = tidemark_index::mapping::Mappings::new(config);
     let mut sets = Vec::new();
     for (table, keys) in dead_letters::keys_by_table(&letters) {
         let Some((schema, name)) = table.split_once('.') else {
@@ -804,13 +804,13 @@ async fn repair_keys(
     what: &str,
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::window;
-    let search = std::sync::Arc::new(tidemark_consumer::search::Search::connect(
+    let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
         config.opensearch()?,
     )?);
     let cluster = search.info().await?;
-    let mappings = tidemark_consumer::mapping::Mappings::new(config);
+    let mappings = tidemark_index::mapping::Mappings::new(config);
     let targets: Vec<(
-        &tidemark_consumer::mapping::TableMapping,
+        &tidemark_index::mapping::TableMapping,
         &Vec<(String, tidemark_schemas::Row)>,
     )> = sets
         .iter()
@@ -836,7 +836,7 @@ async fn repair_keys(
             "dry run: nothing is written; pass --yes to write"
         }
     );
-    let applier = tidemark_consumer::apply::Applier::new(search.clone(), std::sync::Arc::default());
+    let applier = tidemark_index::apply::Applier::new(search.clone(), std::sync::Arc::default());
     let job = window::Job {
         config,
         search: &search,
@@ -857,8 +857,8 @@ async fn repair_keys(
     if write {
         println!("after the repair: {still} of the {what} still differ");
     }
-    let (user, host) = tidemark_replay::runs::who();
-    let record = tidemark_replay::runs::RunRecord {
+    let (user, host) = tidemark_index::runs::who();
+    let record = tidemark_index::runs::RunRecord {
         command: command.into(),
         user,
         host,
@@ -875,7 +875,7 @@ async fn repair_keys(
         },
         results: window::to_json(&results),
     };
-    tidemark_replay::runs::record(&search, &record).await?;
+    tidemark_index::runs::record(&search, &record).await?;
     Ok(if write && still == 0 {
         ExitCode::SUCCESS
     } else {

@@ -2,12 +2,12 @@
 //! outcome) in the `tidemark-runs` index of the target cluster, so the team
 //! finds later what was done to the index; `tidemark-replay runs` lists them.
 
+use crate::search::Search;
 use anyhow::Context;
 use opensearch::SearchParts;
 use opensearch::indices::{IndicesCreateParts, IndicesExistsParts};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tidemark_consumer::search::Search;
 
 /// Where runs are recorded.
 pub const RUNS_INDEX: &str = "tidemark-runs";

@@ -114,20 +114,22 @@ struct BlockedState {
 }
 
 /// A poisoned lock only means a panic elsewhere; the data is still usable.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Blocked {
-    pub(crate) fn set(&self, index: &str, stall: &Stall) {
+    /// Records that writes to `index` wait on `stall`.
+    pub fn set(&self, index: &str, stall: &Stall) {
         let mut state = lock(&self.state);
         state.seen.insert((index.to_owned(), stall.cause));
         state.now.insert(index.to_owned(), stall.clone());
     }
 
-    pub(crate) fn clear(&self, index: &str) {
+    /// Records that writes to `index` go through again.
+    pub fn clear(&self, index: &str) {
         lock(&self.state).now.remove(index);
     }
 

@@ -1,0 +1,129 @@
+//! The workspace's layering, read from `cargo metadata`: every crate depends
+//! only downward, so a stage never reaches into another stage.
+//!
+//! ```text
+//! stages:      tidemark-producer   tidemark-consumer   tidemark-replay
+//! layers:      tidemark-postgres   tidemark-index
+//! foundation:  tidemark-schemas    tidemark-process
+//! ```
+//!
+//! Tests and benches may use anything (`[dev-dependencies]` are not checked):
+//! a pipeline test needs a producer to feed a consumer.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use serde_json::Value;
+
+const STAGES: [&str; 3] = ["tidemark-producer", "tidemark-consumer", "tidemark-replay"];
+
+/// What each workspace crate may depend on among the workspace's crates,
+/// and which outside crates it must not (a layer that talks to one server
+/// does not link the client of another).
+fn rules() -> BTreeMap<&'static str, (Vec<&'static str>, Vec<&'static str>)> {
+    let foundation = vec!["tidemark-schemas", "tidemark-process"];
+    let layers = [
+        foundation.clone(),
+        vec!["tidemark-postgres", "tidemark-index"],
+    ]
+    .concat();
+    BTreeMap::from([
+        (
+            "tidemark-schemas",
+            (vec![], vec!["tokio-postgres", "rdkafka", "opensearch"]),
+        ),
+        (
+            "tidemark-process",
+            (vec![], vec!["tokio-postgres", "rdkafka", "opensearch"]),
+        ),
+        (
+            "tidemark-postgres",
+            (vec!["tidemark-schemas"], vec!["rdkafka", "opensearch"]),
+        ),
+        (
+            "tidemark-index",
+            (
+                vec!["tidemark-schemas"],
+                vec!["rdkafka", "tokio-postgres", "pgwire-replication"],
+            ),
+        ),
+        ("tidemark-producer", (layers.clone(), vec!["opensearch"])),
+        (
+            "tidemark-consumer",
+            (layers.clone(), vec!["tokio-postgres", "pgwire-replication"]),
+        ),
+        ("tidemark-replay", (layers, vec![])),
+        ("tidemark-testkit", (foundation, vec![])),
+    ])
+}
+
+/// (crate, its normal and build dependencies) for every workspace member.
+fn workspace() -> Vec<(String, Vec<String>)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata is JSON");
+    metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|package| {
+            let deps = package["dependencies"]
+                .as_array()
+                .expect("dependencies")
+                .iter()
+                .filter(|d| d["kind"].as_str() != Some("dev"))
+                .map(|d| d["name"].as_str().expect("name").to_owned())
+                .collect();
+            (package["name"].as_str().expect("name").to_owned(), deps)
+        })
+        .collect()
+}
+
+#[test]
+fn every_crate_depends_only_downward() {
+    let rules = rules();
+    let members = workspace();
+    let mut broken = Vec::new();
+    for (name, deps) in &members {
+        let Some((allowed, forbidden)) = rules.get(name.as_str()) else {
+            broken.push(format!(
+                "{name} is not placed in a layer: add it to rules() in {}",
+                file!()
+            ));
+            continue;
+        };
+        for dep in deps {
+            let inside = dep.starts_with("tidemark-");
+            if inside && !allowed.contains(&dep.as_str()) {
+                broken.push(format!("{name} depends on {dep}, which is not below it"));
+            }
+            if forbidden.contains(&dep.as_str()) {
+                broken.push(format!(
+                    "{name} depends on {dep}, the client of another layer"
+                ));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "layering broken:\n{}", broken.join("\n"));
+    for stage in STAGES {
+        assert!(
+            members.iter().any(|(name, _)| name == stage),
+            "{stage} is missing from the workspace"
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! The OpenSearch layer: everything Tidemark knows about documents and how
+//! they are written, shared by the consumer and the replay tools.
+//!
+//! It owns:
+//! - `mapping`: table -> index, document id, fields, the `_tidemark`
+//!   metadata, and the one version a write carries (built through
+//!   `tidemark_schemas::Version`);
+//! - `search`: the connection and every request Tidemark makes (bulk, reads
+//!   by id and hash, scrolls, index checks);
+//! - `answer`: what each OpenSearch answer means (applied, stale, a bad
+//!   record, or wait), decided in one place;
+//! - `apply`: bulk writes with `external_gte` versions, TOAST fills, and
+//!   waiting out whatever cannot be written now;
+//! - `runs`: the `tidemark-runs` index where replay records what it did.
+//!
+//! It promises: `apply::Applier` is the only path by which documents are
+//! written, so a write from the consumer and a write from `window` are built,
+//! versioned and classified the same way; an outage (closed, blocked,
+//! refused, unreachable) is waited for, never reported as a bad record.
+//!
+//! It depends only on `tidemark-schemas`; it knows nothing of Kafka or
+//! PostgreSQL.
+
+pub mod answer;
+pub mod apply;
+pub mod mapping;
+pub mod runs;
+pub mod search;
