@@ -45,9 +45,9 @@ use rdkafka::consumer::{
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
-use serde_json::json;
-use tidemark_schemas::ChangeEvent;
+
 use tidemark_schemas::config::Config;
+use tidemark_schemas::{ChangeEvent, DeadLetter, Origin, Stage};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -594,17 +594,15 @@ async fn send_dead_letter(
     event: Option<&ChangeEvent>,
     reason: &str,
 ) -> anyhow::Result<()> {
-    let body = json!({
-        "stage": "consumer",
-        "origin": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
-        "table": event.map(|e| e.source.qualified()),
-        "key": event.map(|e| &e.key),
-        "op": event.map(|e| e.op.as_str()),
-        "commit_lsn": event.map(|e| e.commit_lsn),
-        "commit_time": event.map(|e| &e.commit_time),
-        "reason": reason,
-    });
-    let payload = serde_json::to_vec(&body).unwrap_or_default();
+    let letter = DeadLetter {
+        origin: Some(Origin {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+        }),
+        ..DeadLetter::new(Stage::Consumer, event, None, reason)
+    };
+    let payload = letter.to_vec();
     let key = record.key.clone().unwrap_or_default();
     let headers = OwnedHeaders::new().insert(Header {
         key: "tidemark.stage",

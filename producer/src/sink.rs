@@ -36,9 +36,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, FutureProducer, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
-use serde_json::json;
+
 use tidemark_schemas::config::Config;
-use tidemark_schemas::{ChangeEvent, Lsn, Operation, record_key};
+use tidemark_schemas::{ChangeEvent, DeadLetter, Lsn, Operation, Stage, record_key};
 use tokio::sync::Notify;
 use tracing::warn;
 
@@ -403,20 +403,11 @@ impl Sink {
         reason: &str,
         lsn: Lsn,
     ) -> Result<(), SinkError> {
-        let table = event
-            .map(|e| e.source.qualified())
-            .or(table.map(str::to_owned));
-        let body = json!({
-            "stage": "producer",
-            "table": table,
-            "key": event.map(|e| &e.key),
-            "op": event.map(|e| e.op.as_str()),
-            "commit_lsn": event.map(|e| e.commit_lsn),
-            "lsn": lsn,
-            "commit_time": event.map(|e| &e.commit_time),
-            "reason": reason,
-        });
-        let payload = serde_json::to_vec(&body).unwrap_or_default();
+        let letter = DeadLetter {
+            lsn: Some(lsn),
+            ..DeadLetter::new(Stage::Producer, event, table, reason)
+        };
+        let payload = letter.to_vec();
         let key = event
             .map(|e| record_key(&e.source, &e.key))
             .unwrap_or_default();

@@ -16,7 +16,6 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
-use serde_json::Value;
 use tidemark_schemas::Row;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,34 +62,21 @@ impl Filter {
     }
 }
 
-/// A dead-letter record's payload as the producer and the consumer write
-/// it; `None` for what is not one.
+/// A dead-letter record's payload (`tidemark_schemas::DeadLetter`, the one
+/// shape both stages write), as listed; `None` for what is not one.
 pub fn parse(payload: &[u8], timestamp_ms: Option<i64>) -> Option<DeadLetter> {
-    let body: Value = serde_json::from_slice(payload).ok()?;
-    let text = |v: &Value| v.as_str().map(str::to_owned);
-    let origin = match &body["origin"] {
-        Value::Object(o) => format!(
-            "{}/{}/{}",
-            o.get("topic").and_then(Value::as_str).unwrap_or("?"),
-            o.get("partition").map(Value::to_string).unwrap_or_default(),
-            o.get("offset").map(Value::to_string).unwrap_or_default()
-        ),
-        _ => match text(&body["lsn"]).or_else(|| text(&body["commit_lsn"])) {
-            Some(lsn) => format!("lsn {lsn}"),
-            None => "?".to_owned(),
-        },
-    };
+    let letter = tidemark_schemas::DeadLetter::from_slice(payload).ok()?;
     let time = timestamp_ms
         .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
         .map(|t| t.to_string())
         .unwrap_or_default();
     Some(DeadLetter {
         time,
-        stage: text(&body["stage"]).unwrap_or_else(|| "?".into()),
-        table: text(&body["table"]),
-        key: body["key"].as_object().cloned(),
-        reason: text(&body["reason"]).unwrap_or_default(),
-        origin,
+        stage: letter.stage.as_str().to_owned(),
+        origin: letter.place(),
+        table: letter.table,
+        key: letter.key,
+        reason: letter.reason,
     })
 }
 
@@ -172,7 +158,7 @@ pub fn render_text(letters: &[DeadLetter]) -> String {
         let key = d
             .key
             .as_ref()
-            .map(|k| Value::Object(k.clone()).to_string())
+            .map(|k| serde_json::Value::Object(k.clone()).to_string())
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "{}  {:<8}  {}  {}  {}  ({})\n",

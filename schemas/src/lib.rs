@@ -6,11 +6,13 @@
 //! can all depend on it and unit tests of wire formats stay fast.
 
 pub mod config;
+mod dead_letter;
 mod envelope;
 mod lsn;
 pub mod partition;
 mod version;
 
+pub use dead_letter::{DeadLetter, Origin, Stage};
 pub use envelope::{
     ChangeEvent, EnvelopeError, EventHead, FORMAT_VERSION, Operation, Row, Source, record_key,
 };

@@ -3,7 +3,9 @@
 //! Set `TIDEMARK_BLESS=1` to rewrite the files after an intended change.
 
 use serde_json::{Value, json};
-use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Lsn, Operation, Row, Source};
+use tidemark_schemas::{
+    ChangeEvent, DeadLetter, FORMAT_VERSION, Lsn, Operation, Origin, Row, Source, Stage,
+};
 
 fn row(value: Value) -> Row {
     match value {
@@ -99,4 +101,77 @@ fn delete() {
             commit_time: "2026-11-22T10:16:00.000001Z".into(),
         },
     );
+}
+
+/// The dead-letter record's wire form, for each stage that writes one.
+fn check_dead_letter(name: &str, letter: &DeadLetter) {
+    let path = format!("{}/tests/golden/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let written = serde_json::to_string_pretty(
+        &serde_json::from_slice::<Value>(&letter.to_vec()).expect("json"),
+    )
+    .expect("pretty")
+        + "\n";
+    if std::env::var_os("TIDEMARK_BLESS").is_some() {
+        std::fs::write(&path, &written).expect("bless");
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(written, golden, "wire format of {name} changed");
+    let back = DeadLetter::from_slice(golden.as_bytes()).expect("golden parses");
+    assert_eq!(&back, letter, "{name} round-trips");
+}
+
+fn refused_event() -> ChangeEvent {
+    ChangeEvent {
+        format: FORMAT_VERSION,
+        source: source(),
+        op: Operation::Insert,
+        key: row(json!({"id": 42})),
+        before: None,
+        after: Some(row(json!({"id": 42, "body": "row contents"}))),
+        unchanged_toast: vec![],
+        commit_lsn: Lsn(0x1_6B37_4D48),
+        timeline: 1,
+        lsn: Lsn(0x1_6B37_4C10),
+        xid: Some(7781),
+        commit_time: "2026-11-22T10:15:00.123456Z".into(),
+    }
+}
+
+#[test]
+fn consumer_dead_letter() {
+    let letter = DeadLetter {
+        origin: Some(Origin {
+            topic: "tidemark.public.articles".into(),
+            partition: 3,
+            offset: 1207,
+        }),
+        ..DeadLetter::new(
+            Stage::Consumer,
+            Some(&refused_event()),
+            None,
+            "mapper_parsing_exception: failed to parse field [price] of type [long]",
+        )
+    };
+    check_dead_letter("dead_letter_consumer", &letter);
+    assert!(
+        !String::from_utf8_lossy(&letter.to_vec()).contains("row contents"),
+        "a dead letter carries no row contents"
+    );
+    assert_eq!(letter.place(), "tidemark.public.articles/3/1207");
+}
+
+#[test]
+fn producer_dead_letter() {
+    // A row the producer could not map: only the table and the LSN are known.
+    let letter = DeadLetter {
+        lsn: Some(Lsn(0x1_6B37_4C10)),
+        ..DeadLetter::new(
+            Stage::Producer,
+            None,
+            Some("public.articles"),
+            "public.articles.price: numeric text is not a number",
+        )
+    };
+    check_dead_letter("dead_letter_producer", &letter);
+    assert_eq!(letter.place(), "lsn 1/6B374C10");
 }
