@@ -1,9 +1,11 @@
 //! What every Tidemark binary does around its work: no transparent huge
 //! pages, structured logging to stderr, waiting for SIGTERM or Ctrl-C, and
-//! printing an error with its causes once each.
+//! printing an error with its causes once each. [`Binary::main`] is the
+//! one `main` of all three binaries.
 
 use std::error::Error;
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 /// Turns transparent huge pages off for this process (first thing in
 /// `main`). mimalloc, the allocator of all three binaries, asks for huge
@@ -32,6 +34,53 @@ pub fn init_logging(default_filter: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// A Tidemark binary, as its `main` runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Binary {
+    /// The binary's name, the prefix of its error line.
+    pub name: &'static str,
+    /// The log filter when `RUST_LOG` is unset.
+    pub default_log: &'static str,
+    /// Whether a fatal error is also logged through `tracing` (services,
+    /// whose logs are collected), besides the line on stderr.
+    pub log_fatal: bool,
+}
+
+impl Binary {
+    /// The whole `main`: transparent huge pages off, the arguments parsed
+    /// (`parse`, which exits on `--help` or a usage error), logging, the
+    /// runtime, then `body`. An error ends the process with exit code 2 and
+    /// one line `name: error: causes` on stderr; `body`'s own exit code
+    /// otherwise.
+    pub fn main<A, E, F>(self, parse: impl FnOnce() -> A, body: impl FnOnce(A) -> F) -> ExitCode
+    where
+        E: AsRef<dyn Error + Send + Sync>,
+        F: Future<Output = Result<ExitCode, E>>,
+    {
+        no_transparent_huge_pages();
+        let args = parse();
+        init_logging(self.default_log);
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("{}: cannot start the async runtime: {e}", self.name);
+                return ExitCode::from(2);
+            }
+        };
+        match runtime.block_on(body(args)) {
+            Ok(code) => code,
+            Err(e) => {
+                let text = report(e.as_ref());
+                if self.log_fatal {
+                    tracing::error!("{text}");
+                }
+                eprintln!("{}: {text}", self.name);
+                ExitCode::from(2)
+            }
+        }
     }
 }
 

@@ -11,12 +11,14 @@
 //! Modules: `window` (repair a time window, source and log mode), `audit`
 //! (source against index) and `merge` (its key-ordered merge),
 //! `dead_letters` (list the dead-letter topic, gather keys to repair),
+//! `guard` (what every writing command does: target, confirmation, run record),
 //! `history` (a row's changes from Kafka), `keys` (key
 //! arguments -> the producer's key object), `time` (RFC 3339 and relative
 //! times).
 
 pub mod audit;
 pub mod dead_letters;
+pub mod guard;
 pub mod history;
 pub mod keys;
 pub mod merge;

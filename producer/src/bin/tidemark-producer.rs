@@ -10,7 +10,7 @@ use clap::Parser;
 use tidemark_producer::metrics::Metrics;
 use tidemark_schemas::config::Config;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::info;
 
 /// Every event allocates a few small buffers on several threads; glibc's
 /// allocator took about a quarter of the producer's CPU under load.
@@ -50,25 +50,15 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tidemark_process::no_transparent_huge_pages();
-    let args = Args::parse();
-    tidemark_process::init_logging("info");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tidemark-producer: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+    let binary = tidemark_process::Binary {
+        name: "tidemark-producer",
+        default_log: "info",
+        log_fatal: true,
     };
-    match runtime.block_on(try_main(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let text = tidemark_process::report(e.as_ref());
-            error!("{text}");
-            eprintln!("tidemark-producer: {text}");
-            ExitCode::from(2)
-        }
-    }
+    binary.main(Args::parse, |args| async {
+        try_main(args).await?;
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
 }
 
 async fn try_main(args: Args) -> anyhow::Result<()> {

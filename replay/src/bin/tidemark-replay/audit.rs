@@ -1,0 +1,120 @@
+//! `audit`: each chosen table against its index, reported as text, JSON or
+//! HTML; with `--repair`, the drifted keys go through `repair::repair_keys`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tidemark_postgres::ConnInfo;
+use tidemark_schemas::config::Config;
+
+use crate::AuditFormat;
+use crate::repair::repair_keys;
+
+#[derive(Debug)]
+pub struct AuditOptions {
+    pub format: AuditFormat,
+    pub out: Option<PathBuf>,
+    pub recheck_after: u64,
+    pub sample: Option<f64>,
+    pub since: Option<jiff::Timestamp>,
+    pub repair: bool,
+    pub yes: bool,
+}
+
+pub async fn audit(
+    config: &Config,
+    tables: &[String],
+    options: AuditOptions,
+) -> anyhow::Result<ExitCode> {
+    let AuditOptions {
+        format,
+        out,
+        recheck_after,
+        sample,
+        since,
+        repair,
+        yes,
+    } = options;
+    for t in tables {
+        if !config.tables.iter().any(|c| &c.table == t) {
+            anyhow::bail!("--table {t}: not in the config's [[tables]]");
+        }
+    }
+    let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
+    search.info().await?;
+    let mut client = ConnInfo::from_config(config)?
+        .connect("tidemark-audit")
+        .await?;
+    let mappings = tidemark_index::mapping::Mappings::new(config);
+    let mut reports = Vec::new();
+    for entry in &config.tables {
+        if !tables.is_empty() && !tables.contains(&entry.table) {
+            continue;
+        }
+        let (schema, name) = entry.parts();
+        let Some(mapping) = mappings.get(schema, name) else {
+            continue;
+        };
+        let target = tidemark_replay::audit::Target {
+            mapping,
+            time_column: entry.audit_time_column.as_deref(),
+            sample,
+            since,
+        };
+        reports.push(
+            tidemark_replay::audit::audit_table(
+                &mut client,
+                &search,
+                &target,
+                std::time::Duration::from_secs(recheck_after),
+            )
+            .await?,
+        );
+    }
+    let text = match format {
+        AuditFormat::Text => tidemark_replay::audit::render_text(&reports),
+        AuditFormat::Json => format!("{:#}\n", serde_json::json!({"tables": reports})),
+        AuditFormat::Html => {
+            tidemark_replay::audit::render_html(&reports, &jiff::Timestamp::now().to_string())
+        }
+    };
+    match out {
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("--out {}: cannot write", path.display()))?,
+        None => print!("{text}"),
+    }
+    let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
+    if repair && drifted > 0 {
+        return repair_drift(config, &reports, &mut client, yes).await;
+    }
+    Ok(if drifted > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Feeds the drifted documents to window's source mode, then checks them
+/// again. Exit 0 when nothing drifts any more.
+async fn repair_drift(
+    config: &Config,
+    reports: &[tidemark_replay::audit::TableReport],
+    client: &mut tokio_postgres::Client,
+    write: bool,
+) -> anyhow::Result<ExitCode> {
+    let sets: Vec<(String, Vec<(String, tidemark_schemas::Row)>)> = reports
+        .iter()
+        .filter(|r| r.drifted() > 0)
+        .map(|r| (r.table.clone(), r.drifted_keys.clone()))
+        .collect();
+    repair_keys(
+        config,
+        &sets,
+        client,
+        write,
+        "audit --repair",
+        "drifted documents",
+    )
+    .await
+}

@@ -1,0 +1,385 @@
+//! `tidemark-replay`: the incident tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tidemark_postgres::ConnInfo;
+use tidemark_replay::{history, keys, time};
+
+mod audit;
+mod repair;
+mod window;
+
+use audit::{AuditOptions, audit};
+use repair::dead_letters;
+use tidemark_schemas::Source;
+use tidemark_schemas::config::Config;
+use window::window;
+
+/// Window and audit map, hash and serialize millions of small JSON values
+/// on several threads; with glibc's allocator a perf profile of a window
+/// run spent ~37% of the command's CPU in malloc/free.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Incident tools for a Tidemark deployment, with the pipeline's config.
+///
+/// Exit codes: 0 done (something found), 1 nothing found or refused,
+/// 2 error. Environment: as the producer and consumer
+/// (TIDEMARK_PG_PASSWORD, TIDEMARK_KAFKA_BROKERS, ...); RUST_LOG.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark-replay", version)]
+struct Args {
+    /// The deployment's TOML config file (see config/example.toml).
+    #[arg(long, env = "TIDEMARK_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Repairs a time window: finds the rows changed in it (from Kafka),
+    /// reads them from PostgreSQL at one exported snapshot, and writes them
+    /// through the consumer's apply path with that snapshot's LSN as their
+    /// version (deleting documents whose row is gone), so nothing newer is
+    /// overwritten and nothing deleted comes back. Prints the target first;
+    /// without --yes it is a dry run that writes nothing. Every run is
+    /// recorded in the tidemark-runs index. Exit 0 done, 1 nothing to do,
+    /// 2 error.
+    Window {
+        /// Start of the window: RFC 3339 or relative (-4h).
+        #[arg(long, allow_hyphen_values = true)]
+        from: String,
+        /// End of the window: RFC 3339, relative (-1h) or now.
+        #[arg(long, allow_hyphen_values = true)]
+        to: String,
+        /// Only these tables (schema.table); default: every configured one.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Only these keys (as for history); needs exactly one --table.
+        #[arg(long)]
+        key: Vec<String>,
+        /// Write nothing; report what would change (the default without --yes).
+        #[arg(long)]
+        dry_run: bool,
+        /// Write: the confirmation that the printed target is the right one.
+        #[arg(long)]
+        yes: bool,
+        /// source (default): re-read the rows from PostgreSQL. log: re-apply
+        /// each key's last change in the window, only for keys proven to
+        /// have no newer change (the rest are refused), for when the source
+        /// cannot be read.
+        #[arg(long, value_enum, default_value_t = Mode::Source)]
+        mode: Mode,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+    /// Lists recorded replay runs, newest first.
+    Runs {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Every change of one row found in Kafka, oldest first, with operation,
+    /// commit time, transaction id, LSN and a field-level diff from the
+    /// previous state. Reads only the partition the key hashes to.
+    History {
+        /// The table, schema.table (one of the config's [[tables]]).
+        #[arg(long)]
+        table: String,
+        /// The row's primary key: 42 (one-column key), tenant=7,id=1, or
+        /// JSON {"id": 42}. The first two read the key's columns and types
+        /// from PostgreSQL.
+        #[arg(long)]
+        key: String,
+        /// Only changes committed at or after this time: RFC 3339
+        /// (2026-11-22T10:00:00Z) or relative (-2h, -30m, -1d).
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Compares each table with its index: missing (row without document),
+    /// extra (document without row), stale (document differs from what the
+    /// row maps to), and when the drift began. Exit 0 clean, 1 drift found,
+    /// 2 error, so it can alert from cron or CI.
+    Audit {
+        /// Only these tables (schema.table); default: every configured table.
+        #[arg(long)]
+        table: Vec<String>,
+        /// text (terminal summary), json (for machines), html (a
+        /// self-contained page with the drift timeline chart).
+        #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
+        format: AuditFormat,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds to wait before re-checking what looked drifted (rows that
+        /// change during the audit, consumer lag).
+        #[arg(long, default_value_t = 5)]
+        recheck_after: u64,
+        /// Check only a random fraction (0 < F <= 1) of rows and documents,
+        /// for very large tables; the report says so.
+        #[arg(long)]
+        sample: Option<f64>,
+        /// Check only rows changed at or after this time (needs the table's
+        /// audit_time_column): RFC 3339 or relative (-2h, -1d).
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
+        /// Repair what drifted through window's source mode (rows read at an
+        /// exported snapshot, written at its LSN), then check those
+        /// documents again. Without --yes, a dry run of the repair.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: write.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Lists what the dead-letter topic holds: time, stage, table, key,
+    /// reason and origin (never row contents). With --repair, once the
+    /// cause is fixed (a mapping, say), re-applies those keys through
+    /// window's source mode: rows read at an exported snapshot, written at
+    /// its LSN, vanished rows deleted; a dry run without --yes; recorded in
+    /// the runs index. Exit 0 listed (or repaired), 1 none found (or some
+    /// still differ), 2 error.
+    DeadLetters {
+        /// Only dead letters set aside at or after this time: RFC 3339 or
+        /// relative (-2h, -1d).
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
+        /// Only this table (schema.table).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only dead letters whose reason contains this text
+        /// (case-insensitive), e.g. mapper_parsing_exception.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Repair the keys of the dead letters listed.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: write.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Source,
+    Log,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AuditFormat {
+    Text,
+    Json,
+    Html,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let binary = tidemark_process::Binary {
+        name: "tidemark-replay",
+        default_log: "warn",
+        log_fatal: false,
+    };
+    binary.main(Args::parse, run)
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let path = args
+        .config
+        .context("--config (or TIDEMARK_CONFIG) is required: the deployment's TOML file")?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let config = Config::from_toml(&text, |name| std::env::var(name).ok())
+        .with_context(|| format!("config file {}", path.display()))?;
+    match args.command {
+        Command::DeadLetters {
+            since,
+            table,
+            reason,
+            repair,
+            yes,
+            format,
+        } => {
+            let now = jiff::Timestamp::now();
+            let since_ms = since
+                .map(|s| time::parse_time(&s, now).map_err(|e| anyhow::anyhow!("--since {e}")))
+                .transpose()?
+                .map(|t| t.as_millisecond());
+            if let Some(t) = &table
+                && !config.tables.iter().any(|c| &c.table == t)
+            {
+                anyhow::bail!("--table {t}: not in the config's [[tables]]");
+            }
+            let filter = tidemark_replay::dead_letters::Filter {
+                since_ms,
+                table,
+                reason,
+            };
+            dead_letters(&config, &filter, repair, yes, format).await
+        }
+        Command::Window {
+            from,
+            to,
+            table,
+            key,
+            dry_run,
+            yes,
+            mode,
+            output,
+        } => {
+            let now = jiff::Timestamp::now();
+            let from = time::parse_time(&from, now).map_err(|e| anyhow::anyhow!("--from {e}"))?;
+            let to = time::parse_time(&to, now).map_err(|e| anyhow::anyhow!("--to {e}"))?;
+            if from >= to {
+                anyhow::bail!("--from {from} is not before --to {to}");
+            }
+            window(
+                &config,
+                from,
+                to,
+                &table,
+                &key,
+                yes && !dry_run,
+                mode,
+                output,
+            )
+            .await
+        }
+        Command::Runs { limit, format } => {
+            let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
+            let runs = tidemark_index::runs::list(&search, limit).await?;
+            match format {
+                Format::Json => println!("{:#}", serde_json::Value::Array(runs.clone())),
+                Format::Text => {
+                    for r in &runs {
+                        println!(
+                            "{}  {:<8} {:<9} {}@{}  {}  {}",
+                            r["started"].as_str().unwrap_or("-"),
+                            r["command"].as_str().unwrap_or("-"),
+                            if r["dry_run"] == true {
+                                "dry-run"
+                            } else {
+                                "write"
+                            },
+                            r["user"].as_str().unwrap_or("-"),
+                            r["host"].as_str().unwrap_or("-"),
+                            r["outcome"].as_str().unwrap_or("-"),
+                            r["arguments"]
+                                .as_array()
+                                .map(|a| a
+                                    .iter()
+                                    .filter_map(|v| v.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(" "))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(if runs.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Audit {
+            table,
+            format,
+            out,
+            recheck_after,
+            sample,
+            since,
+            repair,
+            yes,
+        } => {
+            if let Some(f) = sample
+                && !(f > 0.0 && f <= 1.0)
+            {
+                anyhow::bail!("--sample {f}: must be a fraction in (0, 1], e.g. 0.01");
+            }
+            let since = since
+                .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let options = AuditOptions {
+                format,
+                out,
+                recheck_after,
+                sample,
+                since,
+                repair,
+                yes,
+            };
+            audit(&config, &table, options).await
+        }
+        Command::History {
+            table,
+            key,
+            since,
+            format,
+        } => {
+            let Some(entry) = config.tables.iter().find(|t| t.table == table) else {
+                anyhow::bail!(
+                    "--table {table}: not in the config's [[tables]] ({})",
+                    config
+                        .tables
+                        .iter()
+                        .map(|t| t.table.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            let (schema, name) = entry.parts();
+            let columns = if keys::needs_catalog(&key) {
+                let client = ConnInfo::from_config(&config)?
+                    .connect("tidemark-replay")
+                    .await?;
+                keys::primary_key(&client, schema, name).await?
+            } else {
+                Vec::new()
+            };
+            let key = keys::parse_key(&key, &table, &columns).map_err(anyhow::Error::msg)?;
+            let since_ms = since
+                .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .map(|t| t.as_millisecond());
+            let database = ConnInfo::from_config(&config)?.database;
+            let source = Source {
+                database,
+                schema: schema.to_owned(),
+                table: name.to_owned(),
+            };
+            let topic = config.kafka.table_topic(schema, name);
+            let brokers = config.kafka.brokers.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                history::read_history(&brokers, &topic, &source, &key, since_ms)
+            })
+            .await
+            .context("history task")??;
+            match format {
+                Format::Text => print!("{}", history::render_text(&found)),
+                Format::Json => println!("{:#}", history::render_json(&found)),
+            }
+            Ok(if found.steps.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

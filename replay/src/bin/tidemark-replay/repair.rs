@@ -1,0 +1,165 @@
+//! The repairs fed by a list of keys (`audit --repair`, `dead-letters
+//! --repair`), and the dead-letter listing that feeds one.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tidemark_postgres::ConnInfo;
+use tidemark_schemas::config::Config;
+
+use tidemark_replay::guard::Guard;
+
+use crate::Format;
+
+/// Lists dead letters; with `repair`, feeds their keys to window's source
+/// mode, then checks them again.
+pub async fn dead_letters(
+    config: &Config,
+    filter: &tidemark_replay::dead_letters::Filter,
+    repair: bool,
+    write: bool,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::dead_letters;
+    let topic = config.kafka.dead_letter_topic();
+    let brokers = config.kafka.brokers.clone();
+    let scan_filter = filter.clone();
+    let scan_topic = topic.clone();
+    // librdkafka's calls block; the scan runs beside the runtime.
+    let letters = tokio::task::spawn_blocking(move || {
+        dead_letters::list(&brokers, &scan_topic, &scan_filter)
+    })
+    .await
+    .context("dead-letter scan task")??;
+    match format {
+        Format::Text => print!("{}", dead_letters::render_text(&letters)),
+        Format::Json => println!(
+            "{:#}",
+            serde_json::json!({"topic": topic, "dead_letters": letters})
+        ),
+    }
+    if letters.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    if !repair {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mappings = tidemark_index::mapping::Mappings::new(config);
+    let mut sets = Vec::new();
+    for (table, keys) in dead_letters::keys_by_table(&letters) {
+        let Some((schema, name)) = table.split_once('.') else {
+            continue;
+        };
+        let Some(mapping) = mappings.get(schema, name) else {
+            eprintln!("{table}: not in the config's [[tables]]; its dead letters are left out");
+            continue;
+        };
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in keys {
+            match mapping.doc_id(&key) {
+                Ok(id) => ids.push((id, key)),
+                Err(e) => eprintln!("{e}; that dead letter is left out"),
+            }
+        }
+        sets.push((table, ids));
+    }
+    let unkeyed = letters.len()
+        - letters
+            .iter()
+            .filter(|d| d.table.is_some() && d.key.is_some())
+            .count();
+    if unkeyed > 0 {
+        eprintln!(
+            "{unkeyed} dead letters name no table and key (payloads that were not change events): nothing to repair from them"
+        );
+    }
+    let mut client = ConnInfo::from_config(config)?
+        .connect("tidemark-dead-letters")
+        .await?;
+    repair_keys(
+        config,
+        &sets,
+        &mut client,
+        write,
+        "dead-letters --repair",
+        "dead-lettered keys",
+    )
+    .await
+}
+
+/// The one repair path of audit and dead letters: prints the target, feeds
+/// each table's keys (document id, key) to window's source mode, checks
+/// them again after a real run, and records the run. Exit 0 when nothing
+/// differs any more.
+pub async fn repair_keys(
+    config: &Config,
+    sets: &[(String, Vec<(String, tidemark_schemas::Row)>)],
+    client: &mut tokio_postgres::Client,
+    write: bool,
+    command: &str,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::window;
+    let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
+        config.opensearch()?,
+    )?);
+    let guard = Guard::start(&search, command, write);
+    let cluster = search.info().await?;
+    let mappings = tidemark_index::mapping::Mappings::new(config);
+    let targets: Vec<(
+        &tidemark_index::mapping::TableMapping,
+        &Vec<(String, tidemark_schemas::Row)>,
+    )> = sets
+        .iter()
+        .filter(|(_, keys)| !keys.is_empty())
+        .filter_map(|(table, keys)| {
+            let (schema, name) = table.split_once('.')?;
+            Some((mappings.get(schema, name)?, keys))
+        })
+        .collect();
+    guard.show_target(&format!(
+        "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}",
+        cluster.cluster_name,
+        cluster.cluster_uuid,
+        targets.iter().map(|(_, keys)| keys.len()).sum::<usize>(),
+        targets
+            .iter()
+            .map(|(m, _)| m.index.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        guard.mode()
+    ));
+    let applier = tidemark_index::apply::Applier::new(search.clone(), std::sync::Arc::default());
+    let job = window::Job {
+        config,
+        search: &search,
+        applier: &applier,
+        write,
+    };
+    let mut results = Vec::new();
+    let mut still = 0;
+    for (mapping, keys) in targets {
+        let window_keys = window::WindowKeys::from_keys(keys.iter())?;
+        results.push(window::run_table(&job, mapping, &window_keys).await?);
+        if write {
+            still += tidemark_replay::audit::recheck(client, &search, mapping, keys).await?;
+        }
+    }
+    print!("{}", window::render_text(&results, write));
+    if write {
+        println!("after the repair: {still} of the {what} still differ");
+    }
+    let outcome = if !write {
+        "dry run".into()
+    } else if still == 0 {
+        "repaired".into()
+    } else {
+        format!("{still} still drift")
+    };
+    guard.record(&outcome, window::to_json(&results)).await?;
+    Ok(if write && still == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,217 @@
+//! `window`: the keys changed in a time window (from Kafka), repaired in
+//! source mode (rows read again at one exported snapshot) or log mode.
+
+use std::process::ExitCode;
+
+use tidemark_postgres::ConnInfo;
+use tidemark_schemas::config::Config;
+
+use tidemark_replay::guard::Guard;
+use tidemark_replay::keys;
+
+use crate::{Format, Mode};
+
+#[allow(clippy::too_many_arguments)]
+pub async fn window(
+    config: &Config,
+    from: jiff::Timestamp,
+    to: jiff::Timestamp,
+    tables: &[String],
+    keys: &[String],
+    write: bool,
+    mode: Mode,
+    output: Format,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::window;
+    enum Found {
+        Source(window::WindowKeys),
+        Log(window::LogWindow),
+    }
+    impl Found {
+        fn keys(&self) -> usize {
+            match self {
+                Found::Source(f) => f.len() as usize,
+                Found::Log(f) => f.len() as usize,
+            }
+        }
+        fn events(&self) -> u64 {
+            match self {
+                Found::Source(f) => f.events,
+                Found::Log(f) => f.events,
+            }
+        }
+    }
+    tracing::debug!("window: started");
+    for t in tables {
+        if !config.tables.iter().any(|c| &c.table == t) {
+            anyhow::bail!("--table {t}: not in the config's [[tables]]");
+        }
+    }
+    if !keys.is_empty() && tables.len() != 1 {
+        anyhow::bail!("--key needs exactly one --table (keys belong to a table)");
+    }
+    let brokers = config.kafka.brokers.clone();
+    // Asked on its own thread while the rest starts; awaited for the print.
+    let kafka_cluster = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .ok()?;
+        consumer
+            .client()
+            .fetch_cluster_id(rdkafka::util::Timeout::After(
+                std::time::Duration::from_secs(10),
+            ))
+    });
+    let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
+        config.opensearch()?,
+    )?);
+    let guard = Guard::start(&search, "window", write);
+    let conn = ConnInfo::from_config(config)?;
+    // The three systems of the target print are asked at the same time.
+    let (cluster, client) = tokio::try_join!(search.info(), async {
+        anyhow::Ok(conn.connect("tidemark-replay").await?)
+    })?;
+    tracing::debug!("window: OpenSearch and PostgreSQL reached");
+    let system_id = match client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => "unknown (reading it needs pg_monitor)".to_owned(),
+    };
+    let mappings = tidemark_index::mapping::Mappings::new(config);
+    let mut found = Vec::new();
+    for entry in &config.tables {
+        if !tables.is_empty() && !tables.contains(&entry.table) {
+            continue;
+        }
+        let (schema, name) = entry.parts();
+        let Some(mapping) = mappings.get(schema, name) else {
+            continue;
+        };
+        let only = if keys.is_empty() {
+            None
+        } else {
+            let columns = keys::primary_key(&client, schema, name).await?;
+            let mut record_keys = Vec::new();
+            for k in keys {
+                let key = keys::parse_key(k, &entry.table, &columns).map_err(anyhow::Error::msg)?;
+                record_keys.push(window::record_key_of(mapping, &key));
+            }
+            Some(record_keys)
+        };
+        let topic = config.kafka.table_topic(schema, name);
+        let brokers = config.kafka.brokers.clone();
+        let owned = mapping.clone();
+        let (from_ms, to_ms) = (from.as_millisecond(), to.as_millisecond());
+        let keys_found = tokio::task::spawn_blocking(move || match mode {
+            Mode::Source => {
+                window::collect_keys(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+                    .map(Found::Source)
+            }
+            Mode::Log => {
+                window::collect_log(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+                    .map(Found::Log)
+            }
+        })
+        .await??;
+        found.push((mapping, keys_found));
+    }
+    let kafka_cluster = kafka_cluster
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "unknown".into());
+    let total_keys: usize = found.iter().map(|(_, f)| f.keys()).sum();
+    let total_events: u64 = found.iter().map(|(_, f)| f.events()).sum();
+    let target = format!(
+        "target:\n  PostgreSQL  system {system_id}, database {}\n  Kafka       cluster {kafka_cluster}, topics {}\n  OpenSearch  cluster {} ({}), indices {}\n  window      {from} .. {to}\n  found       {total_events} changes of {total_keys} keys\n  mode        {}, {}\n",
+        conn.database,
+        found
+            .iter()
+            .map(|(m, _)| config.kafka.table_topic(&m.schema, &m.table))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cluster.cluster_name,
+        cluster.cluster_uuid,
+        found
+            .iter()
+            .map(|(m, _)| m.index.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if mode == Mode::Log { "log" } else { "source" },
+        guard.mode(),
+    );
+    guard.show_target(&target);
+    let stats = std::sync::Arc::new(tidemark_index::apply::ApplyStats::default());
+    let applier = tidemark_index::apply::Applier::new(search.clone(), stats);
+    let job = window::Job {
+        config,
+        search: &search,
+        applier: &applier,
+        write,
+    };
+    let mut results = Vec::new();
+    let mut log_results = Vec::new();
+    let mut failure = None;
+    if total_keys > 0 {
+        for (mapping, keys_found) in &found {
+            let done = match keys_found {
+                Found::Source(f) => window::run_table(&job, mapping, f)
+                    .await
+                    .map(|r| results.push(r)),
+                Found::Log(f) => window::run_log(&job, mapping, &mappings, f)
+                    .await
+                    .map(|r| log_results.push(r)),
+            };
+            if let Err(e) = done {
+                failure = Some(tidemark_process::report(e.as_ref()));
+                break;
+            }
+        }
+    }
+    let results_json = match mode {
+        Mode::Source => window::to_json(&results),
+        Mode::Log => serde_json::json!(log_results),
+    };
+    // Log mode refuses keys that changed again after the window; the run
+    // then did not do all it was asked, and says so in its exit code.
+    let refused: u64 = log_results.iter().map(|r| r.refused).sum();
+    let outcome = match (&failure, total_keys) {
+        (Some(e), _) => format!("error: {e}"),
+        (None, 0) => "nothing to do".to_owned(),
+        (None, _) if refused > 0 => format!("done; {refused} keys refused (newer changes)"),
+        (None, _) => "done".to_owned(),
+    };
+    guard.record(&outcome, results_json.clone()).await?;
+    tracing::debug!("window: run recorded");
+    if let Some(e) = failure {
+        anyhow::bail!(e);
+    }
+    match (output, mode) {
+        (Format::Text, Mode::Source) => print!("{}", window::render_text(&results, write)),
+        (Format::Text, Mode::Log) => print!("{}", window::render_log_text(&log_results, write)),
+        (Format::Json, _) => println!(
+            "{:#}",
+            serde_json::json!({"dry_run": !write, "mode": if mode == Mode::Log { "log" } else { "source" },
+                "window": {"from": from.to_string(), "to": to.to_string()}, "tables": results_json})
+        ),
+    }
+    Ok(if total_keys == 0 {
+        eprintln!("nothing to do: no changes in the window");
+        ExitCode::from(1)
+    } else if refused > 0 {
+        eprintln!(
+            "{refused} keys refused: they changed again after the window, so their window \
+             change is not the latest. Repair them with source mode (drop --mode log)"
+        );
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
