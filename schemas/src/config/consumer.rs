@@ -1,0 +1,134 @@
+//! `[consumer]` and `[opensearch]`: the sync workers' group and batches, and
+//! the cluster they write to.
+
+use std::fmt;
+
+use super::{ConfigError, Secret, invalid, redact_url};
+use serde::Deserialize;
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenSearch {
+    /// Base URL, e.g. `https://search.internal:9200`.
+    pub url: String,
+    /// Basic-auth user; the password comes from `TIDEMARK_OPENSEARCH_PASSWORD`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// Timeout of one request (a bulk included), in seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+impl fmt::Debug for OpenSearch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenSearch")
+            .field("url", &redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Kafka consumer group; run more consumers with the same group to share
+    /// the partitions.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// A bulk request is sent when its body reaches this size...
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// ...or when its first record has waited this long.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// `/readyz` fails when the oldest unapplied record is older than this.
+    #[serde(default = "default_ready_max_lag_secs")]
+    pub ready_max_lag_secs: u64,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[serde(default = "default_consumer_http_listen")]
+    pub http_listen: String,
+}
+
+impl Default for Consumer {
+    fn default() -> Self {
+        Consumer {
+            group_id: default_group_id(),
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_max_wait_ms: DEFAULT_BATCH_MAX_WAIT_MS,
+            ready_max_lag_secs: DEFAULT_READY_MAX_LAG_SECS,
+            http_listen: default_consumer_http_listen(),
+        }
+    }
+}
+
+/// Default bulk size: OpenSearch's guidance is 5-15 MB per bulk request.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 5 * 1024 * 1024;
+/// Default longest wait before a partial bulk is sent; with OpenSearch's 1 s
+/// refresh this keeps commit-to-searchable well under 2 s.
+pub const DEFAULT_BATCH_MAX_WAIT_MS: u64 = 200;
+/// Default lag after which the consumer reports itself not ready.
+pub const DEFAULT_READY_MAX_LAG_SECS: u64 = 300;
+pub(crate) fn default_request_timeout_secs() -> u64 {
+    30
+}
+pub(crate) fn default_group_id() -> String {
+    "tidemark-consumer".into()
+}
+pub(crate) fn default_batch_max_bytes() -> usize {
+    DEFAULT_BATCH_MAX_BYTES
+}
+pub(crate) fn default_batch_max_wait_ms() -> u64 {
+    DEFAULT_BATCH_MAX_WAIT_MS
+}
+pub(crate) fn default_ready_max_lag_secs() -> u64 {
+    DEFAULT_READY_MAX_LAG_SECS
+}
+pub(crate) fn default_consumer_http_listen() -> String {
+    "127.0.0.1:9465".into()
+}
+
+impl OpenSearch {
+    /// The `[opensearch]` constraints.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let opensearch = self;
+        if !(opensearch.url.starts_with("http://") || opensearch.url.starts_with("https://")) {
+            return Err(invalid(
+                "opensearch.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if opensearch.request_timeout_secs == 0 {
+            return Err(invalid(
+                "opensearch.request_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Consumer {
+    /// The `[consumer]` constraints.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.group_id.trim().is_empty() {
+            return Err(invalid("consumer.group_id", "must not be empty"));
+        }
+        if self.batch_max_bytes < 1024 {
+            return Err(invalid("consumer.batch_max_bytes", "must be at least 1024"));
+        }
+        if self.batch_max_wait_ms == 0 {
+            return Err(invalid("consumer.batch_max_wait_ms", "must be at least 1"));
+        }
+        if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "consumer.http_listen",
+                "must be an address like 127.0.0.1:9465",
+            ));
+        }
+        Ok(())
+    }
+}
