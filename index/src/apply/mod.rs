@@ -24,26 +24,31 @@
 //!   OpenSearch's reason. A whole request refused for one unknown document
 //!   (413, an invalid id) is split in halves until that document is found,
 //!   and the rest is applied.
+//!
+//! Files: `bulk` (the request body), `wait` (waiting out a stall), `stats`
+//! (what is reported), this file (the apply loop and TOAST fills).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::ExponentialBuilder;
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Serialize;
 use tidemark_schemas::Row;
-use tidemark_schemas::config::META_FIELD;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::answer::{self, Cause, Item, Request, Stall};
-use crate::mapping::{Write, content_hash};
+use crate::mapping::Write;
 use crate::search::{Search, SearchError};
 
-/// How often a stall that goes on is logged again (the first time at once).
-const STALL_LOG_EVERY: Duration = Duration::from_secs(60);
+mod bulk;
+mod stats;
+mod wait;
+pub use bulk::*;
+pub use stats::*;
+use wait::Waiting;
 
 /// What became of one write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,102 +82,6 @@ pub enum Effect {
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("stopped while retrying OpenSearch")]
 pub struct Interrupted;
-
-/// Counters the apply path keeps (rendered by the consumer's `/metrics`).
-#[derive(Debug, Default)]
-pub struct ApplyStats {
-    pub retries: AtomicU64,
-    pub bulk_requests: AtomicU64,
-    pub incomplete_toast: AtomicU64,
-    /// False from a failed request until the next successful one.
-    pub opensearch_up: AtomicBool,
-    /// Bulk latency histogram: counts per bucket of [`LATENCY_BUCKETS`],
-    /// plus the sum in microseconds.
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    pub latency_sum_micros: AtomicU64,
-    /// Where writes wait now, and why.
-    pub blocked: Blocked,
-    /// The first record of the batch being applied ("topic/partition/offset"),
-    /// set by the caller, so a stall's log line names the oldest waiting
-    /// offset.
-    pub oldest_waiting: Mutex<Option<String>>,
-}
-
-/// Where writes wait, by index (`""`: every index, the cluster itself), for
-/// `/readyz`, `tidemark_consumer_blocked{index,reason}` and the stall log.
-#[derive(Debug, Default)]
-pub struct Blocked {
-    state: Mutex<BlockedState>,
-}
-
-#[derive(Debug, Default)]
-struct BlockedState {
-    now: BTreeMap<String, Stall>,
-    /// Every (index, cause) ever blocked, so its gauge falls back to 0
-    /// instead of vanishing.
-    seen: BTreeSet<(String, Cause)>,
-}
-
-/// A poisoned lock only means a panic elsewhere; the data is still usable.
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Blocked {
-    /// Records that writes to `index` wait on `stall`.
-    pub fn set(&self, index: &str, stall: &Stall) {
-        let mut state = lock(&self.state);
-        state.seen.insert((index.to_owned(), stall.cause));
-        state.now.insert(index.to_owned(), stall.clone());
-    }
-
-    /// Records that writes to `index` go through again.
-    pub fn clear(&self, index: &str) {
-        lock(&self.state).now.remove(index);
-    }
-
-    /// What waits now: (index, stall); `""` is the cluster.
-    pub fn current(&self) -> Vec<(String, Stall)> {
-        let state = lock(&self.state);
-        state
-            .now
-            .iter()
-            .map(|(i, s)| (i.clone(), s.clone()))
-            .collect()
-    }
-
-    /// (index, cause label, blocked now) for every pair ever blocked.
-    pub fn gauges(&self) -> Vec<(String, &'static str, bool)> {
-        let state = lock(&self.state);
-        state
-            .seen
-            .iter()
-            .map(|(index, cause)| {
-                let now = state.now.get(index).is_some_and(|s| s.cause == *cause);
-                (index.clone(), cause.label(), now)
-            })
-            .collect()
-    }
-}
-
-/// Upper bounds (seconds) of the bulk latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-
-impl ApplyStats {
-    fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            if secs <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.bulk_requests.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-    }
-}
 
 /// Applies writes to OpenSearch.
 #[derive(Debug, Clone)]
@@ -629,194 +538,13 @@ fn carry_toast(earlier: &Write, later: &mut Write) {
     }
 }
 
-/// One stretch of waiting: its backoff, and when it was last logged.
-struct Waiting<'a> {
-    applier: &'a Applier,
-    delays: backon::ExponentialBackoff,
-    since: Option<Instant>,
-    logged: Option<Instant>,
-}
-
-impl<'a> Waiting<'a> {
-    fn new(applier: &'a Applier) -> Waiting<'a> {
-        Waiting {
-            applier,
-            delays: applier.backoff.build(),
-            since: None,
-            logged: None,
-        }
-    }
-
-    /// Records where writes wait and why, logs it (at once, then once a
-    /// minute), and pauses before the next try.
-    async fn wait(
-        &mut self,
-        stalls: &[(&str, Stall)],
-        writes: usize,
-        stop: &watch::Receiver<bool>,
-    ) -> Result<(), Interrupted> {
-        let stats = &self.applier.stats;
-        for (index, stall) in stalls {
-            stats.blocked.set(index, stall);
-            if stall.cause.is_down() {
-                stats.opensearch_up.store(false, Ordering::Relaxed);
-            }
-        }
-        let since = *self.since.get_or_insert_with(Instant::now);
-        let due = self.logged.is_none_or(|t| t.elapsed() >= STALL_LOG_EVERY);
-        if due {
-            self.logged = Some(Instant::now());
-            let oldest = lock(&stats.oldest_waiting).clone().unwrap_or_default();
-            for (index, stall) in stalls {
-                warn!(
-                    index = if index.is_empty() { "*" } else { index },
-                    reason = stall.cause.label(),
-                    detail = %stall.detail,
-                    writes,
-                    waiting_secs = since.elapsed().as_secs(),
-                    oldest_offset = %oldest,
-                    "OpenSearch cannot take these writes now; waiting (nothing is skipped or committed past)"
-                );
-            }
-        }
-        self.applier.pause(&mut self.delays, stop).await
-    }
-
-    /// The writes went through: say so if they had waited.
-    fn resolved(&mut self) {
-        if let Some(since) = self.since.take() {
-            tracing::info!(
-                waited_secs = since.elapsed().as_secs(),
-                "OpenSearch takes writes again"
-            );
-        }
-        self.delays = self.applier.backoff.build();
-    }
-}
-
-/// The bulk action line and document for one write, NDJSON (public for
-/// the bench's OpenSearch-alone baseline).
-pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
-    let mut out = Vec::with_capacity(256);
-    match write {
-        Write::Index {
-            index,
-            id,
-            version,
-            fields,
-            missing,
-            key,
-            lsn,
-            commit_time,
-        } => {
-            if !missing.is_empty() {
-                stats.incomplete_toast.fetch_add(1, Ordering::Relaxed);
-                warn!(index, id, fields = ?missing, lsn = %lsn,
-                    "unchanged TOAST values not found in the index; document written without them (audit will report it stale)");
-            }
-            let hash = content_hash(fields);
-            let document = Document {
-                fields,
-                meta: Meta {
-                    // The write's own version: truncates and resnapshots
-                    // delete below it.
-                    version: *version,
-                    lsn: lsn.to_string(),
-                    commit_time,
-                    hash: &hash,
-                    id,
-                    key,
-                    incomplete: (!missing.is_empty()).then_some(missing.as_slice()),
-                },
-            };
-            // Serializing into a Vec cannot fail.
-            let _ =
-                serde_json::to_writer(&mut out, &Action::Index(Target::new(index, id, *version)));
-            out.push(b'\n');
-            let _ = serde_json::to_writer(&mut out, &document);
-            out.push(b'\n');
-        }
-        Write::Delete { index, id, version } => {
-            let _ =
-                serde_json::to_writer(&mut out, &Action::Delete(Target::new(index, id, *version)));
-            out.push(b'\n');
-        }
-        Write::Truncate { .. } => {}
-    }
-    Bytes::from(out)
-}
-
-/// A bulk action line, `{"index": {...}}` or `{"delete": {...}}`.
-#[derive(Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Action<'a> {
-    Index(Target<'a>),
-    Delete(Target<'a>),
-}
-
-/// Fields in the order earlier versions wrote them (sorted).
-#[derive(Serialize)]
-struct Target<'a> {
-    #[serde(rename = "_id")]
-    id: &'a str,
-    #[serde(rename = "_index")]
-    index: &'a str,
-    version: u64,
-    version_type: &'static str,
-}
-
-impl<'a> Target<'a> {
-    fn new(index: &'a str, id: &'a str, version: u64) -> Target<'a> {
-        Target {
-            index,
-            id,
-            version,
-            version_type: "external_gte",
-        }
-    }
-}
-
-/// The `_tidemark` metadata object (see `mapping::meta_mapping`).
-#[derive(Serialize)]
-struct Meta<'a> {
-    version: u64,
-    lsn: String,
-    commit_time: &'a str,
-    hash: &'a str,
-    /// The document id again, in doc values (see `mapping::meta_mapping`).
-    id: &'a str,
-    key: &'a Row,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    incomplete: Option<&'a [String]>,
-}
-
-/// A document as written: the mapped fields plus `_tidemark`, serialized
-/// straight from the write (no copy of the fields). A column mapped to the
-/// metadata field's name is left out: `_tidemark` is ours.
-struct Document<'a> {
-    fields: &'a Row,
-    meta: Meta<'a>,
-}
-
-impl Serialize for Document<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(None)?;
-        for (name, value) in self.fields {
-            if name != META_FIELD {
-                map.serialize_entry(name, value)?;
-            }
-        }
-        map.serialize_entry(META_FIELD, &self.meta)?;
-        map.end()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mapping::content_hash;
     use serde_json::{Value, json};
     use tidemark_schemas::Lsn;
+    use tidemark_schemas::config::META_FIELD;
 
     fn index_write(id: &str, version: u64, fields: Value, missing: &[&str]) -> Write {
         let Value::Object(fields) = fields else {
