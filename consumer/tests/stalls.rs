@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use opensearch::http::Method;
 use serde_json::{Value, json};
 use support::{Pipeline, assert_versions, read_raw, writer};
+use tidemark_schemas::{Lsn, Version};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_index_closed_for_60_s_under_load_is_waited_out_not_dead_lettered() {
@@ -249,11 +250,10 @@ async fn a_bulk_refused_for_one_write_is_split_and_the_rest_applied() {
         Write::Index {
             index: index.clone(),
             id,
-            version: 100 + n,
+            version: Version::of_commit(1, Lsn(100 + n)).expect("a version"),
             fields,
             missing: vec![],
             key: Default::default(),
-            lsn: tidemark_schemas::Lsn(100 + n),
             commit_time: "2026-12-01T10:00:00.000000Z".into(),
         }
     };

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{Map, Value, json};
 use tidemark_schemas::config::{Config, Table};
-use tidemark_schemas::{ChangeEvent, Lsn, Operation, Row};
+use tidemark_schemas::{ChangeEvent, Lsn, Operation, Row, Version};
 
 /// The `_tidemark` object's mapping, added to every index Tidemark writes.
 /// `key` is stored but not indexed, so key columns of any type fit. `id`
@@ -178,7 +178,7 @@ pub enum Write {
     Index {
         index: String,
         id: String,
-        version: u64,
+        version: Version,
         /// Mapped fields (no metadata yet: it is added, with the hash, when
         /// the document is complete).
         fields: Row,
@@ -186,17 +186,18 @@ pub enum Write {
         /// they must come from the current document.
         missing: Vec<String>,
         key: Row,
-        lsn: Lsn,
+        /// Its commit LSN in `_tidemark.lsn` is `version.lsn()`: one
+        /// number, so the two can never disagree.
         commit_time: String,
     },
     /// Delete the document, leaving a tombstone at `version`.
     Delete {
         index: String,
         id: String,
-        version: u64,
+        version: Version,
     },
     /// Remove every document of the index older than `version`.
-    Truncate { index: String, version: u64 },
+    Truncate { index: String, version: Version },
 }
 
 impl Write {
@@ -216,7 +217,7 @@ impl Write {
             Write::Truncate { .. } => None,
         }
     }
-    pub fn version(&self) -> u64 {
+    pub fn version(&self) -> Version {
         match self {
             Write::Index { version, .. }
             | Write::Delete { version, .. }
@@ -309,8 +310,7 @@ impl Mappings {
                 table: mapping.qualified(),
                 lsn: event.commit_lsn,
                 source,
-            })?
-            .get();
+            })?;
         let index = mapping.index.clone();
         Ok(match event.op {
             // Both remove what is older than the event: a truncate every
@@ -337,7 +337,6 @@ impl Mappings {
                         .filter_map(|c| mapping.field(c).map(str::to_owned))
                         .collect(),
                     key: event.key.clone(),
-                    lsn: event.commit_lsn,
                     commit_time: event.commit_time.clone(),
                 }
             }
@@ -407,7 +406,7 @@ mod tests {
         };
         assert_eq!(index, "tidemark.public.articles");
         assert_eq!(id, "42");
-        assert_eq!(version, 0x1_0000_0010);
+        assert_eq!(version.get(), 0x1_0000_0010);
         assert_eq!(Value::Object(fields), json!({"id": 42, "title": "t"}));
     }
 

@@ -68,6 +68,12 @@ impl Version {
         self.0
     }
 
+    /// The LSN it was made from (the commit LSN of a change, the consistent
+    /// point of a snapshot); `superseding` adds one to it.
+    pub fn lsn(self) -> Lsn {
+        Lsn(self.0 & ((1 << LSN_BITS) - 1))
+    }
+
     fn at(timeline: u32, lsn: Lsn) -> Result<Version, VersionError> {
         if timeline == 0 || timeline > MAX_TIMELINE {
             return Err(VersionError::BadTimeline(timeline));
@@ -99,6 +105,12 @@ mod tests {
         let promoted = Version::of_commit(2, Lsn(0x10)).expect("promoted");
         assert!(promoted > tail);
         assert_eq!(promoted.get(), 1 << LSN_BITS | 0x10);
+        assert_eq!(
+            promoted.lsn(),
+            Lsn(0x10),
+            "the LSN comes back out of the epoch"
+        );
+        assert_eq!(tail.lsn(), Lsn((1 << LSN_BITS) - 1));
         let snapshot = Version::of_snapshot(2, Lsn(0x10)).expect("snapshot");
         assert!(snapshot.superseding() > snapshot);
         assert!(Version::of_commit(2, Lsn(0x11)).expect("later") >= snapshot.superseding());

@@ -24,9 +24,9 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
             fields,
             missing,
             key,
-            lsn,
             commit_time,
         } => {
+            let lsn = version.lsn();
             if !missing.is_empty() {
                 stats.incomplete_toast.fetch_add(1, Ordering::Relaxed);
                 warn!(index, id, fields = ?missing, lsn = %lsn,
@@ -38,7 +38,7 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
                 meta: Meta {
                     // The write's own version: truncates and resnapshots
                     // delete below it.
-                    version: *version,
+                    version: version.get(),
                     lsn: lsn.to_string(),
                     commit_time,
                     hash: &hash,
@@ -48,15 +48,19 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
                 },
             };
             // Serializing into a Vec cannot fail.
-            let _ =
-                serde_json::to_writer(&mut out, &Action::Index(Target::new(index, id, *version)));
+            let _ = serde_json::to_writer(
+                &mut out,
+                &Action::Index(Target::new(index, id, version.get())),
+            );
             out.push(b'\n');
             let _ = serde_json::to_writer(&mut out, &document);
             out.push(b'\n');
         }
         Write::Delete { index, id, version } => {
-            let _ =
-                serde_json::to_writer(&mut out, &Action::Delete(Target::new(index, id, *version)));
+            let _ = serde_json::to_writer(
+                &mut out,
+                &Action::Delete(Target::new(index, id, version.get())),
+            );
             out.push(b'\n');
         }
         Write::Truncate { .. } => {}

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use backon::ExponentialBuilder;
 use bytes::{BufMut, Bytes, BytesMut};
-use tidemark_schemas::Row;
+use tidemark_schemas::{Row, Version};
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -446,15 +446,15 @@ impl Applier {
     async fn truncate(
         &self,
         index: &str,
-        version: u64,
+        version: Version,
         stop: &watch::Receiver<bool>,
     ) -> Result<(), Interrupted> {
         let deleted = self
             .retry(index, stop, || {
-                self.search.delete_older_than(index, version)
+                self.search.delete_older_than(index, version.get())
             })
             .await?;
-        tracing::info!(index, version, deleted, "truncate applied");
+        tracing::info!(index, version = version.get(), deleted, "truncate applied");
         Ok(())
     }
 
@@ -553,11 +553,10 @@ mod tests {
         Write::Index {
             index: "i".into(),
             id: id.into(),
-            version,
+            version: Version::of_commit(1, Lsn(version)).expect("a version"),
             fields,
             missing: missing.iter().map(|s| s.to_string()).collect(),
             key: Row::new(),
-            lsn: Lsn(version),
             commit_time: "2026-11-22T10:00:00.000000Z".into(),
         }
     }
@@ -637,7 +636,7 @@ mod tests {
         let delete = Write::Delete {
             index: "i".into(),
             id: "7".into(),
-            version: 5,
+            version: Version::of_commit(1, Lsn(5)).expect("a version"),
         };
         assert_eq!(
             String::from_utf8(bulk_lines(&delete, &stats).to_vec()).expect("utf8"),

@@ -64,7 +64,7 @@ pub(crate) async fn plan(
     write: bool,
 ) -> anyhow::Result<Vec<(String, Write, Option<Class>)>> {
     let started = Instant::now();
-    let version = Version::of_snapshot(at.timeline, at.lsn)?.get();
+    let version = Version::of_snapshot(at.timeline, at.lsn)?;
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
     let read = async {
@@ -124,7 +124,6 @@ pub(crate) async fn plan(
                         fields,
                         missing: Vec::new(),
                         key: key.clone(),
-                        lsn: at.lsn,
                         commit_time: commit_time.to_owned(),
                     },
                     class,
@@ -416,9 +415,7 @@ pub(crate) async fn recheck_written(
     at: tidemark_postgres::Point,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<(String, Row)>>,
 ) -> anyhow::Result<u64> {
-    let version = Version::of_snapshot(at.timeline, at.lsn)?
-        .superseding()
-        .get();
+    let version = Version::of_snapshot(at.timeline, at.lsn)?.superseding();
     let (_keep, never) = watch::channel(false);
     let mut client: Option<Client> = None;
     let mut deleted = 0u64;
