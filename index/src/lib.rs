@@ -11,6 +11,8 @@
 //!   record, or wait), decided in one place;
 //! - `apply`: bulk writes with `external_gte` versions, TOAST fills, and
 //!   waiting out whatever cannot be written now;
+//! - `reads`: documents' `_tidemark` metadata by id or by search, and
+//!   every id of an index in id order (scrolls);
 //! - `runs`: the `tidemark-runs` index where replay records what it did.
 //!
 //! It promises: `apply::Applier` is the only path by which documents are
@@ -24,5 +26,6 @@
 pub mod answer;
 pub mod apply;
 pub mod mapping;
+pub mod reads;
 pub mod runs;
 pub mod search;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::json;
 use tidemark_index::mapping::TableMapping;
+use tidemark_index::reads::{IdScroll, doc_meta_searched};
 use tidemark_index::search::Search;
 use tidemark_postgres::row_values;
 use tidemark_schemas::Row;
@@ -14,8 +15,8 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::info;
 
 use super::{
-    CHUNK, Described, IdScroll, TableReport, Target, compare, doc_meta_searched, key_from_id,
-    key_types, open_cursor, rows_by_keys, sampled, sorted_documents, sorted_rows,
+    CHUNK, Described, TableReport, Target, compare, key_from_id, key_types, open_cursor,
+    rows_by_keys, sampled, sorted_documents, sorted_rows,
 };
 use crate::merge::Mismatch;
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 use tidemark_index::mapping::{TableMapping, content_hash};
+use tidemark_index::reads::{doc_meta, refresh};
 use tidemark_index::search::Search;
 use tidemark_postgres::quote_ident;
 use tidemark_schemas::Row;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_index::apply::{Applier, Effect, Outcome};
 use tidemark_index::mapping::{TableMapping, Write, content_hash};
+use tidemark_index::reads::{doc_meta, doc_meta_searched, refresh};
 use tidemark_index::search::Search;
 use tidemark_schemas::{Row, Version};
 use tokio::sync::watch;
@@ -15,10 +16,7 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::{Class, TableResult, WindowKeys};
-use crate::audit::{
-    Described, describe, doc_meta, doc_meta_searched, keys_without_rows, refresh, rows_by_keys,
-    sample_row_bytes,
-};
+use crate::audit::{Described, describe, keys_without_rows, rows_by_keys, sample_row_bytes};
 
 /// Keys read and written per round trip, at most.
 pub(crate) const CHUNK: usize = 10_000;
