@@ -86,22 +86,7 @@ pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 /// RFC 3339 in UTC with exactly six fractional digits, from PostgreSQL's
 /// microseconds since 2000-01-01.
 pub fn pg_time_to_rfc3339(pg_micros: i64) -> String {
-    unix_micros_to_rfc3339(pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS))
-}
-
-/// RFC 3339 in UTC with exactly six fractional digits, from microseconds
-/// since the Unix epoch.
-pub fn unix_micros_to_rfc3339(unix: i64) -> String {
-    let seconds = unix.div_euclid(1_000_000);
-    let micros = unix.rem_euclid(1_000_000);
-    match jiff::Timestamp::from_second(seconds) {
-        Ok(ts) => {
-            let whole = ts.strftime("%Y-%m-%dT%H:%M:%S").to_string();
-            format!("{whole}.{micros:06}Z")
-        }
-        // Out of jiff's range (year > 9999): cannot happen for a commit time.
-        Err(_) => format!("{unix}us"),
-    }
+    tidemark_schemas::commit_time::from_unix_micros(pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS))
 }
 
 impl Changes {

@@ -567,8 +567,7 @@ async fn send_resnapshot_markers(
     point: Point,
     sink: &Arc<Sink>,
 ) -> Result<(), RunError> {
-    let commit_time =
-        crate::changes::unix_micros_to_rfc3339(jiff::Timestamp::now().as_microsecond());
+    let commit_time = tidemark_schemas::commit_time::now();
     for table in tables {
         let event = tidemark_schemas::ChangeEvent {
             format: tidemark_schemas::FORMAT_VERSION,

@@ -453,12 +453,9 @@ impl Sink {
     }
 }
 
-/// Milliseconds since the Unix epoch of an RFC 3339 commit time.
+/// Milliseconds since the Unix epoch of a commit time.
 fn commit_millis(commit_time: &str) -> Option<i64> {
-    commit_time
-        .parse::<jiff::Timestamp>()
-        .ok()
-        .map(|t| t.as_millisecond())
+    tidemark_schemas::commit_time::unix_millis(commit_time)
 }
 
 /// How long a topic just created may take to show up with leaders for all

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_postgres::SimpleQueryMessage;
 use tracing::{info, warn};
 
-use crate::changes::{ChangeError, unix_micros_to_rfc3339};
+use crate::changes::ChangeError;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
 use tidemark_postgres::values::Mapping;
@@ -79,7 +79,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<SnapshotStats, SnapshotError> {
     let started = Instant::now();
-    let commit_time = unix_micros_to_rfc3339(jiff::Timestamp::now().as_microsecond());
+    let commit_time = tidemark_schemas::commit_time::now();
     let permits = Arc::new(Semaphore::new(parallelism));
     let mut tasks = tokio::task::JoinSet::new();
     for table in tables {

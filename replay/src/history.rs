@@ -266,11 +266,7 @@ fn record_key_of_table(source: &Source) -> Vec<u8> {
 }
 
 fn commit_ms(event: &ChangeEvent) -> Option<i64> {
-    event
-        .commit_time
-        .parse::<jiff::Timestamp>()
-        .ok()
-        .map(|t| t.as_millisecond())
+    tidemark_schemas::commit_time::unix_millis(&event.commit_time)
 }
 
 /// The text report: one block per change, a line per changed field.

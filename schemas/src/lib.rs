@@ -5,6 +5,7 @@
 //! This crate does no I/O, so the producer, the consumer and the replay tools
 //! can all depend on it and unit tests of wire formats stay fast.
 
+pub mod commit_time;
 pub mod config;
 mod dead_letter;
 mod envelope;

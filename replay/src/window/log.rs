@@ -155,12 +155,7 @@ pub fn collect_log(
         }
         let event = EventHead::from_slice(message.payload().unwrap_or_default())
             .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
-        let Some(at) = event
-            .commit_time
-            .parse::<jiff::Timestamp>()
-            .ok()
-            .map(|t| t.as_millisecond())
-        else {
+        let Some(at) = tidemark_schemas::commit_time::unix_millis(&event.commit_time) else {
             continue;
         };
         if at < from_ms {

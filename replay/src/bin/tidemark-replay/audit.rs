@@ -36,11 +36,7 @@ pub async fn audit(
         repair,
         yes,
     } = options;
-    for t in tables {
-        if !config.tables.iter().any(|c| &c.table == t) {
-            anyhow::bail!("--table {t}: not in the config's [[tables]]");
-        }
-    }
+    crate::check_tables(config, tables)?;
     let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
     search.info().await?;
     let mut client = ConnInfo::from_config(config)?
@@ -48,14 +44,7 @@ pub async fn audit(
         .await?;
     let mappings = tidemark_index::mapping::Mappings::new(config);
     let mut reports = Vec::new();
-    for entry in &config.tables {
-        if !tables.is_empty() && !tables.contains(&entry.table) {
-            continue;
-        }
-        let (schema, name) = entry.parts();
-        let Some(mapping) = mappings.get(schema, name) else {
-            continue;
-        };
+    for (entry, mapping) in crate::chosen(config, &mappings, tables) {
         let target = tidemark_replay::audit::Target {
             mapping,
             time_column: entry.audit_time_column.as_deref(),

@@ -219,11 +219,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .map(|s| time::parse_time(&s, now).map_err(|e| anyhow::anyhow!("--since {e}")))
                 .transpose()?
                 .map(|t| t.as_millisecond());
-            if let Some(t) = &table
-                && !config.tables.iter().any(|c| &c.table == t)
-            {
-                anyhow::bail!("--table {t}: not in the config's [[tables]]");
-            }
+            check_tables(&config, table.as_slice())?;
             let filter = tidemark_replay::dead_letters::Filter {
                 since_ms,
                 table,
@@ -382,4 +378,36 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Every `--table` must be a configured table; the error names it.
+fn check_tables(config: &Config, tables: &[String]) -> anyhow::Result<()> {
+    match tables
+        .iter()
+        .find(|t| !config.tables.iter().any(|c| &c.table == *t))
+    {
+        Some(t) => anyhow::bail!("--table {t}: not in the config's [[tables]]"),
+        None => Ok(()),
+    }
+}
+
+/// The configured tables `--table` chose (every one when none), in config
+/// order, each with its mapping.
+fn chosen<'a>(
+    config: &'a Config,
+    mappings: &'a tidemark_index::mapping::Mappings,
+    tables: &[String],
+) -> Vec<(
+    &'a tidemark_schemas::config::Table,
+    &'a tidemark_index::mapping::TableMapping,
+)> {
+    config
+        .tables
+        .iter()
+        .filter(|entry| tables.is_empty() || tables.contains(&entry.table))
+        .filter_map(|entry| {
+            let (schema, name) = entry.parts();
+            Some((entry, mappings.get(schema, name)?))
+        })
+        .collect()
 }

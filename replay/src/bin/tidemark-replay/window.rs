@@ -42,11 +42,7 @@ pub async fn window(
         }
     }
     tracing::debug!("window: started");
-    for t in tables {
-        if !config.tables.iter().any(|c| &c.table == t) {
-            anyhow::bail!("--table {t}: not in the config's [[tables]]");
-        }
-    }
+    crate::check_tables(config, tables)?;
     if !keys.is_empty() && tables.len() != 1 {
         anyhow::bail!("--key needs exactly one --table (keys belong to a table)");
     }
@@ -86,14 +82,8 @@ pub async fn window(
     };
     let mappings = tidemark_index::mapping::Mappings::new(config);
     let mut found = Vec::new();
-    for entry in &config.tables {
-        if !tables.is_empty() && !tables.contains(&entry.table) {
-            continue;
-        }
+    for (entry, mapping) in crate::chosen(config, &mappings, tables) {
         let (schema, name) = entry.parts();
-        let Some(mapping) = mappings.get(schema, name) else {
-            continue;
-        };
         let only = if keys.is_empty() {
             None
         } else {
