@@ -1,15 +1,18 @@
 //! Connections to PostgreSQL: the URL parsed once into `ConnInfo`, and the
-//! SQL and replication sessions opened from it with the same settings.
-//! (The secured-connections work puts TLS here, for both sessions at once.)
+//! SQL and replication sessions opened from it with the same settings,
+//! TLS included (`tls`: one parsed `sslmode` for both sessions).
 
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationConfig, TlsConfig};
+use std::sync::Arc;
+
+use pgwire_replication::ReplicationConfig;
 use tidemark_schemas::config::{Config, redact_url};
 use tokio_postgres::{Client, NoTls};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::error::SourceError;
+use crate::tls::Tls;
 
 /// Session settings that fix the text form of every value, so `values` can
 /// map it exactly. The replication session and snapshot sessions use the
@@ -27,6 +30,10 @@ pub struct ConnInfo {
     pub database: String,
     /// The URL without its password, for messages.
     pub display: String,
+    /// `sslmode` and its files, for both sessions.
+    pub tls: Tls,
+    /// The TLS client set up from `tls` (`None` for `sslmode=disable`).
+    client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -38,8 +45,10 @@ impl std::fmt::Debug for ConnInfo {
 impl ConnInfo {
     pub fn from_config(config: &Config) -> Result<ConnInfo, SourceError> {
         let url = &config.postgres.url;
+        let (rest, tls) = Tls::split_url(url)?;
+        let client_tls = tls.client_config()?;
         let parsed: tokio_postgres::Config =
-            url.parse().map_err(|e| SourceError::Url(format!("{e}")))?;
+            rest.parse().map_err(|e| SourceError::Url(format!("{e}")))?;
         let host = match parsed.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -58,6 +67,8 @@ impl ConnInfo {
             user,
             password,
             display: redact_url(url),
+            tls,
+            client_tls,
         })
     }
 
@@ -71,21 +82,52 @@ impl ConnInfo {
             .password(&self.password)
             .dbname(&self.database)
             .application_name(application)
-            .options(SESSION_OPTIONS);
-        let (client, connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|source| SourceError::Connect {
-                    url: self.display.clone(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                warn!(%error, "PostgreSQL connection ended");
+            .options(SESSION_OPTIONS)
+            .ssl_mode(self.tls.tokio_mode());
+        let refused = |source| SourceError::Connect {
+            url: self.display.clone(),
+            source,
+        };
+        let client = match &self.client_tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(refused)?;
+                spawn_connection(connection);
+                client
             }
-        });
+            Some(tls) => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let (client, connection) = config.connect(connector).await.map_err(refused)?;
+                spawn_connection(connection);
+                client
+            }
+        };
         Ok(client)
+    }
+
+    /// Whether `client`'s session is encrypted, as the server sees it
+    /// (`pg_stat_ssl`): e.g. `TLSv1.3 (sslmode=verify-full)`, or
+    /// `not encrypted (sslmode=prefer)`.
+    pub async fn tls_state(&self, client: &Client) -> String {
+        let row = client
+            .query_opt(
+                "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await;
+        let state = match row {
+            Ok(Some(row)) if row.get::<_, bool>(0) => row
+                .get::<_, Option<String>>(1)
+                .unwrap_or_else(|| "TLS".into()),
+            Ok(_) => "not encrypted".to_owned(),
+            Err(_) => "unknown".to_owned(),
+        };
+        format!("{state} (sslmode={})", self.tls.mode.as_str())
+    }
+
+    /// Logs how a new SQL session is protected (once per process start).
+    pub async fn log_tls(&self, client: &Client, session: &str) {
+        let tls = self.tls_state(client).await;
+        info!(server = %self.display, session, %tls, "PostgreSQL session");
     }
 }
 
@@ -125,10 +167,22 @@ impl ConnInfo {
             what.publication.to_owned(),
         )
         .with_port(self.port)
-        .with_tls(TlsConfig::disabled())
+        .with_tls(self.tls.replication(&self.host))
         .with_options(SESSION_OPTIONS)
         .with_application_name(what.application.to_owned())
         .with_status_interval(Duration::from_secs(1))
         .with_max_message_size(what.max_message_bytes)
     }
+}
+
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            warn!(%error, "PostgreSQL connection ended");
+        }
+    });
 }

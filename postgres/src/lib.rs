@@ -9,6 +9,7 @@
 //!   else replica-identity index);
 //! - `values`: PostgreSQL text output to JSON, without loss;
 //! - `rows`: rows read by SQL mapped exactly as the stream maps them;
+//! - `tls`: `sslmode` and its files, parsed once for both sessions;
 //! - `export`: exported snapshots whose LSN is known exactly;
 //! - `server`: the checks, publication and slot state logical replication
 //!   needs;
@@ -25,6 +26,7 @@ pub mod error;
 pub mod export;
 pub mod rows;
 pub mod server;
+pub mod tls;
 pub mod values;
 
 pub use catalog::{CatalogTable, TypeResolver, describe_table, quote_ident, table_key};

@@ -95,10 +95,31 @@ struct Server {
     timeline: u32,
 }
 
-/// IDENTIFY_SYSTEM, on a replication session of its own that never starts.
-async fn identify(config: ReplicationConfig) -> Result<Server, RunError> {
+/// IDENTIFY_SYSTEM, on a replication session of its own that never starts;
+/// logs how replication sessions are protected.
+async fn identify(config: ReplicationConfig, conn: &ConnInfo) -> Result<Server, RunError> {
     let mut session = ReplicationClient::connect_gated(config).await?;
     let answer = session.identify_system().await?;
+    let tls = match session
+        .simple_query("SELECT ssl::text, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .await
+    {
+        Ok(rows) => {
+            let text = |i: usize| {
+                rows.first()
+                    .and_then(|row| row.get(i))
+                    .and_then(|v| v.as_ref())
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+            };
+            match (text(0).as_deref(), text(1)) {
+                (Some("true"), version) => version.unwrap_or_else(|| "TLS".into()),
+                _ => "not encrypted".to_owned(),
+            }
+        }
+        Err(_) => "unknown".to_owned(),
+    };
+    info!(server = %conn.display, session = "replication",
+        tls = %format!("{tls} (sslmode={})", conn.tls.mode.as_str()), "PostgreSQL session");
     Ok(Server {
         system_id: answer.system_id,
         timeline: answer.timeline,
@@ -274,6 +295,7 @@ async fn run_once(
     let metrics = metrics.clone();
     let conn = ConnInfo::from_config(&config)?;
     let sql = conn.connect("tidemark-producer").await?;
+    conn.log_tls(&sql, "sql").await;
     check_server(&sql, &conn).await?;
     let mut tables = Vec::with_capacity(config.tables.len());
     for table in &config.tables {
@@ -307,7 +329,7 @@ async fn run_once(
     ));
     let mut recorded = state.load(&slot).await?;
     let mut existing = released_slot_state(&sql, &slot, &conn.database).await?;
-    let server = identify(replication_config(&conn, &config)).await?;
+    let server = identify(replication_config(&conn, &config), &conn).await?;
     let mut gap = None;
     if let Some(progress) = &recorded
         && let Some(what) = history_gap(

@@ -1,6 +1,6 @@
 //! Throwaway PostgreSQL clusters for tests that need a server configured
-//! differently from the shared stack (`wal_level=replica`, a standby), which
-//! must never be reconfigured under other tests.
+//! differently from the shared stack (`wal_level=replica`, a standby, TLS
+//! only), which must never be reconfigured under other tests.
 //!
 //! A cluster lives in its own directory under /var/tmp, listens on a free
 //! loopback port, runs as the `postgres` OS user when we are root (it
@@ -19,6 +19,18 @@ pub struct ScratchPostgres {
     pub dir: PathBuf,
     pub port: u16,
     bin: PathBuf,
+    /// The certificates of a secured cluster ([`ScratchPostgres::secured`]).
+    pub certs: Option<Certs>,
+}
+
+/// The certificates a secured cluster was made with, made at start-up with
+/// `openssl` (never committed): a CA, the server's certificate signed by it
+/// for `127.0.0.1` only (so `verify-full` to `localhost` is a name
+/// mismatch), and a second, unrelated CA (the wrong one).
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub other_ca: PathBuf,
 }
 
 fn pg_bin() -> PathBuf {
@@ -95,6 +107,18 @@ fn owned_dir(name: &str) -> PathBuf {
 impl ScratchPostgres {
     /// A new primary with the given `postgresql.conf` settings.
     pub fn primary(settings: &[(&str, &str)]) -> ScratchPostgres {
+        Self::create(settings, false)
+    }
+
+    /// A new primary with logical WAL that accepts TCP connections only over
+    /// TLS (`ssl = on`, `hostssl` lines only; password authentication), with
+    /// certificates made for it ([`Certs`]). The local socket
+    /// ([`ScratchPostgres::socket_url`]) serves test set-up.
+    pub fn secured() -> ScratchPostgres {
+        Self::create(&[("wal_level", "logical")], true)
+    }
+
+    fn create(settings: &[(&str, &str)], secured: bool) -> ScratchPostgres {
         let bin = pg_bin();
         let dir = owned_dir("scratch_pg");
         let data = dir.join("data");
@@ -126,12 +150,41 @@ impl ScratchPostgres {
         for (name, value) in settings {
             conf.push_str(&format!("{name} = '{value}'\n"));
         }
+        let certs = if secured {
+            let certs = make_certs(&dir);
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                dir.join("server.pem").display(),
+                dir.join("server.key").display()
+            ));
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .expect("pg_hba.conf");
+            Some(certs)
+        } else {
+            append(
+                &data.join("pg_hba.conf"),
+                "host replication all 127.0.0.1/32 scram-sha-256\n",
+            );
+            None
+        };
         append(&data.join("postgresql.conf"), &conf);
-        append(
-            &data.join("pg_hba.conf"),
-            "host replication all 127.0.0.1/32 scram-sha-256\n",
-        );
-        let mut cluster = ScratchPostgres { dir, port: 0, bin };
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status();
+        }
+        let mut cluster = ScratchPostgres {
+            dir,
+            port: 0,
+            bin,
+            certs,
+        };
         cluster.start();
         cluster
     }
@@ -165,6 +218,7 @@ impl ScratchPostgres {
             dir,
             port: 0,
             bin: self.bin.clone(),
+            certs: None,
         };
         standby.start();
         standby
@@ -221,6 +275,107 @@ impl ScratchPostgres {
             "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
             self.port
         )
+    }
+
+    /// Superuser connection string over the cluster's local socket (no TLS
+    /// needed), for test set-up.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres password={PASSWORD} dbname=postgres",
+            self.dir.display(),
+            self.port
+        )
+    }
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian's openssl package)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and another CA.
+fn make_certs(dir: &Path) -> Certs {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca_ext = [
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ];
+    for (name, subject) in [
+        ("ca", "/CN=Tidemark test CA"),
+        ("other_ca", "/CN=Another CA"),
+    ] {
+        let key = format!("{name}.key");
+        let cert = format!("{name}.pem");
+        let mut args = vec![
+            "req", "-x509", "-days", "2", "-subj", subject, "-keyout", &key, "-out", &cert,
+        ];
+        args.extend(ec);
+        args.extend(ca_ext);
+        openssl(dir, &args);
+    }
+    let mut args = vec![
+        "req",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
+    args.extend(ec);
+    openssl(dir, &args);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = critical,CA:FALSE\n\
+         keyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\n",
+    )
+    .expect("server.ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("server.key mode");
+    Certs {
+        ca: dir.join("ca.pem"),
+        other_ca: dir.join("other_ca.pem"),
     }
 }
 
