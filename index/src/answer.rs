@@ -235,18 +235,44 @@ fn error_type(error: Option<&Value>) -> &str {
     error.and_then(|e| e["type"].as_str()).unwrap_or("")
 }
 
-/// OpenSearch's reason for an error: type, reason and cause.
+/// OpenSearch's reason for an error: type, reason and cause, without the
+/// row contents OpenSearch quotes in them (these reasons go to logs and
+/// dead letters, which never carry row contents): the `Preview of field's
+/// value: ...` it appends is cut, and a cause that quotes anything (`For
+/// input string: "..."`) is reduced to its type.
 pub fn reason(error: Option<&Value>) -> String {
     let Some(error) = error else {
         return "refused without a reason".into();
     };
     let kind = error["type"].as_str().unwrap_or("error");
-    let text = error["reason"].as_str().unwrap_or("");
-    match error["caused_by"]["reason"].as_str() {
+    let text = without_preview(error["reason"].as_str().unwrap_or(""));
+    let cause = match (
+        error["caused_by"]["type"].as_str(),
+        error["caused_by"]["reason"].as_str(),
+    ) {
+        (_, Some(cause)) if !quotes_anything(cause) => Some(without_preview(cause).to_owned()),
+        (Some(kind), _) => Some(format!("{kind}, its reason withheld: it quotes the value")),
+        (None, Some(_)) => Some("its reason withheld: it quotes the value".to_owned()),
+        (None, None) => None,
+    };
+    match cause {
         Some(cause) => format!("{kind}: {text} (caused by: {cause})"),
-        None if text.is_empty() => error.to_string(),
+        None if text.is_empty() => format!("{kind}: refused without a reason"),
         None => format!("{kind}: {text}"),
     }
+}
+
+/// `reason` up to OpenSearch's preview of the value, if it has one.
+fn without_preview(reason: &str) -> &str {
+    match reason.find("Preview of field's value") {
+        Some(at) => reason[..at].trim_end_matches([' ', '.']),
+        None => reason,
+    }
+}
+
+/// Whether a text quotes something (a value, as causes do).
+fn quotes_anything(text: &str) -> bool {
+    text.contains(['"', '\''])
 }
 
 fn first_line(body: &str) -> &str {
@@ -537,5 +563,28 @@ mod tests {
             "mapper_parsing_exception: failed to parse field [n] (caused by: For input string)"
         );
         assert_eq!(reason(None), "refused without a reason");
+    }
+
+    #[test]
+    fn reasons_never_quote_the_value() {
+        let canary = "canary-9d2b";
+        let error = json!({"type": "mapper_parsing_exception",
+            "reason": format!("failed to parse field [n] of type [long] in document with id '7'. Preview of field's value: '{canary}'"),
+            "caused_by": {"type": "illegal_argument_exception", "reason": format!("For input string: \"{canary}\"")}});
+        let text = reason(Some(&error));
+        assert!(!text.contains(canary), "{text}");
+        assert_eq!(
+            text,
+            "mapper_parsing_exception: failed to parse field [n] of type [long] in document with id '7' \
+             (caused by: illegal_argument_exception, its reason withheld: it quotes the value)"
+        );
+        // A whole-request error keeps its status and type.
+        let body = json!({"error": error, "status": 400}).to_string();
+        let detail = match request(400, &body, 1) {
+            Request::Wait(stall) => stall.detail,
+            Request::BadRecord(reason) => reason,
+            Request::Split => panic!("one write cannot be split"),
+        };
+        assert!(!detail.contains(canary), "{detail}");
     }
 }

@@ -136,7 +136,12 @@ pub struct ValueError {
 }
 
 /// Maps one value's text to JSON.
+///
+/// An error describes the text (its length, what was expected), never the
+/// text itself: it reaches logs and dead letters, which carry no row
+/// contents.
 pub fn to_json(mapping: &Mapping, text: &str) -> Result<Value, ValueError> {
+    let size = text.len();
     let fail = |detail: String| ValueError {
         mapping: mapping.clone(),
         detail,
@@ -145,19 +150,27 @@ pub fn to_json(mapping: &Mapping, text: &str) -> Result<Value, ValueError> {
         Mapping::Bool => match text {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
-            other => return Err(fail(format!("expected t or f, got {other:?}"))),
+            _ => {
+                return Err(fail(format!(
+                    "expected t or f, got {size} bytes of other text"
+                )));
+            }
         },
         Mapping::Integer => {
-            let n: i64 = text.parse().map_err(|e| fail(format!("{e} in {text:?}")))?;
+            let n: i64 = text
+                .parse()
+                .map_err(|e| fail(format!("{e} ({size} bytes of text)")))?;
             Value::Number(n.into())
         }
         Mapping::Float => match text {
             "NaN" | "Infinity" | "-Infinity" => Value::String(text.to_owned()),
             _ => {
-                let f: f64 = text.parse().map_err(|e| fail(format!("{e} in {text:?}")))?;
+                let f: f64 = text
+                    .parse()
+                    .map_err(|e| fail(format!("{e} ({size} bytes of text)")))?;
                 Number::from_f64(f)
                     .map(Value::Number)
-                    .ok_or_else(|| fail(format!("{text:?} is not finite")))?
+                    .ok_or_else(|| fail("not a finite number".into()))?
             }
         },
         Mapping::Numeric | Mapping::Text => Value::String(text.to_owned()),
@@ -174,7 +187,7 @@ pub fn to_json(mapping: &Mapping, text: &str) -> Result<Value, ValueError> {
         // PostgreSQL prints timestamps in ASCII; anything else is not one
         // (and the byte offsets in iso_timestamp assume ASCII).
         Mapping::Timestamp | Mapping::TimestampTz if !text.is_ascii() => {
-            return Err(fail(format!("{text:?} is not a timestamp")));
+            return Err(fail(format!("not a timestamp ({size} bytes, not ASCII)")));
         }
         Mapping::Timestamp => Value::String(iso_timestamp(text, false)),
         Mapping::TimestampTz => Value::String(iso_timestamp(text, true)),
@@ -451,5 +464,27 @@ mod tests {
                 "{oid} {text:?} should fail"
             );
         }
+    }
+
+    #[test]
+    fn errors_describe_the_text_never_repeat_it() {
+        let canary = "canary-0c7e";
+        for mapping in [
+            Mapping::Bool,
+            Mapping::Integer,
+            Mapping::Float,
+            Mapping::Bytea,
+            Mapping::Json,
+            Mapping::TimestampTz,
+        ] {
+            let text = format!("{canary}\u{e9}");
+            let error = to_json(&mapping, &text).expect_err("not a value of the type");
+            assert!(!error.to_string().contains(canary), "{mapping:?}: {error}");
+        }
+        let error = to_json(&Mapping::Integer, "12x").expect_err("not an integer");
+        assert_eq!(
+            error.to_string(),
+            "cannot map Integer value: invalid digit found in string (3 bytes of text)"
+        );
     }
 }

@@ -87,8 +87,7 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         let set = |name: &str| env(name).filter(|v| !v.is_empty());
         if let Some(url) = set("TIDEMARK_POSTGRES_URL") {
             config.postgres.url = url;
@@ -174,17 +173,69 @@ fn is_pg_name(name: &str) -> bool {
 }
 
 /// A URL with any password replaced, for logs and `Debug`.
+/// Both places a URL can carry one: `user:password@` and a `password=`
+/// query parameter.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_owned(),
+            },
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    match query {
+        None => base,
+        Some(query) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.eq_ignore_ascii_case("password") => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", pairs.join("&"))
+        }
     }
+}
+
+/// A TOML error as the operator needs it: what is wrong and where (line
+/// and column), without the offending line, which toml's own message
+/// quotes (a misplaced `password = "..."` would be printed), and without
+/// any quoted value (`invalid type: string "..."`).
+fn parse_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in error.message().chars() {
+        if c == '"' {
+            if quoted {
+                message.push_str("...\"");
+            } else {
+                message.push('"');
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            message.push(c);
+        }
+    }
+    let at = error
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            format!(" (line {line}, column {column})")
+        })
+        .unwrap_or_default();
+    ConfigError::Parse(format!("{}{at}", message.trim_end()))
 }
 
 #[cfg(test)]
@@ -354,5 +405,31 @@ mod tests {
             "postgres://u:***@h:5/db"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=secret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("postgres://u:a@h/db?PASSWORD=b"),
+            "postgres://u:***@h/db?PASSWORD=***"
+        );
+    }
+
+    #[test]
+    fn toml_errors_say_where_but_never_what() {
+        let canary = "canary-hunter2-41";
+        for text in [
+            format!("[postgres]\nurl = \"postgres://h/db\"\npassword = \"{canary}\"\n"),
+            format!("[kafka]\npartitions = \"{canary}\"\n"),
+            format!("[postgres]\nurl = \"{canary}\n"),
+        ] {
+            let error = Config::from_toml(&text, no_env).expect_err("not a valid config");
+            let shown = error.to_string();
+            assert!(!shown.contains(canary), "{shown}");
+            assert!(shown.contains(" (line "), "{shown}");
+        }
+        let error =
+            Config::from_toml("[kafka]\npartitions = \"x\"\n", no_env).expect_err("a string");
+        assert!(error.to_string().contains("(line 2, column 14)"), "{error}");
     }
 }
