@@ -15,6 +15,10 @@ pub enum SourceError {
     },
     #[error("postgres.url is not a valid connection URL: {0}")]
     Url(String),
+    /// The URL's TLS parameters ask for what cannot be set up (a missing
+    /// CA file, verify-full without a CA, ...).
+    #[error("postgres.url: {0}")]
+    Tls(String),
     #[error(
         "wal_level is '{0}', but logical replication needs 'logical'. Run ALTER SYSTEM SET wal_level = logical \
          (or set it in postgresql.conf) and restart PostgreSQL"

@@ -108,7 +108,7 @@ impl Tls {
         let mut mode = match mode.as_deref() {
             None => SslMode::Prefer,
             Some(text) => SslMode::parse(text).ok_or_else(|| {
-                SourceError::Url(format!(
+                tls_error(format!(
                     "sslmode={text} is not one of disable, prefer, require, verify-ca, verify-full"
                 ))
             })?,
@@ -122,14 +122,13 @@ impl Tls {
             mode = SslMode::VerifyCa;
         }
         if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
-            return Err(SourceError::Url(format!(
-                "sslmode={} needs sslrootcert=<PEM file of the CA> (or sslrootcert=system for public CAs) \
-                 in postgres.url",
+            return Err(tls_error(format!(
+                "sslmode={} needs sslrootcert=<PEM file of the CA> (or sslrootcert=system for public CAs)",
                 mode.as_str()
             )));
         }
         if client_cert.is_some() != client_key.is_some() {
-            return Err(SourceError::Url(
+            return Err(tls_error(
                 "sslcert and sslkey go together: give both (PEM files) or neither".into(),
             ));
         }
@@ -258,7 +257,7 @@ impl Tls {
 }
 
 fn tls_error(text: String) -> SourceError {
-    SourceError::Url(text)
+    SourceError::Tls(text)
 }
 
 fn percent_decode(text: &str) -> String {
