@@ -13,7 +13,9 @@
 //!   waiting out whatever cannot be written now;
 //! - `reads`: documents' `_tidemark` metadata by id or by search, and
 //!   every id of an index in id order (scrolls);
-//! - `runs`: the `tidemark-runs` index where replay records what it did.
+//! - `runs`: the `tidemark-runs` index where replay records what it did;
+//! - `error`: what fails outside a bulk answer (`IndexError`, with
+//!   `retryable()`).
 //!
 //! It promises: `apply::Applier` is the only path by which documents are
 //! written, so a write from the consumer and a write from `window` are built,
@@ -25,6 +27,7 @@
 
 pub mod answer;
 pub mod apply;
+pub mod error;
 pub mod mapping;
 pub mod reads;
 pub mod runs;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::Context;
+use crate::error::{IndexError, Step};
 use opensearch::OpenSearch;
 use opensearch::{ClearScrollParts, ScrollParts, SearchParts};
 use serde::Deserialize;
@@ -27,7 +27,7 @@ pub async fn doc_meta_searched(
     ids: &[&str],
     commit_time: bool,
     hashes: Option<&[&str]>,
-) -> anyhow::Result<HashMap<String, Value>> {
+) -> Result<HashMap<String, Value>, IndexError> {
     let meta = |fields: HitFields| {
         json!({
             "hash": fields.hash.into_iter().next(),
@@ -93,7 +93,7 @@ async fn search_ids(
     commit_time: bool,
     hashes: Option<&[&str]>,
     stored_id: bool,
-) -> anyhow::Result<Vec<SearchHit>> {
+) -> Result<Vec<SearchHit>, IndexError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -127,16 +127,18 @@ async fn search_ids(
         .body(body)
         .send()
         .await
-        .with_context(|| format!("index {index}: search by ids"))?;
+        .unanswered(|| format!("index {index}: search by ids"))?;
     if !response.status_code().is_success() {
         let status = response.status_code();
         let text = response.text().await.unwrap_or_default();
-        anyhow::bail!("index {index}: search by ids answered {status}: {text}");
+        return Err(IndexError::Refused(format!(
+            "index {index}: search by ids answered {status}: {text}"
+        )));
     }
     let answer: SearchAnswer = response
         .json()
         .await
-        .with_context(|| format!("index {index}: search by ids answer"))?;
+        .failed(|| format!("index {index}: search by ids answer"))?;
     Ok(answer.hits.hits)
 }
 
@@ -145,14 +147,14 @@ pub async fn doc_meta(
     search: &Search,
     index: &str,
     ids: &[&str],
-) -> anyhow::Result<HashMap<String, Value>> {
+) -> Result<HashMap<String, Value>, IndexError> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     let (found, _) = search
         .current_fields(index, ids, &["_tidemark.hash", "_tidemark.commit_time"])
         .await
-        .with_context(|| format!("index {index}: multi-get"))?;
+        .unanswered(|| format!("index {index}: multi-get"))?;
     Ok(found
         .into_iter()
         .map(|(id, source)| (id, source.get("_tidemark").cloned().unwrap_or(Value::Null)))
@@ -227,7 +229,7 @@ impl IdScroll {
     }
 
     /// The next page of hits; empty at the end.
-    pub async fn next_page(&mut self) -> anyhow::Result<Vec<ScrollHit>> {
+    pub async fn next_page(&mut self) -> Result<Vec<ScrollHit>, IndexError> {
         const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields";
         let index = &self.index;
         let response = match (self.first.take(), &self.scroll_id) {
@@ -250,16 +252,18 @@ impl IdScroll {
             }
             (None, None) => return Ok(Vec::new()),
         }
-        .with_context(|| format!("index {index}: cannot scroll"))?;
+        .unanswered(|| format!("index {index}: cannot scroll"))?;
         if !response.status_code().is_success() {
             let status = response.status_code();
             let text = response.text().await.unwrap_or_default();
-            anyhow::bail!("index {index}: scroll answered {status}: {text}");
+            return Err(IndexError::Refused(format!(
+                "index {index}: scroll answered {status}: {text}"
+            )));
         }
         let page: ScrollPage = response
             .json()
             .await
-            .with_context(|| format!("index {index}: scroll answer"))?;
+            .failed(|| format!("index {index}: scroll answer"))?;
         self.scroll_id = page.scroll_id;
         Ok(page.hits.map(|h| h.hits).unwrap_or_default())
     }

@@ -2,8 +2,8 @@
 //! outcome) in the `tidemark-runs` index of the target cluster, so the team
 //! finds later what was done to the index; `tidemark-replay runs` lists them.
 
+use crate::error::{IndexError, Step};
 use crate::search::Search;
-use anyhow::Context;
 use opensearch::SearchParts;
 use opensearch::indices::{IndicesCreateParts, IndicesExistsParts};
 use serde::Serialize;
@@ -39,7 +39,7 @@ pub fn who() -> (String, String) {
     (user, host)
 }
 
-async fn ensure_index(search: &Search) -> anyhow::Result<()> {
+async fn ensure_index(search: &Search) -> Result<(), IndexError> {
     let exists = search
         .client()
         .indices()
@@ -67,13 +67,15 @@ async fn ensure_index(search: &Search) -> anyhow::Result<()> {
     let status = response.status_code();
     let text = response.text().await.unwrap_or_default();
     if !status.is_success() && !text.contains("resource_already_exists_exception") {
-        anyhow::bail!("cannot create the {RUNS_INDEX} index: {status} {text}");
+        return Err(IndexError::Refused(format!(
+            "cannot create the {RUNS_INDEX} index: {status} {text}"
+        )));
     }
     Ok(())
 }
 
 /// Records a run; the record is searchable when this returns.
-pub async fn record(search: &Search, run: &RunRecord) -> anyhow::Result<()> {
+pub async fn record(search: &Search, run: &RunRecord) -> Result<(), IndexError> {
     ensure_index(search).await?;
     let response = search
         .client()
@@ -84,16 +86,18 @@ pub async fn record(search: &Search, run: &RunRecord) -> anyhow::Result<()> {
         .body(json!(run))
         .send()
         .await
-        .with_context(|| format!("cannot record the run in {RUNS_INDEX}"))?;
+        .unanswered(|| format!("cannot record the run in {RUNS_INDEX}"))?;
     if !response.status_code().is_success() {
         let text = response.text().await.unwrap_or_default();
-        anyhow::bail!("cannot record the run in {RUNS_INDEX}: {text}");
+        return Err(IndexError::Refused(format!(
+            "cannot record the run in {RUNS_INDEX}: {text}"
+        )));
     }
     Ok(())
 }
 
 /// The latest runs, newest first.
-pub async fn list(search: &Search, limit: usize) -> anyhow::Result<Vec<Value>> {
+pub async fn list(search: &Search, limit: usize) -> Result<Vec<Value>, IndexError> {
     let response = search
         .client()
         .search(SearchParts::Index(&[RUNS_INDEX]))

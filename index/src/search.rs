@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use bytes::Bytes;
 use opensearch::auth::Credentials;
 use opensearch::http::StatusCode;
@@ -26,6 +25,7 @@ use tidemark_schemas::config::{self, META_FIELD};
 use tracing::{info, warn};
 
 use crate::answer::{Cause, Stall};
+use crate::error::{IndexError, Step, failed};
 use crate::mapping::{TableMapping, meta_mapping};
 
 /// A request that did not go through.
@@ -113,8 +113,9 @@ fn lacks_meta_field(mappings: &Value) -> bool {
 }
 
 impl Search {
-    pub fn connect(config: &config::OpenSearch) -> anyhow::Result<Search> {
-        let url = Url::parse(&config.url).context("opensearch.url is not a URL")?;
+    pub fn connect(config: &config::OpenSearch) -> Result<Search, IndexError> {
+        let url =
+            Url::parse(&config.url).map_err(failed(|| "opensearch.url is not a URL".to_owned()))?;
         let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .timeout(Duration::from_secs(config.request_timeout_secs));
         if let Some(user) = &config.username {
@@ -127,7 +128,7 @@ impl Search {
         }
         let transport = transport
             .build()
-            .context("cannot build the OpenSearch client")?;
+            .map_err(failed(|| "cannot build the OpenSearch client".to_owned()))?;
         Ok(Search {
             client: OpenSearch::new(transport),
             url: tidemark_schemas::config::redact_url(&config.url),
@@ -145,29 +146,35 @@ impl Search {
     }
 
     /// The cluster's name, uuid and version; an error says how to fix it.
-    pub async fn info(&self) -> anyhow::Result<ClusterInfo> {
-        let response = self.client.info().send().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach OpenSearch at {}: {e}. Is it running? Check opensearch.url \
-                 (or TIDEMARK_OPENSEARCH_URL) and, with security on, opensearch.username \
-                 and TIDEMARK_OPENSEARCH_PASSWORD",
-                self.url
-            )
-        })?;
+    pub async fn info(&self) -> Result<ClusterInfo, IndexError> {
+        let response = self
+            .client
+            .info()
+            .send()
+            .await
+            .map_err(|e| IndexError::Unreachable {
+                what: format!(
+                    "cannot reach OpenSearch at {}: {e}. Is it running? Check opensearch.url \
+                     (or TIDEMARK_OPENSEARCH_URL) and, with security on, opensearch.username \
+                     and TIDEMARK_OPENSEARCH_PASSWORD",
+                    self.url
+                ),
+                source: e,
+            })?;
         let status = response.status_code();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            bail!(
+            return Err(IndexError::Refused(format!(
                 "OpenSearch at {} answered {status} to GET /: {}. Check opensearch.username and \
                  TIDEMARK_OPENSEARCH_PASSWORD",
                 self.url,
                 truncate(&body)
-            );
+            )));
         }
         response
             .json::<ClusterInfo>()
             .await
-            .with_context(|| format!("{} did not answer like OpenSearch", self.url))
+            .failed(|| format!("{} did not answer like OpenSearch", self.url))
     }
 
     /// Cheap liveness probe for readiness.
@@ -183,7 +190,7 @@ impl Search {
         mapping: &TableMapping,
         table: &config::Table,
         config_dir: &Path,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), IndexError> {
         let index = &mapping.index;
         let what = || format!("table {} (index {index})", mapping.qualified());
         let exists = self
@@ -192,20 +199,21 @@ impl Search {
             .exists(IndicesExistsParts::Index(&[index]))
             .send()
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("{}: cannot reach OpenSearch at {}: {e}", what(), self.url)
+            .map_err(|e| IndexError::Unreachable {
+                what: format!("{}: cannot reach OpenSearch at {}: {e}", what(), self.url),
+                source: e,
             })?
             .status_code();
         if exists == StatusCode::NOT_FOUND {
             let mut mappings = match &table.mappings_file {
                 Some(file) => {
                     let path = config_dir.join(file);
-                    let text = std::fs::read_to_string(&path).with_context(|| {
+                    let text = std::fs::read_to_string(&path).map_err(failed(|| {
                         format!("{}: cannot read mappings_file {}", what(), path.display())
-                    })?;
-                    let value: Value = serde_json::from_str(&text).with_context(|| {
+                    }))?;
+                    let value: Value = serde_json::from_str(&text).map_err(failed(|| {
                         format!("{}: mappings_file {} is not JSON", what(), path.display())
-                    })?;
+                    }))?;
                     // Accept either {"mappings": {...}} or the mappings object itself.
                     match value.get("mappings") {
                         Some(inner) => inner.clone(),
@@ -215,26 +223,29 @@ impl Search {
                 None => json!({}),
             };
             let Some(object) = mappings.as_object_mut() else {
-                bail!("{}: mappings_file must hold a JSON object", what());
+                return Err(IndexError::Refused(format!(
+                    "{}: mappings_file must hold a JSON object",
+                    what()
+                )));
             };
             let properties = object.entry("properties").or_insert_with(|| json!({}));
             let Some(properties) = properties.as_object_mut() else {
-                bail!(
+                return Err(IndexError::Refused(format!(
                     "{}: mappings_file: \"properties\" must be an object",
                     what()
-                );
+                )));
             };
             if properties.contains_key(META_FIELD) {
-                bail!(
+                return Err(IndexError::Refused(format!(
                     "{}: mappings_file maps {META_FIELD}, which Tidemark reserves for its metadata; remove it",
                     what()
-                );
+                )));
             }
             properties.insert(META_FIELD.to_owned(), meta_mapping());
             let mut body = json!({ "mappings": mappings });
             if let Some(settings) = &table.index_settings {
                 body["settings"] = serde_json::to_value(settings)
-                    .with_context(|| format!("{}: index_settings", what()))?;
+                    .map_err(failed(|| format!("{}: index_settings", what())))?;
             }
             let response = self
                 .client
@@ -243,30 +254,33 @@ impl Search {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: cannot create the index: {e}", what()))?;
+                .map_err(|e| IndexError::Unreachable {
+                    what: format!("{}: cannot create the index: {e}", what()),
+                    source: e,
+                })?;
             let status = response.status_code();
             let text = response.text().await.unwrap_or_default();
             if status.is_success() {
                 info!(table = %mapping.qualified(), index = %index, "created index");
-                self.remember_uuid(index).await.map_err(|e| {
-                    anyhow::anyhow!("{}: cannot read the index's uuid: {e}", what())
-                })?;
+                self.remember_uuid(index)
+                    .await
+                    .unanswered(|| format!("{}: cannot read the index's uuid", what()))?;
                 return Ok(());
             }
             // Another consumer of the group may have created it meanwhile.
             if !text.contains("resource_already_exists_exception") {
-                bail!(
+                return Err(IndexError::Refused(format!(
                     "{}: OpenSearch refused to create the index ({status}): {}. Check \
                      index_settings and mappings_file",
                     what(),
                     truncate(&text)
-                );
+                )));
             }
         } else if !exists.is_success() {
-            bail!(
+            return Err(IndexError::Refused(format!(
                 "{}: OpenSearch answered {exists} to an index lookup",
                 what()
-            );
+            )));
         }
         // The index exists: `_tidemark.version` must be a long, or version
         // guards and truncates would not work.
@@ -276,11 +290,14 @@ impl Search {
             .get_mapping(IndicesGetMappingParts::Index(&[index]))
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("{}: cannot read the mapping: {e}", what()))?;
+            .map_err(|e| IndexError::Unreachable {
+                what: format!("{}: cannot read the mapping: {e}", what()),
+                source: e,
+            })?;
         let mappings: Value = response
             .json()
             .await
-            .with_context(|| format!("{}: mapping answer", what()))?;
+            .failed(|| format!("{}: mapping answer", what()))?;
         let existing_types: Vec<&Value> = mappings
             .as_object()
             .into_iter()
@@ -292,26 +309,26 @@ impl Search {
             })
             .collect();
         if existing_types.iter().any(|t| t.as_str() != Some("long")) {
-            bail!(
+            return Err(IndexError::Refused(format!(
                 "{}: the index maps {META_FIELD}.version as {:?}, not long; reindex it or choose \
                  another index name",
                 what(),
                 existing_types
-            );
+            )));
         }
         if existing_types.is_empty() {
             if let Err(answer) = self.put_meta_mapping(index).await {
-                bail!(
+                return Err(IndexError::Refused(format!(
                     "{}: the existing index cannot take the {META_FIELD} mapping: {answer}",
                     what()
-                );
+                )));
             }
         } else if lacks_meta_field(&mappings) {
             self.add_meta_fields(&mapping.qualified(), index).await;
         }
         self.remember_uuid(index)
             .await
-            .map_err(|e| anyhow::anyhow!("{}: cannot read the index's uuid: {e}", what()))?;
+            .unanswered(|| format!("{}: cannot read the index's uuid", what()))?;
         Ok(())
     }
 

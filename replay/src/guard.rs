@@ -74,6 +74,6 @@ impl<'a> Guard<'a> {
             outcome: outcome.to_owned(),
             results,
         };
-        runs::record(self.search, &record).await
+        Ok(runs::record(self.search, &record).await?)
     }
 }

@@ -36,15 +36,19 @@ fn rules() -> BTreeMap<&'static str, (Vec<&'static str>, Vec<&'static str>)> {
             "tidemark-process",
             (vec![], vec!["tokio-postgres", "rdkafka", "opensearch"]),
         ),
+        // Layers are libraries: typed errors (thiserror), no anyhow.
         (
             "tidemark-postgres",
-            (vec!["tidemark-schemas"], vec!["rdkafka", "opensearch"]),
+            (
+                vec!["tidemark-schemas"],
+                vec!["rdkafka", "opensearch", "anyhow"],
+            ),
         ),
         (
             "tidemark-index",
             (
                 vec!["tidemark-schemas"],
-                vec!["rdkafka", "tokio-postgres", "pgwire-replication"],
+                vec!["rdkafka", "tokio-postgres", "pgwire-replication", "anyhow"],
             ),
         ),
         ("tidemark-producer", (layers.clone(), vec!["opensearch"])),
@@ -114,7 +118,7 @@ fn every_crate_depends_only_downward() {
             }
             if forbidden.contains(&dep.as_str()) {
                 broken.push(format!(
-                    "{name} depends on {dep}, the client of another layer"
+                    "{name} depends on {dep}, which its layer must not link (another layer's client, or anyhow in a library)"
                 ));
             }
         }

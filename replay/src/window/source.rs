@@ -84,7 +84,9 @@ pub(crate) async fn plan(
         (documents, docs)
     } else {
         // The rows and the documents of the chunk are asked for at once.
-        let lookup = doc_meta_searched(search, &mapping.index, &ids, false, None);
+        let lookup = async {
+            anyhow::Ok(doc_meta_searched(search, &mapping.index, &ids, false, None).await?)
+        };
         let (rows, mut docs) = tokio::try_join!(read, lookup)?;
         // A key whose row is gone is deleted only if its document exists;
         // one written since the refresh (or after a failed refresh) is not

@@ -66,7 +66,7 @@ pub async fn window(
     let guard = Guard::start(&search, "window", write);
     let conn = ConnInfo::from_config(config)?;
     // The three systems of the target print are asked at the same time.
-    let (cluster, client) = tokio::try_join!(search.info(), async {
+    let (cluster, client) = tokio::try_join!(async { anyhow::Ok(search.info().await?) }, async {
         anyhow::Ok(conn.connect("tidemark-replay").await?)
     })?;
     tracing::debug!("window: OpenSearch and PostgreSQL reached");
