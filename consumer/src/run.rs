@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -74,7 +73,7 @@ pub async fn prepare(
         version = %info.version.number,
         "OpenSearch reachable"
     );
-    check_kafka(&config.kafka.brokers).await?;
+    check_kafka(&config.kafka).await?;
     let mappings = Mappings::new(config);
     for table in &config.tables {
         let (schema, name) = table.parts();
@@ -86,12 +85,11 @@ pub async fn prepare(
     Ok((search, mappings))
 }
 
-async fn check_kafka(brokers: &str) -> anyhow::Result<()> {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+async fn check_kafka(kafka: &tidemark_schemas::config::Kafka) -> anyhow::Result<()> {
+    let client: BaseConsumer = tidemark_kafka::client_config(kafka, "tidemark-consumer")
         .create()
         .context("cannot create a Kafka client")?;
-    let owned = brokers.to_owned();
+    let owned = kafka.brokers.clone();
     tokio::task::spawn_blocking(move || client.fetch_metadata(None, KAFKA_TIMEOUT).map(|_| ()))
         .await
         .context("Kafka check task")?
@@ -263,40 +261,40 @@ pub async fn run(
         metrics: metrics.clone(),
         handover: handover.clone(),
     };
-    let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.consumer.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000")
-        // A dead member's partitions move on after 10 s, not 45.
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000")
-        // Applying waits while OpenSearch is down; stay in the group that long.
-        .set("max.poll.interval.ms", "900000")
-        .create_with_context(context)
-        .context("cannot create the Kafka consumer")?;
+    let consumer: StreamConsumer<GroupContext> =
+        tidemark_kafka::client_config(&config.kafka, "tidemark-consumer")
+            .set("group.id", &config.consumer.group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "1000")
+            // A dead member's partitions move on after 10 s, not 45.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "2000")
+            // Applying waits while OpenSearch is down; stay in the group that long.
+            .set("max.poll.interval.ms", "900000")
+            .create_with_context(context)
+            .context("cannot create the Kafka consumer")?;
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topic_refs)
         .context("cannot subscribe to the table topics")?;
     info!(group = %config.consumer.group_id, topics = ?topics, "consuming");
-    let dead_letters: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "0")
-        .create()
-        .context("cannot create the dead-letter producer")?;
+    let dead_letters: FutureProducer =
+        tidemark_kafka::client_config(&config.kafka, "tidemark-consumer-dead-letters")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .create()
+            .context("cannot create the dead-letter producer")?;
     let dead_letter_topic = config.kafka.dead_letter_topic();
     let applier = Applier::new(search.clone(), metrics.apply.clone())
         .with_fill_budget(config.consumer.batch_max_bytes);
     metrics.apply.opensearch_up.store(true, Ordering::Relaxed);
     let health = tokio::spawn(health_loop(
         search.clone(),
-        config.kafka.brokers.clone(),
+        config.kafka.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -629,15 +627,15 @@ async fn send_dead_letter(
 /// Every 5 s: does OpenSearch answer, does Kafka answer.
 async fn health_loop(
     search: Arc<Search>,
-    brokers: String,
+    kafka: tidemark_schemas::config::Kafka,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let os = search.ping().await;
         metrics.apply.opensearch_up.store(os, Ordering::Relaxed);
-        let kafka = check_kafka(&brokers).await.is_ok();
-        metrics.kafka_up.store(kafka, Ordering::Relaxed);
+        let up = check_kafka(&kafka).await.is_ok();
+        metrics.kafka_up.store(up, Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = shutdown.wait_for(|s| *s) => return,

@@ -136,7 +136,7 @@ pub async fn check(config: &Config) -> Result<(), RunError> {
         let (schema, name) = table.parts();
         describe_table(&sql, schema, name).await?;
     }
-    crate::sink::check_reachable(&config.kafka.brokers).await?;
+    crate::sink::check_reachable(&config.kafka).await?;
     slot_state(&sql, &config.producer.slot, &conn.database).await?;
     Ok(())
 }
@@ -324,7 +324,7 @@ async fn run_once(
     let slot = config.producer.slot.clone();
     let state = Arc::new(StateStore::new(
         sink.state_producer().clone(),
-        &config.kafka.brokers,
+        &config.kafka,
         &config.kafka.state_topic(),
     ));
     let mut recorded = state.load(&slot).await?;
@@ -440,7 +440,7 @@ async fn run_once(
     let by_oid: HashMap<u32, CatalogTable> = tables.into_iter().map(|t| (t.oid, t)).collect();
     let health = tokio::spawn(watch_health(
         conn.clone(),
-        config.kafka.brokers.clone(),
+        config.kafka.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -660,7 +660,7 @@ async fn advance_slot(conn: &ConnInfo, slot: &str, lsn: Lsn) {
 /// Keeps the dependency flags behind `/readyz` current.
 async fn watch_health(
     conn: ConnInfo,
-    brokers: String,
+    kafka: tidemark_schemas::config::Kafka,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -675,10 +675,10 @@ async fn watch_health(
             None => false,
         };
         metrics.postgres_up.store(pg_ok, Ordering::Relaxed);
-        let brokers = brokers.clone();
+        let kafka = kafka.clone();
         let kafka_ok = tokio::task::spawn_blocking(move || {
             use rdkafka::consumer::{BaseConsumer, Consumer};
-            let consumer: Result<BaseConsumer, _> = crate::sink::client_config(&brokers).create();
+            let consumer: Result<BaseConsumer, _> = crate::sink::client_config(&kafka).create();
             consumer
                 .map(|c| c.fetch_metadata(None, Duration::from_secs(5)).is_ok())
                 .unwrap_or(false)

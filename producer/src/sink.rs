@@ -203,20 +203,17 @@ impl std::fmt::Debug for Sink {
     }
 }
 
-/// librdkafka settings shared by the producer's clients.
-pub fn client_config(brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("client.id", "tidemark-producer");
-    config
+/// librdkafka settings shared by the producer's clients (the Kafka
+/// layer's, named `tidemark-producer`).
+pub fn client_config(kafka: &tidemark_schemas::config::Kafka) -> ClientConfig {
+    tidemark_kafka::client_config(kafka, "tidemark-producer")
 }
 
 impl Sink {
     /// Connects, creates missing topics, and learns their partition counts.
     pub async fn connect(config: &Config, tables: &[(String, String)]) -> Result<Sink, SinkError> {
         let kafka = &config.kafka;
-        let mut settings = client_config(&kafka.brokers);
+        let mut settings = client_config(kafka);
         settings
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -495,10 +492,10 @@ pub async fn wait_for_partitions(producer: &FutureProducer, topic: &str) -> Resu
 }
 
 /// Fails with a how-to-fix error when no broker answers.
-pub async fn check_reachable(brokers: &str) -> Result<(), SinkError> {
+pub async fn check_reachable(kafka: &tidemark_schemas::config::Kafka) -> Result<(), SinkError> {
     let client: rdkafka::consumer::BaseConsumer =
-        client_config(brokers).create().map_err(SinkError::Client)?;
-    let owned = brokers.to_owned();
+        client_config(kafka).create().map_err(SinkError::Client)?;
+    let owned = kafka.brokers.clone();
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::Consumer;
         client.fetch_metadata(None, CONNECT_TIMEOUT).map(|_| ())
@@ -512,7 +509,7 @@ pub async fn check_reachable(brokers: &str) -> Result<(), SinkError> {
 }
 
 async fn admin(config: &Config) -> Result<AdminClient<DefaultClientContext>, SinkError> {
-    client_config(&config.kafka.brokers)
+    client_config(&config.kafka)
         .create()
         .map_err(SinkError::Client)
 }

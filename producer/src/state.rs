@@ -112,7 +112,7 @@ pub fn history_gap(
 
 pub struct StateStore {
     producer: FutureProducer,
-    brokers: String,
+    kafka: tidemark_schemas::config::Kafka,
     topic: String,
 }
 
@@ -123,20 +123,24 @@ impl std::fmt::Debug for StateStore {
 }
 
 impl StateStore {
-    pub fn new(producer: FutureProducer, brokers: &str, topic: &str) -> StateStore {
+    pub fn new(
+        producer: FutureProducer,
+        kafka: &tidemark_schemas::config::Kafka,
+        topic: &str,
+    ) -> StateStore {
         StateStore {
             producer,
-            brokers: brokers.to_owned(),
+            kafka: kafka.clone(),
             topic: topic.to_owned(),
         }
     }
 
     /// The latest record for `slot`, reading the topic to its end.
     pub async fn load(&self, slot: &str) -> Result<Option<SlotProgress>, SinkError> {
-        let brokers = self.brokers.clone();
+        let kafka = self.kafka.clone();
         let topic = self.topic.clone();
         let slot = slot.to_owned();
-        tokio::task::spawn_blocking(move || read_latest(&brokers, &topic, &slot))
+        tokio::task::spawn_blocking(move || read_latest(&kafka, &topic, &slot))
             .await
             .map_err(|_| SinkError::Client(rdkafka::error::KafkaError::Canceled))?
     }
@@ -177,8 +181,12 @@ fn is_not_ready(error: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
-fn read_latest(brokers: &str, topic: &str, slot: &str) -> Result<Option<SlotProgress>, SinkError> {
-    let consumer: BaseConsumer = client_config(brokers)
+fn read_latest(
+    kafka: &tidemark_schemas::config::Kafka,
+    topic: &str,
+    slot: &str,
+) -> Result<Option<SlotProgress>, SinkError> {
+    let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", "tidemark-producer-state-reader")
         .set("enable.auto.commit", "false")
         .create()

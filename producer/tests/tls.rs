@@ -195,3 +195,22 @@ async fn wrong_ca_wrong_host_wrong_password_and_no_tls_are_refused_by_name() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no encryption"), "{err}");
 }
+
+/// `[kafka.properties]` reach the producer's librdkafka clients: a value
+/// librdkafka refuses stops `--check` (exit 2) naming the property.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_properties_reach_the_producers_clients() {
+    let h = Harness::new("kprops").await;
+    let table = h.table("t");
+    h.create_table(&table, "id int PRIMARY KEY").await;
+    let config = h.config(&[&table], "");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("[kafka.properties]\n\"socket.keepalive.enable\" = \"maybe\"\n");
+    std::fs::write(&config, text).expect("config");
+    let (code, err) = check(&config);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("socket.keepalive.enable"),
+        "names the property: {err}"
+    );
+}

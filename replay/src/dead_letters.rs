@@ -81,9 +81,13 @@ pub fn parse(payload: &[u8], timestamp_ms: Option<i64>) -> Option<DeadLetter> {
 }
 
 /// The dead letters in `topic` that `filter` keeps, oldest first.
-pub fn list(brokers: &str, topic: &str, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+pub fn list(
+    kafka: &tidemark_schemas::config::Kafka,
+    topic: &str,
+    filter: &Filter,
+) -> anyhow::Result<Vec<DeadLetter>> {
     let (consumer, partitions) =
-        crate::window::open_scanner(brokers, topic, "tidemark-replay-dead-letters")?;
+        crate::window::open_scanner(kafka, topic, "tidemark-replay-dead-letters")?;
     let mut ends = std::collections::HashMap::new();
     let mut assignment = TopicPartitionList::new();
     let starts = match filter.since_ms {

@@ -143,14 +143,14 @@ pub struct History {
 
 /// Reads the key's partition and collects its changes.
 pub fn read_history(
-    brokers: &str,
+    kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     source: &Source,
     key: &Row,
     since_ms: Option<i64>,
 ) -> anyhow::Result<History> {
     let (consumer, partitions) =
-        crate::window::open_scanner(brokers, topic, "tidemark-replay-history")?;
+        crate::window::open_scanner(kafka, topic, "tidemark-replay-history")?;
     if partitions == 0 {
         anyhow::bail!(
             "topic {topic} does not exist: is {} a captured table, and has the producer run?",

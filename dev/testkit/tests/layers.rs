@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! stages:      tidemark-producer   tidemark-consumer   tidemark-replay
-//! layers:      tidemark-postgres   tidemark-index
+//! layers:      tidemark-postgres   tidemark-index   tidemark-kafka
 //! foundation:  tidemark-schemas    tidemark-process
 //! ```
 //!
@@ -24,7 +24,7 @@ fn rules() -> BTreeMap<&'static str, (Vec<&'static str>, Vec<&'static str>)> {
     let foundation = vec!["tidemark-schemas", "tidemark-process"];
     let layers = [
         foundation.clone(),
-        vec!["tidemark-postgres", "tidemark-index"],
+        vec!["tidemark-postgres", "tidemark-index", "tidemark-kafka"],
     ]
     .concat();
     BTreeMap::from([
@@ -49,6 +49,18 @@ fn rules() -> BTreeMap<&'static str, (Vec<&'static str>, Vec<&'static str>)> {
             (
                 vec!["tidemark-schemas"],
                 vec!["rdkafka", "tokio-postgres", "pgwire-replication", "anyhow"],
+            ),
+        ),
+        (
+            "tidemark-kafka",
+            (
+                vec!["tidemark-schemas"],
+                vec![
+                    "opensearch",
+                    "tokio-postgres",
+                    "pgwire-replication",
+                    "anyhow",
+                ],
             ),
         ),
         ("tidemark-producer", (layers.clone(), vec!["opensearch"])),

@@ -124,14 +124,14 @@ pub(crate) fn fold_sightings(sightings: Sorter) -> anyhow::Result<Distinct> {
 /// its end as of now. Proof that no newer change exists for a key is
 /// having read its whole partition past the window without meeting one.
 pub fn collect_log(
-    brokers: &str,
+    kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     mapping: &TableMapping,
     from_ms: i64,
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
 ) -> anyhow::Result<LogWindow> {
-    let Some((consumer, mut open)) = open_window(brokers, topic, mapping, from_ms)? else {
+    let Some((consumer, mut open)) = open_window(kafka, topic, mapping, from_ms)? else {
         return Ok(LogWindow::default());
     };
     let mut found = LogWindow::default();

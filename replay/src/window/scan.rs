@@ -19,10 +19,9 @@ pub(crate) const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A consumer that reads topics on its own assignment and commits nothing
 /// (window and history scans).
-pub(crate) fn scanner_config(brokers: &str, group: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
+pub(crate) fn scanner_config(kafka: &tidemark_schemas::config::Kafka, group: &str) -> ClientConfig {
+    let mut config = tidemark_kafka::client_config(kafka, group);
     config
-        .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -137,15 +136,18 @@ pub(crate) const SCAN_REFILL_MS: &str = "5";
 /// A scanner (see [`scanner_config`]) and the partition count of `topic`
 /// (0: no such topic); an error says Kafka cannot be reached.
 pub(crate) fn open_scanner(
-    brokers: &str,
+    kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     group: &str,
 ) -> anyhow::Result<(BaseConsumer, i32)> {
-    let consumer: BaseConsumer = scanner_config(brokers, group).create()?;
+    let consumer: BaseConsumer = scanner_config(kafka, group).create()?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| {
-            anyhow::anyhow!("cannot reach Kafka at {brokers}: {e}. Check kafka.brokers")
+            anyhow::anyhow!(
+                "cannot reach Kafka at {}: {e}. Check kafka.brokers",
+                kafka.brokers
+            )
         })?;
     let partitions = metadata
         .topics()
@@ -160,12 +162,12 @@ pub(crate) fn open_scanner(
 /// not strictly monotonic), with each partition's end (exclusive) as of now;
 /// `None` when no partition has anything from then on.
 pub(crate) fn open_window(
-    brokers: &str,
+    kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     mapping: &TableMapping,
     from_ms: i64,
 ) -> anyhow::Result<Option<(BaseConsumer, HashMap<i32, i64>)>> {
-    let (consumer, partitions) = open_scanner(brokers, topic, "tidemark-replay-window")?;
+    let (consumer, partitions) = open_scanner(kafka, topic, "tidemark-replay-window")?;
     if partitions == 0 {
         anyhow::bail!(
             "topic {topic} does not exist: has the producer run for {}?",
@@ -208,14 +210,14 @@ pub(crate) fn close_in_background(consumer: BaseConsumer) {
 /// Reads the table's topic and collects the keys changed in the window.
 /// `only` narrows to these keys' record keys.
 pub fn collect_keys(
-    brokers: &str,
+    kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     mapping: &TableMapping,
     from_ms: i64,
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
 ) -> anyhow::Result<WindowKeys> {
-    let Some((consumer, mut open)) = open_window(brokers, topic, mapping, from_ms)? else {
+    let Some((consumer, mut open)) = open_window(kafka, topic, mapping, from_ms)? else {
         return Ok(WindowKeys::default());
     };
     let mut found = WindowKeys::default();

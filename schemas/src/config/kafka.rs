@@ -1,7 +1,52 @@
 //! `[kafka]`: the brokers and the names of the pipeline's topics.
 
-use super::{ConfigError, invalid, is_topic_name};
+use std::collections::BTreeMap;
+
+use super::{ConfigError, Secret, invalid, is_topic_name};
 use serde::Deserialize;
+
+/// librdkafka properties `[kafka.properties]` may not set: Tidemark's
+/// guarantees rest on them (no loss, no reordering, offsets stored only
+/// after a record is applied), or another field already says them.
+const REFUSED: [(&str, &str); 13] = [
+    ("bootstrap.servers", "set kafka.brokers"),
+    ("client.id", "each client names itself"),
+    ("group.id", "set consumer.group_id"),
+    ("acks", "the producer needs acks=all to lose nothing"),
+    (
+        "enable.idempotence",
+        "the producer needs idempotence to keep order on retries",
+    ),
+    (
+        "max.in.flight.requests.per.connection",
+        "idempotence bounds it",
+    ),
+    ("message.timeout.ms", "a record is never given up on (0)"),
+    (
+        "partitioner",
+        "a row's changes must land in one partition (murmur2)",
+    ),
+    (
+        "transactional.id",
+        "Tidemark's producer is idempotent, not transactional",
+    ),
+    (
+        "enable.auto.commit",
+        "offsets are committed only after records are applied",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only after records are applied",
+    ),
+    (
+        "auto.offset.reset",
+        "a new consumer group reads from the start",
+    ),
+    (
+        "isolation.level",
+        "Tidemark reads what its own producer wrote",
+    ),
+];
 
 /// Default number of partitions for topics the producer creates. More
 /// partitions allow more consumer instances; 3 suits a small deployment.
@@ -27,6 +72,15 @@ pub struct Kafka {
     /// default `<prefix>.state`.
     #[serde(default)]
     pub state_topic: Option<String>,
+    /// librdkafka properties for every client (producer, consumer, replay),
+    /// e.g. `"security.protocol" = "sasl_ssl"`, `"sasl.mechanism"`,
+    /// `"sasl.username"`, `"ssl.ca.location"`. Secrets are refused here:
+    /// the SASL password comes from `TIDEMARK_KAFKA_PASSWORD`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// `sasl.password`, from `TIDEMARK_KAFKA_PASSWORD` only.
+    #[serde(skip)]
+    pub password: Option<Secret>,
 }
 
 impl Kafka {
@@ -58,6 +112,20 @@ pub(crate) fn default_replication_factor() -> i32 {
 impl Kafka {
     /// The `[kafka]` constraints.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        for name in self.properties.keys() {
+            let field = format!("kafka.properties.\"{name}\"");
+            let key = name.to_ascii_lowercase();
+            if let Some((_, why)) = REFUSED.iter().find(|(refused, _)| *refused == key) {
+                return Err(invalid(field, format!("Tidemark sets it: {why}")));
+            }
+            if key.contains("password") || key.contains("secret") || key.contains("jaas") {
+                return Err(invalid(
+                    field,
+                    "secrets do not go in the file: put the SASL password in TIDEMARK_KAFKA_PASSWORD \
+                     (and use key files that need no password)",
+                ));
+            }
+        }
         if self.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must name at least one host:port"));
         }

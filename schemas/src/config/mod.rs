@@ -96,6 +96,7 @@ impl Config {
         if let Some(brokers) = set("TIDEMARK_KAFKA_BROKERS") {
             config.kafka.brokers = brokers;
         }
+        config.kafka.password = set("TIDEMARK_KAFKA_PASSWORD").map(Secret);
         if let Some(url) = set("TIDEMARK_OPENSEARCH_URL") {
             match &mut config.opensearch {
                 Some(opensearch) => opensearch.url = url,
@@ -413,6 +414,38 @@ mod tests {
             redact_url("postgres://u:a@h/db?PASSWORD=b"),
             "postgres://u:***@h/db?PASSWORD=***"
         );
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_but_not_what_tidemark_relies_on() {
+        let with = |properties: &str| {
+            Config::from_toml(
+                &format!("{MINIMAL}\n[kafka.properties]\n{properties}\n"),
+                no_env,
+            )
+        };
+        let config = with("\"security.protocol\" = \"ssl\"").expect("a pass-through property");
+        assert_eq!(config.kafka.properties["security.protocol"], "ssl");
+        for (line, says) in [
+            ("\"acks\" = \"1\"", "acks=all"),
+            (
+                "\"enable.auto.commit\" = \"true\"",
+                "only after records are applied",
+            ),
+            ("\"sasl.password\" = \"x\"", "TIDEMARK_KAFKA_PASSWORD"),
+            (
+                "\"sasl.oauthbearer.client.secret\" = \"x\"",
+                "TIDEMARK_KAFKA_PASSWORD",
+            ),
+        ] {
+            let error = with(line).expect_err("refused").to_string();
+            assert!(
+                error.starts_with("kafka.properties."),
+                "names the field: {error}"
+            );
+            assert!(error.contains(says), "{error}");
+            assert!(!error.contains("\"x\""), "no secret value: {error}");
+        }
     }
 
     #[test]

@@ -361,9 +361,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 table: name.to_owned(),
             };
             let topic = config.kafka.table_topic(schema, name);
-            let brokers = config.kafka.brokers.clone();
+            let kafka = config.kafka.clone();
             let found = tokio::task::spawn_blocking(move || {
-                history::read_history(&brokers, &topic, &source, &key, since_ms)
+                history::read_history(&kafka, &topic, &source, &key, since_ms)
             })
             .await
             .context("history task")??;

@@ -22,15 +22,14 @@ pub async fn dead_letters(
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::dead_letters;
     let topic = config.kafka.dead_letter_topic();
-    let brokers = config.kafka.brokers.clone();
+    let kafka = config.kafka.clone();
     let scan_filter = filter.clone();
     let scan_topic = topic.clone();
     // librdkafka's calls block; the scan runs beside the runtime.
-    let letters = tokio::task::spawn_blocking(move || {
-        dead_letters::list(&brokers, &scan_topic, &scan_filter)
-    })
-    .await
-    .context("dead-letter scan task")??;
+    let letters =
+        tokio::task::spawn_blocking(move || dead_letters::list(&kafka, &scan_topic, &scan_filter))
+            .await
+            .context("dead-letter scan task")??;
     match format {
         Format::Text => print!("{}", dead_letters::render_text(&letters)),
         Format::Json => println!(

@@ -46,12 +46,11 @@ pub async fn window(
     if !keys.is_empty() && tables.len() != 1 {
         anyhow::bail!("--key needs exactly one --table (keys belong to a table)");
     }
-    let brokers = config.kafka.brokers.clone();
+    let kafka = config.kafka.clone();
     // Asked on its own thread while the rest starts; awaited for the print.
     let kafka_cluster = tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        let consumer: BaseConsumer = tidemark_kafka::client_config(&kafka, "tidemark-replay")
             .create()
             .ok()?;
         consumer
@@ -96,16 +95,16 @@ pub async fn window(
             Some(record_keys)
         };
         let topic = config.kafka.table_topic(schema, name);
-        let brokers = config.kafka.brokers.clone();
+        let kafka = config.kafka.clone();
         let owned = mapping.clone();
         let (from_ms, to_ms) = (from.as_millisecond(), to.as_millisecond());
         let keys_found = tokio::task::spawn_blocking(move || match mode {
             Mode::Source => {
-                window::collect_keys(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+                window::collect_keys(&kafka, &topic, &owned, from_ms, to_ms, only.as_deref())
                     .map(Found::Source)
             }
             Mode::Log => {
-                window::collect_log(&brokers, &topic, &owned, from_ms, to_ms, only.as_deref())
+                window::collect_log(&kafka, &topic, &owned, from_ms, to_ms, only.as_deref())
                     .map(Found::Log)
             }
         })
