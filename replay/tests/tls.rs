@@ -55,6 +55,10 @@ async fn window_audit_and_history_over_verify_full() {
 
     let (code, out, err) = p.run_replay(&["window", "--from", "-10m", "--to", "now", "--yes"]);
     assert_eq!(code, Some(0), "window:\n{out}\n{err}");
+    assert!(
+        err.contains("database postgres, TLSv1.3 (sslmode=verify-full)"),
+        "the target print says the session is encrypted:\n{err}"
+    );
     let docs = p.docs(&index).await;
     let changed = (1..=10)
         .filter(|id| {

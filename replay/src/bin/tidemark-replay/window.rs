@@ -69,6 +69,8 @@ pub async fn window(
         anyhow::Ok(conn.connect("tidemark-replay").await?)
     })?;
     tracing::debug!("window: OpenSearch and PostgreSQL reached");
+    // Whether the session is encrypted, as the server sees it.
+    let tls = conn.tls_state(&client).await;
     let system_id = match client
         .query_one(
             "SELECT system_identifier::text FROM pg_control_system()",
@@ -119,7 +121,7 @@ pub async fn window(
     let total_keys: usize = found.iter().map(|(_, f)| f.keys()).sum();
     let total_events: u64 = found.iter().map(|(_, f)| f.events()).sum();
     let target = format!(
-        "target:\n  PostgreSQL  system {system_id}, database {}\n  Kafka       cluster {kafka_cluster}, topics {}\n  OpenSearch  cluster {} ({}), indices {}\n  window      {from} .. {to}\n  found       {total_events} changes of {total_keys} keys\n  mode        {}, {}\n",
+        "target:\n  PostgreSQL  system {system_id}, database {}, {tls}\n  Kafka       cluster {kafka_cluster}, topics {}\n  OpenSearch  cluster {} ({}), indices {}\n  window      {from} .. {to}\n  found       {total_events} changes of {total_keys} keys\n  mode        {}, {}\n",
         conn.database,
         found
             .iter()
