@@ -1,6 +1,15 @@
-//! `[kafka]`: the brokers and the names of the pipeline's topics.
+//! `[kafka]`: the brokers, how clients authenticate to them, and the names
+//! of the pipeline's topics.
+//!
+//! Security has typed fields (`security_protocol`, `sasl_mechanism`,
+//! `sasl_username`, `ssl_*_location`) checked together here, so a
+//! half-configured connection fails when the config is read, naming the
+//! field, instead of as a broker that "does not answer"; the password comes
+//! only from `TIDEMARK_KAFKA_PASSWORD`. Other librdkafka properties pass
+//! through `[kafka.properties]`, except those below.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use super::{ConfigError, Secret, invalid, is_topic_name};
 use serde::Deserialize;
@@ -8,7 +17,17 @@ use serde::Deserialize;
 /// librdkafka properties `[kafka.properties]` may not set: Tidemark's
 /// guarantees rest on them (no loss, no reordering, offsets stored only
 /// after a record is applied), or another field already says them.
-const REFUSED: [(&str, &str); 13] = [
+const REFUSED: [(&str, &str); 20] = [
+    ("security.protocol", "set kafka.security_protocol"),
+    ("sasl.mechanism", "set kafka.sasl_mechanism"),
+    ("sasl.mechanisms", "set kafka.sasl_mechanism"),
+    ("sasl.username", "set kafka.sasl_username"),
+    ("ssl.ca.location", "set kafka.ssl_ca_location"),
+    (
+        "ssl.certificate.location",
+        "set kafka.ssl_certificate_location",
+    ),
+    ("ssl.key.location", "set kafka.ssl_key_location"),
     ("bootstrap.servers", "set kafka.brokers"),
     ("client.id", "each client names itself"),
     ("group.id", "set consumer.group_id"),
@@ -72,15 +91,128 @@ pub struct Kafka {
     /// default `<prefix>.state`.
     #[serde(default)]
     pub state_topic: Option<String>,
-    /// librdkafka properties for every client (producer, consumer, replay),
-    /// e.g. `"security.protocol" = "sasl_ssl"`, `"sasl.mechanism"`,
-    /// `"sasl.username"`, `"ssl.ca.location"`. Secrets are refused here:
-    /// the SASL password comes from `TIDEMARK_KAFKA_PASSWORD`.
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`, as
+    /// Kafka spells them (either case).
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required by the
+    /// `sasl_*` protocols.
+    #[serde(default)]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// The SASL user; its password is `TIDEMARK_KAFKA_PASSWORD`.
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    /// PEM file of the CA(s) the brokers' certificates must be signed by;
+    /// absent: the system's trust store.
+    #[serde(default)]
+    pub ssl_ca_location: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS), with `ssl_key_location`.
+    #[serde(default)]
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// PEM private key of the client certificate, unencrypted (a key
+    /// password would be a secret in the file).
+    #[serde(default)]
+    pub ssl_key_location: Option<PathBuf>,
+    /// Other librdkafka properties for every client (producer, consumer,
+    /// replay), e.g. `"ssl.endpoint.identification.algorithm" = "none"`.
+    /// Secrets, and what the fields above or Tidemark's guarantees set,
+    /// are refused here.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// `sasl.password`, from `TIDEMARK_KAFKA_PASSWORD` only.
     #[serde(skip)]
     pub password: Option<Secret>,
+}
+
+/// How clients reach the brokers: librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    const ALL: [(&str, SecurityProtocol); 4] = [
+        ("plaintext", SecurityProtocol::Plaintext),
+        ("ssl", SecurityProtocol::Ssl),
+        ("sasl_plaintext", SecurityProtocol::SaslPlaintext),
+        ("sasl_ssl", SecurityProtocol::SaslSsl),
+    ];
+    /// The value of librdkafka's `security.protocol`.
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(name, _)| *name)
+            .unwrap_or("plaintext")
+    }
+    pub fn sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+    pub fn tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecurityProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?.to_ascii_lowercase();
+        SecurityProtocol::ALL
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                serde::de::Error::custom(
+                    "kafka.security_protocol must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+                )
+            })
+    }
+}
+
+/// How a SASL client proves who it is: librdkafka's `sasl.mechanism`.
+/// (Kerberos and OAUTHBEARER are not built in: see README.md.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    const ALL: [(&str, SaslMechanism); 3] = [
+        ("PLAIN", SaslMechanism::Plain),
+        ("SCRAM-SHA-256", SaslMechanism::ScramSha256),
+        ("SCRAM-SHA-512", SaslMechanism::ScramSha512),
+    ];
+    /// The value of librdkafka's `sasl.mechanism`.
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map(|(name, _)| *name)
+            .unwrap_or("PLAIN")
+    }
+}
+
+impl<'de> Deserialize<'de> for SaslMechanism {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?.to_ascii_uppercase();
+        SaslMechanism::ALL
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| {
+                serde::de::Error::custom(
+                    "kafka.sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                )
+            })
+    }
 }
 
 impl Kafka {
@@ -126,6 +258,7 @@ impl Kafka {
                 ));
             }
         }
+        self.validate_security()?;
         if self.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must name at least one host:port"));
         }
@@ -151,6 +284,83 @@ impl Kafka {
                     format!("{topic:?} is not a valid Kafka topic name"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The security fields agree with each other and the files exist.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let protocol = self.security_protocol;
+        let named = protocol.as_str();
+        if protocol.sasl() {
+            if self.sasl_mechanism.is_none() {
+                return Err(invalid(
+                    "kafka.sasl_mechanism",
+                    format!(
+                        "security_protocol {named} needs one: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                    ),
+                ));
+            }
+            if self.sasl_username.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "kafka.sasl_username",
+                    format!("security_protocol {named} needs the SASL user"),
+                ));
+            }
+            if self.password.is_none() {
+                return Err(invalid(
+                    "kafka.sasl_username",
+                    format!(
+                        "security_protocol {named} needs the user's password: set TIDEMARK_KAFKA_PASSWORD"
+                    ),
+                ));
+            }
+        } else {
+            let stray = [
+                ("kafka.sasl_mechanism", self.sasl_mechanism.is_some()),
+                ("kafka.sasl_username", self.sasl_username.is_some()),
+                ("TIDEMARK_KAFKA_PASSWORD", self.password.is_some()),
+            ];
+            if let Some((field, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    *field,
+                    format!(
+                        "is set but security_protocol is {named}: set security_protocol to sasl_ssl \
+                         (or sasl_plaintext), or remove it"
+                    ),
+                ));
+            }
+        }
+        let files = [
+            ("kafka.ssl_ca_location", &self.ssl_ca_location),
+            (
+                "kafka.ssl_certificate_location",
+                &self.ssl_certificate_location,
+            ),
+            ("kafka.ssl_key_location", &self.ssl_key_location),
+        ];
+        for (field, path) in files {
+            let Some(path) = path else { continue };
+            if !protocol.tls() {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "is set but security_protocol is {named}: set security_protocol to ssl or sasl_ssl"
+                    ),
+                ));
+            }
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(invalid(
+                    field,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            return Err(invalid(
+                "kafka.ssl_certificate_location",
+                "a client certificate needs both ssl_certificate_location and ssl_key_location",
+            ));
         }
         Ok(())
     }

@@ -424,9 +424,17 @@ mod tests {
                 no_env,
             )
         };
-        let config = with("\"security.protocol\" = \"ssl\"").expect("a pass-through property");
-        assert_eq!(config.kafka.properties["security.protocol"], "ssl");
+        let config = with("\"ssl.endpoint.identification.algorithm\" = \"none\"")
+            .expect("a pass-through property");
+        assert_eq!(
+            config.kafka.properties["ssl.endpoint.identification.algorithm"],
+            "none"
+        );
         for (line, says) in [
+            (
+                "\"security.protocol\" = \"ssl\"",
+                "set kafka.security_protocol",
+            ),
             ("\"acks\" = \"1\"", "acks=all"),
             (
                 "\"enable.auto.commit\" = \"true\"",
@@ -446,6 +454,85 @@ mod tests {
             assert!(error.contains(says), "{error}");
             assert!(!error.contains("\"x\""), "no secret value: {error}");
         }
+    }
+
+    #[test]
+    fn kafka_security_fields_must_agree() {
+        let kafka = |fields: &str, password: Option<&str>| {
+            let text = MINIMAL.replace("[kafka]\n", &format!("[kafka]\n{fields}\n"));
+            assert_ne!(text, MINIMAL, "MINIMAL has a [kafka] line");
+            Config::from_toml(&text, |name| {
+                (name == "TIDEMARK_KAFKA_PASSWORD")
+                    .then(|| password.map(str::to_owned))
+                    .flatten()
+            })
+        };
+        let scram = "security_protocol = \"SASL_SSL\"\nsasl_mechanism = \"scram-sha-512\"\n\
+                     sasl_username = \"tidemark-producer\"";
+        let config = kafka(scram, Some("pw")).expect("a complete SASL_SSL setting");
+        assert_eq!(config.kafka.security_protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(
+            config.kafka.sasl_mechanism,
+            Some(SaslMechanism::ScramSha512)
+        );
+        for (fields, password, field, says) in [
+            (
+                scram,
+                None,
+                "kafka.sasl_username",
+                "TIDEMARK_KAFKA_PASSWORD",
+            ),
+            (
+                "security_protocol = \"sasl_ssl\"\nsasl_username = \"u\"",
+                Some("pw"),
+                "kafka.sasl_mechanism",
+                "SCRAM-SHA-512",
+            ),
+            (
+                "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"",
+                Some("pw"),
+                "kafka.sasl_username",
+                "needs the SASL user",
+            ),
+            (
+                "sasl_username = \"u\"",
+                None,
+                "kafka.sasl_username",
+                "security_protocol is plaintext",
+            ),
+            ("", Some("pw"), "TIDEMARK_KAFKA_PASSWORD", "is set but"),
+            (
+                "security_protocol = \"ssl\"\nssl_ca_location = \"/nonexistent/ca.pem\"",
+                None,
+                "kafka.ssl_ca_location",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "ssl_ca_location = \"/dev/null\"",
+                None,
+                "kafka.ssl_ca_location",
+                "security_protocol is plaintext",
+            ),
+            (
+                "security_protocol = \"ssl\"\nssl_certificate_location = \"/dev/null\"",
+                None,
+                "kafka.ssl_certificate_location",
+                "both",
+            ),
+        ] {
+            let error = kafka(fields, password).expect_err(fields).to_string();
+            assert!(error.starts_with(field), "names {field}: {error}");
+            assert!(error.contains(says), "{error}");
+            assert!(!error.contains("pw"), "no password: {error}");
+        }
+        let error = kafka("security_protocol = \"tls\"", None).expect_err("not a protocol");
+        assert!(error.to_string().contains("sasl_ssl"), "{error}");
+        let error = kafka(
+            "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"GSSAPI\"",
+            None,
+        )
+        .expect_err("not built in");
+        assert!(error.to_string().contains("SCRAM-SHA-256"), "{error}");
     }
 
     #[test]
