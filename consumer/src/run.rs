@@ -74,6 +74,8 @@ pub async fn prepare(
         "OpenSearch reachable"
     );
     check_kafka(&config.kafka).await?;
+    let kafka = &config.kafka;
+    info!(brokers = %kafka.brokers, security = %tidemark_kafka::describe(kafka), "Kafka reachable");
     let mappings = Mappings::new(config);
     for table in &config.tables {
         let (schema, name) = table.parts();
@@ -85,19 +87,10 @@ pub async fn prepare(
     Ok((search, mappings))
 }
 
+/// Fails with a how-to-fix error when no broker answers or takes us.
 async fn check_kafka(kafka: &tidemark_schemas::config::Kafka) -> anyhow::Result<()> {
-    let client: BaseConsumer = tidemark_kafka::client_config(kafka, "tidemark-consumer")
-        .create()
-        .context("cannot create a Kafka client")?;
-    let owned = kafka.brokers.clone();
-    tokio::task::spawn_blocking(move || client.fetch_metadata(None, KAFKA_TIMEOUT).map(|_| ()))
-        .await
-        .context("Kafka check task")?
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach Kafka at {owned}: {e}. Is it running? Check kafka.brokers (or TIDEMARK_KAFKA_BROKERS)"
-            )
-        })
+    tidemark_kafka::check(kafka, "tidemark-consumer", KAFKA_TIMEOUT).await?;
+    Ok(())
 }
 
 /// Keeps lag metrics from librdkafka's statistics and hands revoked

@@ -50,14 +50,9 @@ const QUEUE_MAX_KBYTES: &str = "32768";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error(
-        "cannot reach Kafka at {brokers}: {source}. Check kafka.brokers (or TIDEMARK_KAFKA_BROKERS) and that the brokers are up"
-    )]
-    Unreachable {
-        brokers: String,
-        #[source]
-        source: KafkaError,
-    },
+    /// The brokers do not answer, or refuse this client (TLS, SASL, ACLs).
+    #[error(transparent)]
+    Reach(#[from] tidemark_kafka::CheckError),
     #[error("Kafka client setup failed: {0}")]
     Client(#[source] KafkaError),
     #[error(
@@ -230,15 +225,8 @@ impl Sink {
             );
         let state_producer: FutureProducer = settings.create().map_err(SinkError::Client)?;
 
-        // Fail fast when no broker answers.
-        let probe = state_producer.clone();
-        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, CONNECT_TIMEOUT))
-            .await
-            .map_err(|_| SinkError::Client(KafkaError::Canceled))?
-            .map_err(|source| SinkError::Unreachable {
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
+        // Fail fast, saying why, when no broker answers or takes us.
+        check_reachable(kafka).await?;
 
         let deliveries = Arc::new(Deliveries::default());
         let producer = settings
@@ -491,21 +479,11 @@ pub async fn wait_for_partitions(producer: &FutureProducer, topic: &str) -> Resu
     }
 }
 
-/// Fails with a how-to-fix error when no broker answers.
+/// Fails with a how-to-fix error when no broker answers or takes us.
 pub async fn check_reachable(kafka: &tidemark_schemas::config::Kafka) -> Result<(), SinkError> {
-    let client: rdkafka::consumer::BaseConsumer =
-        client_config(kafka).create().map_err(SinkError::Client)?;
-    let owned = kafka.brokers.clone();
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::Consumer;
-        client.fetch_metadata(None, CONNECT_TIMEOUT).map(|_| ())
-    })
-    .await
-    .map_err(|_| SinkError::Client(KafkaError::Canceled))?
-    .map_err(|source| SinkError::Unreachable {
-        brokers: owned,
-        source,
-    })
+    tidemark_kafka::check(kafka, "tidemark-producer", CONNECT_TIMEOUT).await?;
+    tracing::info!(brokers = %kafka.brokers, security = %tidemark_kafka::describe(kafka), "Kafka reachable");
+    Ok(())
 }
 
 async fn admin(config: &Config) -> Result<AdminClient<DefaultClientContext>, SinkError> {

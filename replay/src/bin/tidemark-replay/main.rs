@@ -220,6 +220,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .transpose()?
                 .map(|t| t.as_millisecond());
             check_tables(&config, table.as_slice())?;
+            reach_kafka(&config.kafka).await?;
             let filter = tidemark_replay::dead_letters::Filter {
                 since_ms,
                 table,
@@ -340,6 +341,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
             };
             let (schema, name) = entry.parts();
+            reach_kafka(&config.kafka).await?;
             let columns = if keys::needs_catalog(&key) {
                 let client = ConnInfo::from_config(&config)?
                     .connect("tidemark-replay")
@@ -410,4 +412,11 @@ fn chosen<'a>(
             Some((entry, mappings.get(schema, name)?))
         })
         .collect()
+}
+
+/// Fails with a how-to-fix error when no broker answers or takes replay's
+/// Kafka user (before a command reads a topic).
+pub(crate) async fn reach_kafka(kafka: &tidemark_schemas::config::Kafka) -> anyhow::Result<()> {
+    tidemark_kafka::check(kafka, "tidemark-replay", std::time::Duration::from_secs(10)).await?;
+    Ok(())
 }

@@ -65,9 +65,11 @@ pub async fn window(
     let guard = Guard::start(&search, "window", write);
     let conn = ConnInfo::from_config(config)?;
     // The three systems of the target print are asked at the same time.
-    let (cluster, client) = tokio::try_join!(async { anyhow::Ok(search.info().await?) }, async {
-        anyhow::Ok(conn.connect("tidemark-replay").await?)
-    })?;
+    let (cluster, client, ()) = tokio::try_join!(
+        async { anyhow::Ok(search.info().await?) },
+        async { anyhow::Ok(conn.connect("tidemark-replay").await?) },
+        crate::reach_kafka(&config.kafka),
+    )?;
     tracing::debug!("window: OpenSearch and PostgreSQL reached");
     // Whether the session is encrypted, as the server sees it.
     let tls = conn.tls_state(&client).await;
@@ -118,6 +120,10 @@ pub async fn window(
         .ok()
         .flatten()
         .unwrap_or_else(|| "unknown".into());
+    let kafka_cluster = format!(
+        "{kafka_cluster} ({})",
+        tidemark_kafka::describe(&config.kafka)
+    );
     let total_keys: usize = found.iter().map(|(_, f)| f.keys()).sum();
     let total_events: u64 = found.iter().map(|(_, f)| f.events()).sum();
     let target = format!(
