@@ -37,6 +37,10 @@ pub struct Pipeline {
     /// The PostgreSQL the pipeline captures, when not the stack's (a
     /// scratch cluster).
     pub source_url: Option<String>,
+    /// A secured broker (`tidemark_testkit::kafka::ScratchKafka`) instead
+    /// of the stack's: its address and CA. Each stage then logs in as its
+    /// own SCRAM user, `tidemark-<stage>`.
+    pub secured_kafka: Option<(String, PathBuf)>,
     producer: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)>,
     next_run: usize,
 }
@@ -189,6 +193,7 @@ impl Pipeline {
             tables_toml: String::new(),
             producer_extra: String::new(),
             source_url: None,
+            secured_kafka: None,
             producer: None,
             next_run: 0,
         }
@@ -233,18 +238,47 @@ impl Pipeline {
         ));
     }
 
-    /// The config text; `consumer_port` goes to `consumer.http_listen`.
+    /// The config text of the consumer; `consumer_port` goes to
+    /// `consumer.http_listen`.
     pub fn config_text(&self, consumer_port: u16, consumer_extra: &str) -> String {
+        self.config_text_as("consumer", consumer_port, consumer_extra)
+    }
+
+    /// The `[kafka]` lines that make `stage` log in to the secured broker
+    /// as its own user (none for the stack's broker).
+    fn kafka_security(&self, stage: &str) -> String {
+        match &self.secured_kafka {
+            Some((_, ca)) => format!(
+                "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\n\
+                 sasl_username = \"tidemark-{stage}\"\nssl_ca_location = \"{}\"\n",
+                ca.display()
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// `TIDEMARK_KAFKA_PASSWORD` of `stage` on the secured broker.
+    pub fn kafka_password(&self, stage: &str) -> Option<String> {
+        self.secured_kafka
+            .as_ref()
+            .map(|_| tidemark_testkit::kafka::password(&format!("tidemark-{stage}")))
+    }
+
+    /// The config text as `stage` (`producer`, `consumer`, `replay`) uses it.
+    pub fn config_text_as(&self, stage: &str, consumer_port: u16, consumer_extra: &str) -> String {
         format!(
-            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n\
+            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n{}\
              [opensearch]\nurl = \"{}\"\n\
              [producer]\nslot = \"{}\"\npublication = \"{}\"\n{}\n\
              [consumer]\ngroup_id = \"{}\"\nbatch_max_wait_ms = 100\nhttp_listen = \"127.0.0.1:{consumer_port}\"\n{consumer_extra}\n{}",
             self.source_url
                 .as_deref()
                 .unwrap_or(&self.stack.pg_replication_url),
-            self.stack.kafka_brokers,
+            self.secured_kafka
+                .as_ref()
+                .map_or(&self.stack.kafka_brokers, |(brokers, _)| brokers),
             self.name,
+            self.kafka_security(stage),
             self.opensearch_url,
             self.name,
             self.name,
@@ -255,12 +289,23 @@ impl Pipeline {
     }
 
     pub fn config(&self) -> Config {
-        Config::from_toml(&self.config_text(1, ""), |_| None).expect("valid test config")
+        self.config_as("consumer")
+    }
+
+    /// The config as `stage` reads it (with its Kafka password).
+    pub fn config_as(&self, stage: &str) -> Config {
+        let password = self.kafka_password(stage);
+        Config::from_toml(&self.config_text_as(stage, 1, ""), |name| {
+            (name == "TIDEMARK_KAFKA_PASSWORD")
+                .then(|| password.clone())
+                .flatten()
+        })
+        .expect("valid test config")
     }
 
     /// Runs the producer in this process until `stop_producer`.
     pub async fn start_producer(&mut self) {
-        let config = self.config();
+        let config = self.config_as("producer");
         let metrics = Arc::new(tidemark_producer::metrics::Metrics::default());
         let (stop, shutdown) = watch::channel(false);
         let running = metrics.clone();
@@ -308,7 +353,11 @@ impl Pipeline {
                 "the consumer binary is only known to the consumer's tests; use start_consumer_in_process"
             );
         };
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(password) = self.kafka_password("consumer") {
+            command.env("TIDEMARK_KAFKA_PASSWORD", password);
+        }
+        let child = command
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info,tidemark_consumer=debug")
@@ -378,13 +427,33 @@ impl Pipeline {
         self.commit_group_offsets(table, |_, _| *next.next().expect("an offset per partition"));
     }
 
+    /// librdkafka settings of a test client of the pipeline's broker,
+    /// logged in as `stage` when it is the secured one.
+    pub fn kafka_client(&self, stage: &str) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        match &self.secured_kafka {
+            Some((brokers, ca)) => config
+                .set("bootstrap.servers", brokers)
+                .set("security.protocol", "sasl_ssl")
+                .set("sasl.mechanism", "SCRAM-SHA-512")
+                .set("sasl.username", format!("tidemark-{stage}"))
+                .set(
+                    "sasl.password",
+                    self.kafka_password(stage).unwrap_or_default(),
+                )
+                .set("ssl.ca.location", ca.display().to_string()),
+            None => config.set("bootstrap.servers", &self.stack.kafka_brokers),
+        };
+        config
+    }
+
     /// A client of the consumer group, and the (low, high) watermarks of
     /// every partition of `table`'s topic.
     fn group_client(&self, table: &str) -> (rdkafka::consumer::BaseConsumer, Vec<(i64, i64)>) {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let topic = self.topic(table);
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.stack.kafka_brokers)
+        let consumer: BaseConsumer = self
+            .kafka_client("consumer")
             .set("group.id", &self.name)
             .set("enable.auto.commit", "false")
             .create()
@@ -718,8 +787,12 @@ impl Pipeline {
             panic!("the replay binary is only known to the replay crate's tests");
         };
         let config = self.dir.join("replay.toml");
-        std::fs::write(&config, self.config_text(1, "")).expect("config");
-        let output = Command::new(binary)
+        std::fs::write(&config, self.config_text_as("replay", 1, "")).expect("config");
+        let mut command = Command::new(binary);
+        if let Some(password) = self.kafka_password("replay") {
+            command.env("TIDEMARK_KAFKA_PASSWORD", password);
+        }
+        let output = command
             .arg("--config")
             .arg(&config)
             .args(args)

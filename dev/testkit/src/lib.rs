@@ -13,6 +13,7 @@
 //! data, and no test touches anything it did not create.
 
 pub mod bench;
+pub mod kafka;
 pub mod scratch;
 pub mod topics;
 

@@ -1,0 +1,105 @@
+//! A throwaway secured Kafka broker (`dev/stack kafka-up` with
+//! `TIDEMARK_STACK_KAFKA_SECURED=1`, a state directory and ports of its
+//! own): SASL_SSL only, SCRAM users, and ACLs granting each Tidemark stage
+//! the least privilege README.md lists, for topics under one prefix. It is
+//! stopped and deleted when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::unique_name;
+
+#[derive(Debug)]
+pub struct ScratchKafka {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// The topic prefix (and consumer group prefix) the ACLs grant.
+    pub prefix: String,
+}
+
+/// The SCRAM users `dev/stack` creates, each with password `<user>-dev`.
+pub const USERS: [&str; 4] = [
+    "admin",
+    "tidemark-producer",
+    "tidemark-consumer",
+    "tidemark-replay",
+];
+
+/// The development password of a `dev/stack` SCRAM user.
+pub fn password(user: &str) -> String {
+    format!("{user}-dev")
+}
+
+impl ScratchKafka {
+    /// Starts a secured broker whose ACLs cover topics and groups named
+    /// `prefix...`, and waits until it answers and the ACLs are in place.
+    pub fn secured(prefix: &str) -> ScratchKafka {
+        let dir = PathBuf::from("/var/tmp").join(unique_name("tidemark_scratch_kafka"));
+        std::fs::create_dir_all(&dir).expect("scratch Kafka dir");
+        // The broker's port and, next to it, its controller's.
+        let port = (0..50)
+            .find_map(|_| {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .ok()?;
+                std::net::TcpListener::bind(("127.0.0.1", port + 1))
+                    .is_ok()
+                    .then_some(port)
+            })
+            .expect("two free neighbouring ports for a scratch Kafka");
+        let broker = ScratchKafka {
+            dir,
+            port,
+            prefix: prefix.to_owned(),
+        };
+        let status = broker.stack("kafka-up");
+        assert!(
+            status.success(),
+            "scratch Kafka did not start; see {}/kafka/kafka.log",
+            broker.dir.display()
+        );
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The CA that signed the broker's certificate (for 127.0.0.1).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("kafka/tls/ca.pem")
+    }
+
+    /// librdkafka settings of a client logged in as `user` (SCRAM-SHA-512).
+    pub fn client(&self, user: &str) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.brokers())
+            .set("security.protocol", "sasl_ssl")
+            .set("sasl.mechanism", "SCRAM-SHA-512")
+            .set("sasl.username", user)
+            .set("sasl.password", password(user))
+            .set("ssl.ca.location", self.ca().display().to_string());
+        config
+    }
+
+    fn stack(&self, command: &str) -> std::process::ExitStatus {
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../stack"))
+            .arg(command)
+            .env("TIDEMARK_STACK_DIR", &self.dir)
+            .env("TIDEMARK_STACK_KAFKA_PORT", self.port.to_string())
+            .env("TIDEMARK_STACK_KAFKA_SECURED", "1")
+            .env("TIDEMARK_STACK_KAFKA_PREFIX", &self.prefix)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("run dev/stack")
+    }
+}
+
+impl Drop for ScratchKafka {
+    fn drop(&mut self) {
+        let _ = self.stack("kafka-down");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
