@@ -32,3 +32,4 @@ pub mod mapping;
 pub mod reads;
 pub mod runs;
 pub mod search;
+mod tls;

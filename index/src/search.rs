@@ -126,6 +126,7 @@ impl Search {
                 .unwrap_or_default();
             transport = transport.auth(Credentials::Basic(user.clone(), password));
         }
+        let transport = crate::tls::secure(transport, config)?;
         let transport = transport
             .build()
             .map_err(failed(|| "cannot build the OpenSearch client".to_owned()))?;
@@ -147,26 +148,29 @@ impl Search {
 
     /// The cluster's name, uuid and version; an error says how to fix it.
     pub async fn info(&self) -> Result<ClusterInfo, IndexError> {
-        let response = self
-            .client
-            .info()
-            .send()
-            .await
-            .map_err(|e| IndexError::Unreachable {
-                what: format!(
-                    "cannot reach OpenSearch at {}: {e}. Is it running? Check opensearch.url \
-                     (or TIDEMARK_OPENSEARCH_URL) and, with security on, opensearch.username \
-                     and TIDEMARK_OPENSEARCH_PASSWORD",
-                    self.url
-                ),
+        let response = self.client.info().send().await.map_err(|e| {
+            // The cause chain says what TLS refused; `{e}` alone does not.
+            let hint = if format!("{e:?}").contains("certificate") {
+                "The TLS handshake failed: check opensearch.tls_ca_file (the CA that signed \
+                     the cluster's certificate) and that the certificate names the host in \
+                     opensearch.url"
+            } else {
+                "Is it running? Check opensearch.url (or TIDEMARK_OPENSEARCH_URL), whether \
+                     it is https://, and, with security on, opensearch.username and \
+                     TIDEMARK_OPENSEARCH_PASSWORD"
+            };
+            IndexError::Unreachable {
+                what: format!("cannot reach OpenSearch at {}: {e}. {hint}", self.url),
                 source: e,
-            })?;
+            }
+        })?;
         let status = response.status_code();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             return Err(IndexError::Refused(format!(
                 "OpenSearch at {} answered {status} to GET /: {}. Check opensearch.username and \
-                 TIDEMARK_OPENSEARCH_PASSWORD",
+                 TIDEMARK_OPENSEARCH_PASSWORD, or the client certificate \
+                 (opensearch.tls_certificate_file) and its role mapping",
                 self.url,
                 truncate(&body)
             )));

@@ -2,6 +2,7 @@
 //! the cluster they write to.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use super::{ConfigError, Secret, invalid, redact_url};
 use serde::Deserialize;
@@ -16,6 +17,17 @@ pub struct OpenSearch {
     pub username: Option<String>,
     #[serde(skip)]
     pub password: Option<Secret>,
+    /// PEM file of the CA the cluster's certificate must be signed by
+    /// (`https://` only); absent: the system's trust store.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS, the security plugin's
+    /// `clientcert` authentication), with `tls_key_file`.
+    #[serde(default)]
+    pub tls_certificate_file: Option<PathBuf>,
+    /// PEM private key of the client certificate, unencrypted.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
     /// Timeout of one request (a bulk included), in seconds.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
@@ -27,6 +39,9 @@ impl fmt::Debug for OpenSearch {
             .field("url", &redact_url(&self.url))
             .field("username", &self.username)
             .field("password", &self.password)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_certificate_file", &self.tls_certificate_file)
+            .field("tls_key_file", &self.tls_key_file)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .finish()
     }
@@ -99,6 +114,39 @@ impl OpenSearch {
             return Err(invalid(
                 "opensearch.url",
                 "must be an http:// or https:// URL",
+            ));
+        }
+        let https = opensearch.url.starts_with("https://");
+        for (field, path) in [
+            ("opensearch.tls_ca_file", &opensearch.tls_ca_file),
+            (
+                "opensearch.tls_certificate_file",
+                &opensearch.tls_certificate_file,
+            ),
+            ("opensearch.tls_key_file", &opensearch.tls_key_file),
+        ] {
+            let Some(path) = path else { continue };
+            if !https {
+                return Err(invalid(field, "is set but opensearch.url is not https://"));
+            }
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(invalid(
+                    field,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        }
+        if opensearch.tls_certificate_file.is_some() != opensearch.tls_key_file.is_some() {
+            return Err(invalid(
+                "opensearch.tls_certificate_file",
+                "a client certificate needs both tls_certificate_file and tls_key_file",
+            ));
+        }
+        if opensearch.tls_certificate_file.is_some() && opensearch.username.is_some() {
+            return Err(invalid(
+                "opensearch.username",
+                "choose one way to log in: a client certificate (tls_certificate_file) or \
+                 basic auth (username and TIDEMARK_OPENSEARCH_PASSWORD)",
             ));
         }
         if opensearch.request_timeout_secs == 0 {

@@ -105,6 +105,9 @@ impl Config {
                         url,
                         username: None,
                         password: None,
+                        tls_ca_file: None,
+                        tls_certificate_file: None,
+                        tls_key_file: None,
                         request_timeout_secs: default_request_timeout_secs(),
                     })
                 }
@@ -533,6 +536,56 @@ mod tests {
         )
         .expect_err("not built in");
         assert!(error.to_string().contains("SCRAM-SHA-256"), "{error}");
+    }
+
+    #[test]
+    fn opensearch_tls_fields_must_agree() {
+        let with = |fields: &str, url: &str| {
+            Config::from_toml(
+                &MINIMAL.replace(
+                    "[kafka]",
+                    &format!("[opensearch]\nurl = \"{url}\"\n{fields}\n[kafka]"),
+                ),
+                no_env,
+            )
+        };
+        let config = with(
+            "tls_ca_file = \"/dev/null\"\ntls_certificate_file = \"/dev/null\"\ntls_key_file = \"/dev/null\"",
+            "https://127.0.0.1:9200",
+        )
+        .expect("a CA and a client certificate");
+        assert!(
+            config
+                .opensearch()
+                .expect("[opensearch]")
+                .tls_ca_file
+                .is_some()
+        );
+        for (fields, url, says) in [
+            (
+                "tls_ca_file = \"/dev/null\"",
+                "http://h:9200",
+                "opensearch.tls_ca_file: is set but opensearch.url is not https://",
+            ),
+            (
+                "tls_ca_file = \"/nonexistent.pem\"",
+                "https://h:9200",
+                "opensearch.tls_ca_file: cannot read /nonexistent.pem",
+            ),
+            (
+                "tls_key_file = \"/dev/null\"",
+                "https://h:9200",
+                "opensearch.tls_certificate_file: a client certificate needs both",
+            ),
+            (
+                "tls_certificate_file = \"/dev/null\"\ntls_key_file = \"/dev/null\"\nusername = \"u\"",
+                "https://h:9200",
+                "opensearch.username: choose one way to log in",
+            ),
+        ] {
+            let error = with(fields, url).expect_err(fields).to_string();
+            assert!(error.starts_with(says), "{error}");
+        }
     }
 
     #[test]
