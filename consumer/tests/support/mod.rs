@@ -41,6 +41,9 @@ pub struct Pipeline {
     /// of the stack's: its address and CA. Each stage then logs in as its
     /// own SCRAM user, `tidemark-<stage>`.
     pub secured_kafka: Option<(String, PathBuf)>,
+    /// How each stage logs in to a secured OpenSearch: more `[opensearch]`
+    /// lines and its `TIDEMARK_OPENSEARCH_PASSWORD`, by stage.
+    pub opensearch_login: BTreeMap<String, (String, Option<String>)>,
     producer: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)>,
     next_run: usize,
 }
@@ -170,11 +173,40 @@ pub fn opensearch_client(url: &str) -> OpenSearch {
     OpenSearch::new(transport)
 }
 
+/// A test's own client of a secured scratch node: its `admin` user,
+/// trusting the node's CA.
+pub fn secured_opensearch_client(
+    node: &tidemark_testkit::scratch::ScratchOpenSearch,
+) -> OpenSearch {
+    use opensearch::auth::Credentials;
+    use opensearch::cert::{Certificate, CertificateValidation};
+    let url = Url::parse(&node.url()).expect("OpenSearch URL");
+    let ca = Certificate::from_pem(&std::fs::read(node.ca()).expect("the node's CA")).expect("PEM");
+    let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+        .timeout(Duration::from_secs(30))
+        .cert_validation(CertificateValidation::Full(ca))
+        .auth(Credentials::Basic("admin".into(), "admin-dev".into()))
+        .build()
+        .expect("OpenSearch transport");
+    OpenSearch::new(transport)
+}
+
 impl Pipeline {
     pub async fn new(prefix: &str) -> Pipeline {
         let stack = Stack::get();
         let url = stack.opensearch_url.clone();
         Self::with_opensearch(prefix, &url).await
+    }
+
+    /// A pipeline whose index is a secured scratch node; set
+    /// `opensearch_login` for the stages.
+    pub async fn with_secured_opensearch(
+        prefix: &str,
+        node: &tidemark_testkit::scratch::ScratchOpenSearch,
+    ) -> Pipeline {
+        let mut p = Self::with_opensearch(prefix, &node.url()).await;
+        p.os = secured_opensearch_client(node);
+        p
     }
 
     pub async fn with_opensearch(prefix: &str, opensearch_url: &str) -> Pipeline {
@@ -194,6 +226,7 @@ impl Pipeline {
             producer_extra: String::new(),
             source_url: None,
             secured_kafka: None,
+            opensearch_login: BTreeMap::new(),
             producer: None,
             next_run: 0,
         }
@@ -257,6 +290,13 @@ impl Pipeline {
         }
     }
 
+    /// `TIDEMARK_OPENSEARCH_PASSWORD` of `stage`, if it logs in with one.
+    pub fn opensearch_password(&self, stage: &str) -> Option<String> {
+        self.opensearch_login
+            .get(stage)
+            .and_then(|(_, password)| password.clone())
+    }
+
     /// `TIDEMARK_KAFKA_PASSWORD` of `stage` on the secured broker.
     pub fn kafka_password(&self, stage: &str) -> Option<String> {
         self.secured_kafka
@@ -268,7 +308,7 @@ impl Pipeline {
     pub fn config_text_as(&self, stage: &str, consumer_port: u16, consumer_extra: &str) -> String {
         format!(
             "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n{}\
-             [opensearch]\nurl = \"{}\"\n\
+             [opensearch]\nurl = \"{}\"\n{}\
              [producer]\nslot = \"{}\"\npublication = \"{}\"\n{}\n\
              [consumer]\ngroup_id = \"{}\"\nbatch_max_wait_ms = 100\nhttp_listen = \"127.0.0.1:{consumer_port}\"\n{consumer_extra}\n{}",
             self.source_url
@@ -280,6 +320,9 @@ impl Pipeline {
             self.name,
             self.kafka_security(stage),
             self.opensearch_url,
+            self.opensearch_login
+                .get(stage)
+                .map_or("", |(lines, _)| lines.as_str()),
             self.name,
             self.name,
             self.producer_extra,
@@ -295,10 +338,11 @@ impl Pipeline {
     /// The config as `stage` reads it (with its Kafka password).
     pub fn config_as(&self, stage: &str) -> Config {
         let password = self.kafka_password(stage);
-        Config::from_toml(&self.config_text_as(stage, 1, ""), |name| {
-            (name == "TIDEMARK_KAFKA_PASSWORD")
-                .then(|| password.clone())
-                .flatten()
+        let os_password = self.opensearch_password(stage);
+        Config::from_toml(&self.config_text_as(stage, 1, ""), |name| match name {
+            "TIDEMARK_KAFKA_PASSWORD" => password.clone(),
+            "TIDEMARK_OPENSEARCH_PASSWORD" => os_password.clone(),
+            _ => None,
         })
         .expect("valid test config")
     }
@@ -356,6 +400,9 @@ impl Pipeline {
         let mut command = Command::new(binary);
         if let Some(password) = self.kafka_password("consumer") {
             command.env("TIDEMARK_KAFKA_PASSWORD", password);
+        }
+        if let Some(password) = self.opensearch_password("consumer") {
+            command.env("TIDEMARK_OPENSEARCH_PASSWORD", password);
         }
         let child = command
             .arg("--config")
@@ -791,6 +838,9 @@ impl Pipeline {
         let mut command = Command::new(binary);
         if let Some(password) = self.kafka_password("replay") {
             command.env("TIDEMARK_KAFKA_PASSWORD", password);
+        }
+        if let Some(password) = self.opensearch_password("replay") {
+            command.env("TIDEMARK_OPENSEARCH_PASSWORD", password);
         }
         let output = command
             .arg("--config")

@@ -407,15 +407,35 @@ pub struct ScratchOpenSearch {
     pub dir: PathBuf,
     pub port: u16,
     transport_port: u16,
+    /// With the security plugin (`dev/stack`'s
+    /// `TIDEMARK_STACK_OPENSEARCH_SECURED=1`): HTTPS only, basic auth and
+    /// client certificates.
+    pub secured: bool,
 }
 
 impl ScratchOpenSearch {
     /// Starts a node on a free port in 9260..9299 (the runner only serves
     /// 9201..9299) and waits until it answers.
     pub fn start() -> ScratchOpenSearch {
+        Self::create(false)
+    }
+
+    /// Starts a node with the security plugin: HTTPS with a CA made at
+    /// start-up ([`ScratchOpenSearch::ca`]), users `admin` (all access)
+    /// and `tidemark` (passwords `<user>-dev`), and a client certificate
+    /// for the user `tidemark-consumer` ([`ScratchOpenSearch::client_certificate`]).
+    pub fn secured() -> ScratchOpenSearch {
+        Self::create(true)
+    }
+
+    fn create(secured: bool) -> ScratchOpenSearch {
         let dir = PathBuf::from("/var/tmp").join(unique_name("tidemark_scratch_os"));
         std::fs::create_dir_all(&dir).expect("scratch OpenSearch dir");
-        let port = (9260..9300)
+        // From a random place in the range: two tests starting nodes at
+        // once would otherwise both find the same first free port.
+        let start = uuid::Uuid::new_v4().as_u128() as u16 % 40;
+        let port = (0..40)
+            .map(|i| 9260 + (start + i) % 40)
             .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
             .expect("a free port in 9260..9299 for a scratch OpenSearch");
         let transport_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -426,13 +446,32 @@ impl ScratchOpenSearch {
             dir,
             port,
             transport_port,
+            secured,
         };
         node.up();
         node
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.secured { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn config_file(&self, name: &str) -> PathBuf {
+        self.dir.join("opensearch/node_1/config").join(name)
+    }
+
+    /// The CA that signed a secured node's certificate (for 127.0.0.1).
+    pub fn ca(&self) -> PathBuf {
+        self.config_file("ca.pem")
+    }
+
+    /// A client certificate and key for the user `tidemark-consumer`.
+    pub fn client_certificate(&self) -> (PathBuf, PathBuf) {
+        (
+            self.config_file("tidemark-consumer.pem"),
+            self.config_file("tidemark-consumer-key.pem"),
+        )
     }
 
     fn stack(&self, command: &str) -> std::process::ExitStatus {
@@ -443,6 +482,10 @@ impl ScratchOpenSearch {
             .env(
                 "TIDEMARK_STACK_OPENSEARCH_TRANSPORT_PORT",
                 self.transport_port.to_string(),
+            )
+            .env(
+                "TIDEMARK_STACK_OPENSEARCH_SECURED",
+                if self.secured { "1" } else { "0" },
             )
             .stdin(std::process::Stdio::null())
             .status()
