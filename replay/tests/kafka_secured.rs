@@ -195,3 +195,98 @@ async fn a_wrong_password_an_unknown_ca_or_plaintext_fail_at_start_up_by_name() 
     }
     p.cleanup(&[&table]).await;
 }
+
+/// The rule above every other: a credential the broker refuses *while
+/// running* (rotated on the broker before the clients got the new one) is
+/// an outage, waited out: the consumer says so on `/readyz`, nothing is
+/// lost, and once the credential is right again the changes made meanwhile
+/// arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_credential_refused_while_running_is_waited_out() {
+    let mut p = Pipeline::new("r_ksecrot").await;
+    let broker = ScratchKafka::secured(&p.name);
+    p.secured_kafka = Some((broker.brokers(), broker.ca()));
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, v text", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 10) g"
+    ))
+    .await
+    .expect("rows");
+    let index = p.index(&table);
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while p.docs(&index).await.len() < 10 {
+        assert!(Instant::now() < deadline, "the snapshot was not indexed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The broker's passwords change; every client must log in again.
+    for user in ["tidemark-producer", "tidemark-consumer"] {
+        broker.set_password(user, "rotated-on-the-broker-only");
+    }
+    broker.restart();
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'during' FROM generate_series(11, 30) g;
+         UPDATE {table} SET v = 'during' WHERE id <= 5"
+    ))
+    .await
+    .expect("changes while refused");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let readiness = consumer.metrics.readiness();
+        if readiness.as_ref().is_err_and(|r| r.contains("kafka down")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said Kafka refuses the consumer: {readiness:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !consumer.handle.is_finished(),
+        "the consumer waits, it does not stop"
+    );
+    assert_eq!(
+        p.docs(&index).await.len(),
+        10,
+        "nothing got through the refused login"
+    );
+
+    // The credentials are right again: what changed meanwhile arrives.
+    for user in ["tidemark-producer", "tidemark-consumer"] {
+        broker.set_password(user, &tidemark_testkit::kafka::password(user));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let docs = p.docs(&index).await;
+        let during = docs.values().filter(|d| d["v"] == "during").count();
+        if docs.len() == 30 && during == 25 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changes made while refused did not all arrive: {} docs, {during} changed",
+            docs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumer
+        .metrics
+        .readiness()
+        .is_err_and(|r| r.contains("kafka down"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still says Kafka is down"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    consumer.stop().await;
+    p.stop_producer().await;
+    p.cleanup(&[&table]).await;
+}

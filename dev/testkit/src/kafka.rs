@@ -84,9 +84,37 @@ impl ScratchKafka {
         config
     }
 
+    /// Sets `user`'s SCRAM password (both mechanisms) on the broker.
+    /// Connections already logged in stay so until they reconnect.
+    pub fn set_password(&self, user: &str, password: &str) {
+        let status = self.stack_with("kafka-scram", &[user, password]);
+        assert!(
+            status.success(),
+            "could not set the password of {user}; see {}/kafka/scram.log",
+            self.dir.display()
+        );
+    }
+
+    /// Stops the broker and starts it again (same data, same users), so
+    /// every client reconnects and logs in again.
+    pub fn restart(&self) {
+        let _ = self.stack("kafka-down");
+        let status = self.stack("kafka-up");
+        assert!(
+            status.success(),
+            "scratch Kafka did not start again; see {}/kafka/kafka.log",
+            self.dir.display()
+        );
+    }
+
     fn stack(&self, command: &str) -> std::process::ExitStatus {
+        self.stack_with(command, &[])
+    }
+
+    fn stack_with(&self, command: &str, args: &[&str]) -> std::process::ExitStatus {
         Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../stack"))
             .arg(command)
+            .args(args)
             .env("TIDEMARK_STACK_DIR", &self.dir)
             .env("TIDEMARK_STACK_KAFKA_PORT", self.port.to_string())
             .env("TIDEMARK_STACK_KAFKA_SECURED", "1")
