@@ -539,6 +539,51 @@ impl Pipeline {
         self.start_consumer_with("")
     }
 
+    /// The incident drill of the secured-connection tests, on a pipeline
+    /// whose producer runs: the consumer (in this process) indexes the
+    /// `rows` rows of `table` (ids 1..=rows, in `source`), stops; ten
+    /// updates it never gets (its offsets moved past them) are repaired by
+    /// `tidemark-replay window --yes`; then `audit` is clean. Returns
+    /// window's standard error (its target print).
+    pub async fn lost_updates_drill(&self, source: &Client, table: &str, rows: usize) -> String {
+        let index = self.index(table);
+        let consumer = self.start_consumer_in_process().await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.docs(&index).await.len() < rows {
+            assert!(Instant::now() < deadline, "the snapshot was not indexed");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        consumer.stop().await;
+        source
+            .batch_execute(&format!("UPDATE {table} SET v = 'changed' WHERE id <= 10"))
+            .await
+            .expect("updates");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.topic_ends(table).iter().sum::<i64>() < rows as i64 + 10 {
+            assert!(Instant::now() < deadline, "the updates did not reach Kafka");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.skip_consumer_offsets(table);
+        let (code, out, err) =
+            self.run_replay(&["window", "--from", "-10m", "--to", "now", "--yes"]);
+        assert_eq!(code, Some(0), "window:\n{out}\n{err}");
+        let docs = self.docs(&index).await;
+        let changed = (1..=10)
+            .filter(|id| {
+                docs.get(&id.to_string())
+                    .is_some_and(|d| d["v"] == "changed")
+            })
+            .count();
+        assert_eq!(changed, 10, "window repaired every lost update:\n{out}");
+        let (code, out, audit_err) = self.run_replay(&["audit"]);
+        assert_eq!(
+            code,
+            Some(0),
+            "a clean audit after the repair:\n{out}\n{audit_err}"
+        );
+        err
+    }
+
     /// Every document of an index by id (metadata included), after a refresh.
     pub async fn docs(&self, index: &str) -> BTreeMap<String, Value> {
         let _ = self
