@@ -477,21 +477,16 @@ impl Pipeline {
     /// librdkafka settings of a test client of the pipeline's broker,
     /// logged in as `stage` when it is the secured one.
     pub fn kafka_client(&self, stage: &str) -> rdkafka::ClientConfig {
-        let mut config = rdkafka::ClientConfig::new();
         match &self.secured_kafka {
-            Some((brokers, ca)) => config
-                .set("bootstrap.servers", brokers)
-                .set("security.protocol", "sasl_ssl")
-                .set("sasl.mechanism", "SCRAM-SHA-512")
-                .set("sasl.username", format!("tidemark-{stage}"))
-                .set(
-                    "sasl.password",
-                    self.kafka_password(stage).unwrap_or_default(),
-                )
-                .set("ssl.ca.location", ca.display().to_string()),
-            None => config.set("bootstrap.servers", &self.stack.kafka_brokers),
-        };
-        config
+            Some((brokers, ca)) => {
+                tidemark_testkit::kafka::client(brokers, ca, &format!("tidemark-{stage}"))
+            }
+            None => {
+                let mut config = rdkafka::ClientConfig::new();
+                config.set("bootstrap.servers", &self.stack.kafka_brokers);
+                config
+            }
+        }
     }
 
     /// A client of the consumer group, and the (low, high) watermarks of

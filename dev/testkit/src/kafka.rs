@@ -30,6 +30,21 @@ pub fn password(user: &str) -> String {
     format!("{user}-dev")
 }
 
+/// librdkafka settings of a test client of a secured broker at `brokers`
+/// (CA `ca`), logged in as `user` with its `dev/stack` password
+/// (SCRAM-SHA-512).
+pub fn client(brokers: &str, ca: &Path, user: &str) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("security.protocol", "sasl_ssl")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", user)
+        .set("sasl.password", password(user))
+        .set("ssl.ca.location", ca.display().to_string());
+    config
+}
+
 impl ScratchKafka {
     /// Starts a secured broker whose ACLs cover topics and groups named
     /// `prefix...`, and waits until it answers and the ACLs are in place.
@@ -69,19 +84,6 @@ impl ScratchKafka {
     /// The CA that signed the broker's certificate (for 127.0.0.1).
     pub fn ca(&self) -> PathBuf {
         self.dir.join("kafka/tls/ca.pem")
-    }
-
-    /// librdkafka settings of a client logged in as `user` (SCRAM-SHA-512).
-    pub fn client(&self, user: &str) -> rdkafka::ClientConfig {
-        let mut config = rdkafka::ClientConfig::new();
-        config
-            .set("bootstrap.servers", self.brokers())
-            .set("security.protocol", "sasl_ssl")
-            .set("sasl.mechanism", "SCRAM-SHA-512")
-            .set("sasl.username", user)
-            .set("sasl.password", password(user))
-            .set("ssl.ca.location", self.ca().display().to_string());
-        config
     }
 
     /// Sets `user`'s SCRAM password (both mechanisms) on the broker.

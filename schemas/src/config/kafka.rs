@@ -135,19 +135,20 @@ pub enum SecurityProtocol {
 }
 
 impl SecurityProtocol {
-    const ALL: [(&str, SecurityProtocol); 4] = [
-        ("plaintext", SecurityProtocol::Plaintext),
-        ("ssl", SecurityProtocol::Ssl),
-        ("sasl_plaintext", SecurityProtocol::SaslPlaintext),
-        ("sasl_ssl", SecurityProtocol::SaslSsl),
+    const ALL: [SecurityProtocol; 4] = [
+        SecurityProtocol::Plaintext,
+        SecurityProtocol::Ssl,
+        SecurityProtocol::SaslPlaintext,
+        SecurityProtocol::SaslSsl,
     ];
     /// The value of librdkafka's `security.protocol`.
     pub fn as_str(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, p)| *p == self)
-            .map(|(name, _)| *name)
-            .unwrap_or("plaintext")
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
     }
     pub fn sasl(self) -> bool {
         matches!(
@@ -162,16 +163,7 @@ impl SecurityProtocol {
 
 impl<'de> Deserialize<'de> for SecurityProtocol {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?.to_ascii_lowercase();
-        SecurityProtocol::ALL
-            .iter()
-            .find(|(name, _)| *name == text)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| {
-                serde::de::Error::custom(
-                    "kafka.security_protocol must be plaintext, ssl, sasl_plaintext or sasl_ssl",
-                )
-            })
+        named(d, &Self::ALL, Self::as_str, "kafka.security_protocol")
     }
 }
 
@@ -185,34 +177,43 @@ pub enum SaslMechanism {
 }
 
 impl SaslMechanism {
-    const ALL: [(&str, SaslMechanism); 3] = [
-        ("PLAIN", SaslMechanism::Plain),
-        ("SCRAM-SHA-256", SaslMechanism::ScramSha256),
-        ("SCRAM-SHA-512", SaslMechanism::ScramSha512),
+    const ALL: [SaslMechanism; 3] = [
+        SaslMechanism::Plain,
+        SaslMechanism::ScramSha256,
+        SaslMechanism::ScramSha512,
     ];
     /// The value of librdkafka's `sasl.mechanism`.
     pub fn as_str(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(name, _)| *name)
-            .unwrap_or("PLAIN")
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for SaslMechanism {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?.to_ascii_uppercase();
-        SaslMechanism::ALL
-            .iter()
-            .find(|(name, _)| *name == text)
-            .map(|(_, m)| *m)
-            .ok_or_else(|| {
-                serde::de::Error::custom(
-                    "kafka.sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
-                )
-            })
+        named(d, &Self::ALL, Self::as_str, "kafka.sasl_mechanism")
     }
+}
+
+/// The one of `all` whose name is the text, in any case (Kafka's docs
+/// write `SASL_SSL`, librdkafka's `sasl_ssl`); else an error listing them.
+fn named<'de, D: serde::Deserializer<'de>, T: Copy>(
+    d: D,
+    all: &[T],
+    name: fn(T) -> &'static str,
+    field: &str,
+) -> Result<T, D::Error> {
+    let text = String::deserialize(d)?;
+    all.iter()
+        .copied()
+        .find(|v| name(*v).eq_ignore_ascii_case(&text))
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            serde::de::Error::custom(format!("{field} must be one of {}", names.join(", ")))
+        })
 }
 
 impl Kafka {
