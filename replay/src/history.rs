@@ -270,7 +270,27 @@ fn commit_ms(event: &ChangeEvent) -> Option<i64> {
 }
 
 /// The text report: one block per change, a line per changed field.
-pub fn render_text(history: &History) -> String {
+/// Values longer than this many characters are cut in the text output
+/// (a TOAST value can be megabytes), unless `full`.
+pub const SHOWN_CHARS: usize = 200;
+
+/// A value as the text output shows it: cut after [`SHOWN_CHARS`]
+/// characters with its full length said, unless `full`.
+fn shown(value: &Option<Value>, full: bool) -> String {
+    let Some(value) = value else {
+        return "(none)".to_owned();
+    };
+    let text = value.to_string();
+    let length = text.chars().count();
+    if full || length <= SHOWN_CHARS {
+        return text;
+    }
+    let cut: String = text.chars().take(SHOWN_CHARS).collect();
+    format!("{cut}... ({length} characters; --full shows all)")
+}
+
+/// The text report; values over [`SHOWN_CHARS`] are cut unless `full`.
+pub fn render_text(history: &History, full: bool) -> String {
     let mut out = format!(
         "{} key {}: {} change{} in {} partition {} ({} records read)\n",
         history.table,
@@ -308,8 +328,7 @@ pub fn render_text(history: &History) -> String {
             continue;
         }
         for change in &step.changes {
-            let show =
-                |v: &Option<Value>| v.as_ref().map_or("(none)".to_owned(), |v| v.to_string());
+            let show = |v: &Option<Value>| shown(v, full);
             if change.unchanged_not_sent {
                 out.push_str(&format!(
                     "    = {}: unchanged (large value, not sent)\n",
@@ -348,6 +367,22 @@ pub fn render_json(history: &History) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_values_are_cut_with_their_length_unless_full() {
+        let long = Some(Value::String("x".repeat(1_000_000)));
+        let text = shown(&long, false);
+        assert!(text.chars().count() < SHOWN_CHARS + 60, "{}", text.len());
+        assert!(
+            text.ends_with("... (1000002 characters; --full shows all)"),
+            "{}",
+            &text[190..]
+        );
+        assert_eq!(shown(&long, true).len(), 1_000_002);
+        let short = Some(Value::String("héllo".into()));
+        assert_eq!(shown(&short, false), "\"héllo\"");
+        assert_eq!(shown(&None, false), "(none)");
+    }
     use tidemark_schemas::{FORMAT_VERSION, Lsn};
 
     fn event(op: Operation, after: Option<Value>, toast: &[&str]) -> ChangeEvent {

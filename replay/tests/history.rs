@@ -155,6 +155,31 @@ async fn history_shows_every_step_of_a_row_with_diffs() {
         "{out}"
     );
     assert!(out.contains("row deleted"), "{out}");
+    // The 12,800-character body is cut in the text output, its length said;
+    // --full shows it whole.
+    assert!(
+        out.contains("... (12802 characters; --full shows all)"),
+        "{out}"
+    );
+    assert!(
+        out.lines().all(|l| l.len() < 600),
+        "a long value was printed whole: {out}"
+    );
+    let (code, full, err) = history(
+        &setup,
+        &[
+            "--table",
+            &format!("public.{table}"),
+            "--key",
+            "3",
+            "--full",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        full.lines().any(|l| l.len() > 12_800),
+        "--full cut a value: {full}"
+    );
 
     // Every key is found in the partition it hashes to.
     for id in [1, 2, 5, 6, 7, 8, 9, 10, 11, 12] {

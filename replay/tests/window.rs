@@ -249,6 +249,12 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
         "the dry run predicted the real run"
     );
     assert_eq!(real["tables"][0]["applied"], 33, "{real:#}");
+    // The run checked its own work: every key of the window is right.
+    assert_eq!(
+        real["tables"][0]["verified"],
+        json!({"clean": 35, "still_differ": 0, "changed_since": 0, "differing": []}),
+        "{real:#}"
+    );
     let docs = p.wait_converged(&table, 60, &[]).await;
     assert_eq!(
         docs["1"]["title"], "newer than the window",
@@ -320,6 +326,15 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     )
     .await;
     assert_eq!(raced["tables"][0]["deleted_after_recheck"], 1, "{raced:#}");
+    // Both raced rows changed after the run's snapshot: neither counts as
+    // differing, whether or not the live pipeline had applied them yet.
+    let verified = &raced["tables"][0]["verified"];
+    assert_eq!(verified["still_differ"], 0, "{raced:#}");
+    assert_eq!(
+        verified["clean"].as_u64().unwrap_or(0) + verified["changed_since"].as_u64().unwrap_or(0),
+        2,
+        "{raced:#}"
+    );
     // Row 31's write was refused (the index had the newer update), so its
     // class is read from its document, as a dry run would: it exists.
     // Row 30's document was gone when written (or refused by its
@@ -450,6 +465,173 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
     assert!(err.contains("--key needs exactly one --table"), "{err}");
 
     consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}
+
+/// A write OpenSearch refuses (here a document whose `j.a` is text where
+/// the index maps a number) does not hold: the run's own verification finds
+/// its key still differing, names it, and the run exits 1, while the
+/// other keys of the window are repaired and verified clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_write_fails_the_run_and_names_its_key() {
+    let (mut p, table) = indexed_table(
+        "r_window_refused",
+        "id int PRIMARY KEY, j jsonb",
+        "number_of_shards = 1, number_of_replicas = 0",
+        |table| {
+            format!(
+                "INSERT INTO {table} SELECT g, jsonb_build_object('a', g) FROM generate_series(1, 10) g"
+            )
+        },
+    )
+    .await;
+    let (from, to) = lose_a_burst(
+        &p,
+        &table,
+        &format!(
+            "UPDATE {table} SET j = jsonb_build_object('a', 100 + id) WHERE id <= 5;
+             UPDATE {table} SET j = '{{\"a\": \"not a number\"}}' WHERE id = 3;"
+        ),
+        6,
+    )
+    .await;
+    let (from, to) = (from.to_string(), to.to_string());
+    let (code, out, err) = replay(&p, &["window", "--from", &from, "--to", &to, "--yes"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "a refused write must fail the run: {out}\n{err}"
+    );
+    assert!(
+        out.contains("verified: 4 clean, 1 still differ")
+            && out.contains("still differs: 3 (stale)"),
+        "{out}"
+    );
+    assert!(err.contains("1 keys not repaired"), "{err}");
+    let docs = p.docs(&p.index(&table)).await;
+    assert_eq!(docs["1"]["j"]["a"], 101, "the other keys were repaired");
+    assert_eq!(
+        docs["3"]["j"]["a"], 3,
+        "the refused key kept its old document"
+    );
+
+    // The verdict is in the run record.
+    let (code, out, _) = replay(&p, &["runs", "--format", "json"]);
+    assert_eq!(code, Some(0));
+    let runs: Value = serde_json::from_str(&out).expect("JSON");
+    let run = runs
+        .as_array()
+        .expect("runs")
+        .iter()
+        .find(|r| {
+            r["arguments"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == &json!(from)))
+        })
+        .expect("the run is recorded");
+    assert_eq!(run["outcome"], "done; 1 keys not repaired", "{run:#}");
+    assert_eq!(
+        run["results"][0]["verified"]["differing"][0]["id"], "3",
+        "{run:#}"
+    );
+    p.cleanup(&[&table]).await;
+}
+
+/// The retention guard: records at the start of a window deleted from Kafka
+/// (here with the admin API's delete-records, as retention would once their
+/// segment closed) make the window refuse, naming the partitions and what
+/// to do; `--allow-partial` repairs what is left and says so, and `audit
+/// --repair` puts back the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_older_than_what_kafka_holds_is_refused() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let (mut p, table) = indexed_table(
+        "r_window_retention",
+        "id int PRIMARY KEY, title text",
+        "number_of_shards = 1, number_of_replicas = 0",
+        |table| format!("INSERT INTO {table} SELECT g, 'row ' || g FROM generate_series(1, 30) g"),
+    )
+    .await;
+    let before = p.topic_ends(&table);
+    let (from, to) = lose_a_burst(
+        &p,
+        &table,
+        &format!("UPDATE {table} SET title = 'lost' WHERE id <= 30"),
+        30,
+    )
+    .await;
+    // Kafka drops the seed and the first half of the burst on every partition.
+    let after = p.topic_ends(&table);
+    let topic = p.topic(&table);
+    let mut cut = rdkafka::TopicPartitionList::new();
+    for (partition, (b, a)) in before.iter().zip(&after).enumerate() {
+        if a > b {
+            cut.add_partition_offset(
+                &topic,
+                partition as i32,
+                rdkafka::Offset::Offset(b + (a - b) / 2),
+            )
+            .expect("offset");
+        }
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        p.kafka_client("admin").create().expect("admin client");
+    let deleted = admin
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .expect("delete-records");
+    for e in deleted.elements() {
+        assert!(
+            e.error().is_ok(),
+            "delete-records on partition {}: {:?}",
+            e.partition(),
+            e.error()
+        );
+    }
+
+    let qualified = format!("public.{table}");
+    let (from, to) = (from.to_string(), to.to_string());
+    let args = ["window", "--from", &from, "--to", &to, "--output", "json"];
+    let (code, out, err) = replay(&p, &args);
+    assert_eq!(
+        code,
+        Some(2),
+        "a window Kafka no longer holds must be refused: {out}\n{err}"
+    );
+    assert!(
+        err.contains(&format!("before what Kafka still holds for {qualified}"))
+            && err.contains(&format!("topic {topic} partition "))
+            && err.contains("after --from")
+            && err.contains("--allow-partial")
+            && err.contains(&format!("audit --table {qualified} --repair")),
+        "{err}"
+    );
+    assert_eq!(out, "", "nothing is reported for a refused window");
+
+    let mut partial = args.to_vec();
+    partial.extend(["--allow-partial", "--yes"]);
+    let (code, out, err) = replay(&p, &partial);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        err.contains("--allow-partial: repairing what Kafka still holds"),
+        "{err}"
+    );
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let short = report["tables"][0]["short_of_kafka"]
+        .as_array()
+        .expect("shortfalls");
+    assert_eq!(short.len(), cut.count(), "{report:#}");
+    let repaired = report["tables"][0]["keys"].as_u64().expect("keys");
+    assert!(
+        repaired > 0 && repaired < 30,
+        "only what Kafka holds: {report:#}"
+    );
+
+    // The rest comes back from the table.
+    let (code, out, err) = replay(&p, &["audit", "--table", &qualified, "--repair", "--yes"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    audit_is_clean(&p, &["--table", &qualified]);
     p.cleanup(&[&table]).await;
 }
 

@@ -21,7 +21,7 @@
 //!
 //! Files: `rows` (the table side), `docs` (the index side), `candidates`
 //! (full merge or key look-ups), `report` (text and HTML), this file (the
-//! comparison, one table's audit and its re-check).
+//! comparison and one table's audit).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -184,7 +184,11 @@ fn sampled(id: &str, sample: Option<f64>) -> bool {
 }
 
 /// Compares one row with its document: the drift kind, if any.
-fn compare(mapping: &TableMapping, row: Option<&Row>, doc: Option<&Value>) -> Option<Kind> {
+pub(crate) fn compare(
+    mapping: &TableMapping,
+    row: Option<&Row>,
+    doc: Option<&Value>,
+) -> Option<Kind> {
     match (row, doc) {
         (None, None) => None,
         (Some(_), None) => Some(Kind::Missing),
@@ -304,29 +308,6 @@ pub async fn audit_table(
         missing = report.counts.missing, extra = report.counts.extra, stale = report.counts.stale,
         elapsed_s = started.elapsed().as_secs(), "audit: table done");
     Ok(report)
-}
-
-/// Checks given documents again (after a repair): how many still drift.
-pub async fn recheck(
-    client: &Client,
-    search: &Search,
-    mapping: &TableMapping,
-    keys: &[(String, Row)],
-) -> anyhow::Result<u64> {
-    let d = describe(client, &mapping.schema, &mapping.table).await?;
-    let mut still = 0;
-    for chunk in keys.chunks(CHUNK / 4) {
-        let key_rows: Vec<&Row> = chunk.iter().map(|(_, k)| k).collect();
-        let rows = rows_by_keys(client, &d, mapping, &key_rows).await?;
-        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
-        let docs = doc_meta(search, &mapping.index, &ids).await?;
-        for (id, _) in chunk {
-            if compare(mapping, rows.get(id), docs.get(id)).is_some() {
-                still += 1;
-            }
-        }
-    }
-    Ok(still)
 }
 
 #[cfg(test)]

@@ -12,7 +12,10 @@ use tidemark_index::mapping::{TableMapping, Write};
 use tidemark_schemas::{ChangeEvent, EventHead, Operation};
 use tokio::sync::watch;
 
-use super::{CHUNK, CHUNK_BYTES, Job, SAMPLE, apply_distinct, close_in_background, open_window};
+use super::retention::Shortfall;
+use super::{
+    CHUNK, CHUNK_BYTES, Job, SAMPLE, Start, apply_distinct, close_in_background, open_window,
+};
 use crate::merge::{Distinct, Entry, Sorter};
 
 /// Log mode's view of a window: the last change of every key in it, and
@@ -28,6 +31,8 @@ pub struct LogWindow {
     keys: Option<Distinct>,
     pub events: u64,
     pub truncates: u64,
+    /// Partitions that no longer hold the window's start (`--allow-partial`).
+    pub shortfalls: Vec<Shortfall>,
 }
 
 impl LogWindow {
@@ -127,14 +132,22 @@ pub fn collect_log(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     mapping: &TableMapping,
-    from_ms: i64,
+    start: Start,
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
 ) -> anyhow::Result<LogWindow> {
-    let Some((consumer, mut open)) = open_window(kafka, topic, mapping, from_ms)? else {
-        return Ok(LogWindow::default());
+    let from_ms = start.from_ms;
+    let (opened, shortfalls) = open_window(kafka, topic, mapping, start)?;
+    let Some((consumer, mut open)) = opened else {
+        return Ok(LogWindow {
+            shortfalls,
+            ..LogWindow::default()
+        });
     };
-    let mut found = LogWindow::default();
+    let mut found = LogWindow {
+        shortfalls,
+        ..LogWindow::default()
+    };
     let mut sightings = Sorter::default();
     while !open.is_empty() {
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {

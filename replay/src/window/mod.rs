@@ -6,7 +6,9 @@
 //!    not strictly monotonic) until its end as of the start, or until
 //!    records are more than 60 s past `to`; a change counts when its
 //!    envelope's commit time lies in `[from, to]`. The distinct keys (and
-//!    `--key` narrows them) are what gets repaired.
+//!    `--key` narrows them) are what gets repaired. A window that starts
+//!    before what Kafka still holds is refused unless `--allow-partial`
+//!    (see `retention`): never silently shortened.
 //! 2. **Read the truth.** A temporary replication slot exports a snapshot
 //!    whose LSN `V` is exact; the keys' rows are read at that snapshot in
 //!    chunks.
@@ -25,13 +27,18 @@
 //!    which wins over our write in whichever order the two land. Only a
 //!    delete can lose that race, once its tombstone is forgotten.
 //!
+//! 5. **Check the work** (see `verify`): every key is audited again at a
+//!    fresh snapshot; what the run wrote and does not hold fails it (exit
+//!    1), a key that changed since is left to the live pipeline.
+//!
 //! A dry run (the default without `--yes`) writes nothing and classifies
 //! each key against the index: create, update, delete, or already right.
 //! A real run skips the keys already right and takes the other classes
 //! from OpenSearch's answers to its writes (see [`plan`]).
 //!
-//! Files: `scan` (step 1, which keys), `source` (steps 2-4, the source-mode
-//! engine), `log` (log mode), this file (the classes and the report).
+//! Files: `scan` (step 1, which keys), `retention` (its guard), `source`
+//! (steps 2-4, the source-mode engine), `verify` (step 5), `log` (log
+//! mode), this file (the classes and the report).
 
 use std::collections::BTreeMap;
 
@@ -39,11 +46,15 @@ use serde::Serialize;
 use serde_json::Value;
 
 mod log;
+mod retention;
 mod scan;
 mod source;
+mod verify;
 pub use log::*;
+pub use retention::{Shortfall, refusal};
 pub use scan::*;
 pub use source::*;
+pub use verify::{Differing, Verified};
 
 /// What a key needs, or needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -76,6 +87,25 @@ pub struct TableResult {
     /// The snapshot LSN the documents were written with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version_lsn: Option<String>,
+    /// A real run's check of its own work (see `verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+    /// Partitions that no longer held the window's start
+    /// (`--allow-partial`): their changes before their oldest record were
+    /// not repaired.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub short_of_kafka: Vec<Shortfall>,
+}
+
+impl TableResult {
+    /// Keys this run was asked to repair and did not: those its
+    /// verification found still differing (a refused write among them),
+    /// or, unverified, the refused writes.
+    pub fn unrepaired(&self) -> u64 {
+        self.verified
+            .as_ref()
+            .map_or(self.rejected, |v| v.still_differ)
+    }
 }
 
 impl TableResult {
@@ -129,6 +159,32 @@ pub fn render_text(results: &[TableResult], write: bool) -> String {
                 r.rejected,
                 r.deleted_after_recheck
             ));
+        }
+        if let Some(v) = &r.verified {
+            out.push_str(&format!(
+                "  verified: {} clean, {} still differ",
+                v.clean, v.still_differ
+            ));
+            if v.changed_since > 0 {
+                out.push_str(&format!(
+                    ", {} changed after the repair (the live pipeline applies them)",
+                    v.changed_since
+                ));
+            }
+            out.push('\n');
+            for d in &v.differing {
+                out.push_str(&format!(
+                    "    still differs: {} ({})\n",
+                    d.id,
+                    d.kind.as_str()
+                ));
+            }
+            if v.still_differ > v.differing.len() as u64 {
+                out.push_str(&format!(
+                    "    ... and {} more (audit the table to list them all)\n",
+                    v.still_differ - v.differing.len() as u64
+                ));
+            }
         }
     }
     out

@@ -13,6 +13,7 @@ use tidemark_schemas::{EventHead, Operation, Row, Source, record_key};
 use tracing::info;
 
 use super::CHUNK;
+use super::retention::{self, Shortfall};
 use crate::merge::{Distinct, Entry, Sorter};
 
 pub(crate) const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub struct WindowKeys {
     pub events: u64,
     /// Truncates in the window (not repairable by key; audit the table).
     pub truncates: u64,
+    /// Partitions that no longer hold the window's start (`--allow-partial`).
+    pub shortfalls: Vec<Shortfall>,
 }
 
 impl WindowKeys {
@@ -157,16 +160,32 @@ pub(crate) fn open_scanner(
     Ok((consumer, partitions))
 }
 
+/// A scanner assigned to a window's partitions, with each partition's end
+/// (exclusive).
+pub(crate) type Opened = (BaseConsumer, HashMap<i32, i64>);
+
+/// A window's start: `--from`, and whether a start Kafka no longer holds
+/// is accepted (`--allow-partial`; see `retention`).
+#[derive(Debug, Clone, Copy)]
+pub struct Start {
+    pub from_ms: i64,
+    pub allow_partial: bool,
+}
+
 /// A consumer assigned to every partition of `topic` from
 /// `offsets_for_times(from - 60 s)` (Kafka timestamps are commit times but
 /// not strictly monotonic), with each partition's end (exclusive) as of now;
-/// `None` when no partition has anything from then on.
+/// `None` when no partition has anything from then on. A window that starts
+/// before what Kafka still holds is refused (see `retention`) unless
+/// partial windows are allowed; the partitions that fall short are
+/// returned either way.
 pub(crate) fn open_window(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     mapping: &TableMapping,
-    from_ms: i64,
-) -> anyhow::Result<Option<(BaseConsumer, HashMap<i32, i64>)>> {
+    start: Start,
+) -> anyhow::Result<(Option<Opened>, Vec<Shortfall>)> {
+    let from_ms = start.from_ms;
     let (consumer, partitions) = open_scanner(kafka, topic, "tidemark-replay-window")?;
     if partitions == 0 {
         anyhow::bail!(
@@ -182,23 +201,41 @@ pub(crate) fn open_window(
     let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
     let mut assignment = TopicPartitionList::new();
     let mut open: HashMap<i32, i64> = HashMap::new();
+    let mut held = Vec::new();
     for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
-        let start = match starts.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o.max(low),
-            _ => high,
+        let first = match starts.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
         };
+        held.push((p, low, high, first));
+        let start = first.map_or(high, |o| o.max(low));
         if start < high {
             assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
             open.insert(p, high);
         }
     }
     tracing::debug!(topic, "window: start offsets and ends known");
+    let shortfalls = retention::check(&consumer, kafka, topic, &held, from_ms)?;
+    if !shortfalls.is_empty() {
+        if !start.allow_partial {
+            anyhow::bail!(retention::refusal(&mapping.qualified(), &shortfalls));
+        }
+        for s in &shortfalls {
+            tracing::warn!(
+                topic,
+                partition = s.partition,
+                oldest_offset = s.oldest_offset,
+                short_by_s = s.short_by_s,
+                "window: Kafka no longer holds the window's start (--allow-partial)"
+            );
+        }
+    }
     if open.is_empty() {
-        return Ok(None);
+        return Ok((None, shortfalls));
     }
     consumer.assign(&assignment)?;
-    Ok(Some((consumer, open)))
+    Ok((Some((consumer, open)), shortfalls))
 }
 
 /// Closing a librdkafka client waits for its threads; nothing waits on a
@@ -213,14 +250,22 @@ pub fn collect_keys(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     mapping: &TableMapping,
-    from_ms: i64,
+    start: Start,
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
 ) -> anyhow::Result<WindowKeys> {
-    let Some((consumer, mut open)) = open_window(kafka, topic, mapping, from_ms)? else {
-        return Ok(WindowKeys::default());
+    let from_ms = start.from_ms;
+    let (opened, shortfalls) = open_window(kafka, topic, mapping, start)?;
+    let Some((consumer, mut open)) = opened else {
+        return Ok(WindowKeys {
+            shortfalls,
+            ..WindowKeys::default()
+        });
     };
-    let mut found = WindowKeys::default();
+    let mut found = WindowKeys {
+        shortfalls,
+        ..WindowKeys::default()
+    };
     let mut keys = Sorter::default();
     let started = Instant::now();
     let mut last_report = Instant::now();

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::info;
 
+use super::verify::{AtSnapshot, verify};
 use super::{Class, TableResult, WindowKeys};
 use crate::audit::{Described, describe, keys_without_rows, rows_by_keys, sample_row_bytes};
 
@@ -39,9 +40,20 @@ pub(crate) const MIN_CONCURRENT_BULK: usize = 500;
 /// Keys listed per class in a report.
 pub(crate) const SAMPLE: usize = 10;
 
+/// One key's write, planned.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    pub(crate) id: String,
+    /// The write at the snapshot's version.
+    pub(crate) write: Write,
+    /// Its class against the index, where that is known before writing.
+    pub(crate) class: Option<Class>,
+    /// The content hash of the row at the snapshot (`None`: no row).
+    pub(crate) hash: Option<String>,
+}
+
 /// Reads the keys' rows at `snapshot` (an exported snapshot name) and
-/// returns per key: the write at `version`, and its class against the
-/// index where that is known before writing.
+/// plans each key's write (see [`Planned`]).
 ///
 /// A dry run classifies every key by looking its document up. A real run
 /// (`write`) only looks for the documents already right (those whose hash
@@ -60,7 +72,7 @@ pub(crate) async fn plan(
     at: tidemark_postgres::Point,
     commit_time: &str,
     write: bool,
-) -> anyhow::Result<Vec<(String, Write, Option<Class>)>> {
+) -> anyhow::Result<Vec<Planned>> {
     let started = Instant::now();
     let version = Version::of_snapshot(at.timeline, at.lsn)?;
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
@@ -115,9 +127,9 @@ pub(crate) async fn plan(
                     None => Some(Class::Create),
                     Some(_) => Some(Class::Update),
                 };
-                out.push((
-                    id.clone(),
-                    Write::Index {
+                out.push(Planned {
+                    id: id.clone(),
+                    write: Write::Index {
                         index: mapping.index.clone(),
                         id: id.clone(),
                         version,
@@ -127,21 +139,23 @@ pub(crate) async fn plan(
                         commit_time: commit_time.to_owned(),
                     },
                     class,
-                ));
+                    hash: Some(hash),
+                });
             }
-            None => out.push((
-                id.clone(),
-                Write::Delete {
+            None => out.push(Planned {
+                id: id.clone(),
+                write: Write::Delete {
                     index: mapping.index.clone(),
                     id: id.clone(),
                     version,
                 },
-                match doc {
+                class: match doc {
                     _ if write => None,
                     Some(_) => Some(Class::Delete),
                     None => Some(Class::AlreadyRight),
                 },
-            )),
+                hash: None,
+            }),
         }
     }
     Ok(out)
@@ -212,6 +226,7 @@ pub async fn run_table(
         keys: total,
         events: found.events,
         truncates: found.truncates,
+        short_of_kafka: found.shortfalls.clone(),
         ..TableResult::default()
     };
     if found.is_empty() {
@@ -253,6 +268,7 @@ pub async fn run_table(
     // re-check running beside the writes (step 4).
     let (to_recheck, recheck_rx) = tokio::sync::mpsc::channel::<Vec<(String, Row)>>(RECHECK_QUEUE);
     let recheck = recheck_written(job, &conn, &d, mapping, at, recheck_rx);
+    let mut wrote = AtSnapshot::default();
     let writes_done = async {
         let mut done = 0u64;
         let mut chunks = found.chunks()?;
@@ -276,9 +292,14 @@ pub async fn run_table(
             let mut writes = Vec::new();
             // Per write: its document id, whether it is a delete, its key.
             let mut sent = Vec::new();
-            for ((id, write, class), (_, key)) in
-                std::mem::take(&mut planned).into_iter().zip(chunk.iter())
-            {
+            for (planned, (_, key)) in std::mem::take(&mut planned).into_iter().zip(chunk.iter()) {
+                let Planned {
+                    id,
+                    write,
+                    class,
+                    hash,
+                } = planned;
+                wrote.note(&id, hash.as_deref());
                 if let Some(class) = class {
                     result.count(class, &id);
                 }
@@ -389,6 +410,13 @@ pub async fn run_table(
     result.deleted_after_recheck = deleted_again;
     if job.write {
         info!(table = %mapping.qualified(), deleted_again, elapsed_ms = started.elapsed().as_millis() as u64, "window: final re-check done");
+        // Step 5: the run checks its own work, at a fresh snapshot.
+        let mut chunks = found.chunks()?;
+        let keys = std::iter::from_fn(|| match chunks.next_chunk() {
+            Ok(chunk) if chunk.is_empty() => None,
+            other => Some(other),
+        });
+        result.verified = Some(verify(&client, job.search, &d, mapping, keys, &wrote).await?);
     }
     Ok(result)
 }

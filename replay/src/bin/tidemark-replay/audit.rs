@@ -75,7 +75,7 @@ pub async fn audit(
     }
     let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
     if repair && drifted > 0 {
-        return repair_drift(config, &reports, &mut client, yes).await;
+        return repair_drift(config, &reports, yes).await;
     }
     Ok(if drifted > 0 {
         ExitCode::from(1)
@@ -89,7 +89,6 @@ pub async fn audit(
 async fn repair_drift(
     config: &Config,
     reports: &[tidemark_replay::audit::TableReport],
-    client: &mut tokio_postgres::Client,
     write: bool,
 ) -> anyhow::Result<ExitCode> {
     let sets: Vec<(String, Vec<(String, tidemark_schemas::Row)>)> = reports
@@ -97,13 +96,5 @@ async fn repair_drift(
         .filter(|r| r.drifted() > 0)
         .map(|r| (r.table.clone(), r.drifted_keys.clone()))
         .collect();
-    repair_keys(
-        config,
-        &sets,
-        client,
-        write,
-        "audit --repair",
-        "drifted documents",
-    )
-    .await
+    repair_keys(config, &sets, write, "audit --repair", "drifted documents").await
 }

@@ -74,6 +74,11 @@ enum Command {
         /// cannot be read.
         #[arg(long, value_enum, default_value_t = Mode::Source)]
         mode: Mode,
+        /// Accept a window that starts before the oldest record Kafka still
+        /// holds (retention): repair what is left, and say which partitions
+        /// fall short. Without it such a window is refused (exit 2).
+        #[arg(long)]
+        allow_partial: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
@@ -100,6 +105,10 @@ enum Command {
         /// (2026-11-22T10:00:00Z) or relative (-2h, -30m, -1d).
         #[arg(long, allow_hyphen_values = true)]
         since: Option<String>,
+        /// Show long values in full (text output cuts them after 200
+        /// characters and says their length).
+        #[arg(long)]
+        full: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -236,6 +245,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             dry_run,
             yes,
             mode,
+            allow_partial,
             output,
         } => {
             let now = jiff::Timestamp::now();
@@ -252,6 +262,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &key,
                 yes && !dry_run,
                 mode,
+                allow_partial,
                 output,
             )
             .await
@@ -327,6 +338,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             table,
             key,
             since,
+            full,
             format,
         } => {
             let Some(entry) = config.tables.iter().find(|t| t.table == table) else {
@@ -370,7 +382,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await
             .context("history task")??;
             match format {
-                Format::Text => print!("{}", history::render_text(&found)),
+                Format::Text => print!("{}", history::render_text(&found, full)),
                 Format::Json => println!("{:#}", history::render_json(&found)),
             }
             Ok(if found.steps.is_empty() {

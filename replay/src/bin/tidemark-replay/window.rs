@@ -20,6 +20,7 @@ pub async fn window(
     keys: &[String],
     write: bool,
     mode: Mode,
+    allow_partial: bool,
     output: Format,
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::window;
@@ -101,18 +102,35 @@ pub async fn window(
         let topic = config.kafka.table_topic(schema, name);
         let kafka = config.kafka.clone();
         let owned = mapping.clone();
-        let (from_ms, to_ms) = (from.as_millisecond(), to.as_millisecond());
+        let start = window::Start {
+            from_ms: from.as_millisecond(),
+            allow_partial,
+        };
+        let to_ms = to.as_millisecond();
         let keys_found = tokio::task::spawn_blocking(move || match mode {
             Mode::Source => {
-                window::collect_keys(&kafka, &topic, &owned, from_ms, to_ms, only.as_deref())
+                window::collect_keys(&kafka, &topic, &owned, start, to_ms, only.as_deref())
                     .map(Found::Source)
             }
-            Mode::Log => {
-                window::collect_log(&kafka, &topic, &owned, from_ms, to_ms, only.as_deref())
-                    .map(Found::Log)
-            }
+            Mode::Log => window::collect_log(&kafka, &topic, &owned, start, to_ms, only.as_deref())
+                .map(Found::Log),
         })
         .await??;
+        let shortfalls = match &keys_found {
+            Found::Source(f) => &f.shortfalls,
+            Found::Log(f) => &f.shortfalls,
+        };
+        if !shortfalls.is_empty() {
+            eprintln!(
+                "{}\n--allow-partial: repairing what Kafka still holds; run `tidemark-replay audit --table {} --repair` for the rest",
+                window::refusal(&mapping.qualified(), shortfalls)
+                    .lines()
+                    .take(shortfalls.len() + 1)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                mapping.qualified()
+            );
+        }
         found.push((mapping, keys_found));
     }
     let kafka_cluster = kafka_cluster
@@ -179,10 +197,14 @@ pub async fn window(
     // Log mode refuses keys that changed again after the window; the run
     // then did not do all it was asked, and says so in its exit code.
     let refused: u64 = log_results.iter().map(|r| r.refused).sum();
+    // Source mode checks its own work: a key it did not repair fails the run.
+    let unrepaired: u64 = results.iter().map(|r| r.unrepaired()).sum();
     let outcome = match (&failure, total_keys) {
         (Some(e), _) => format!("error: {e}"),
         (None, 0) => "nothing to do".to_owned(),
         (None, _) if refused > 0 => format!("done; {refused} keys refused (newer changes)"),
+        (None, _) if unrepaired > 0 => format!("done; {unrepaired} keys not repaired"),
+        (None, _) if write && mode == Mode::Source => "done; verified".to_owned(),
         (None, _) => "done".to_owned(),
     };
     guard.record(&outcome, results_json.clone()).await?;
@@ -206,6 +228,12 @@ pub async fn window(
         eprintln!(
             "{refused} keys refused: they changed again after the window, so their window \
              change is not the latest. Repair them with source mode (drop --mode log)"
+        );
+        ExitCode::from(1)
+    } else if unrepaired > 0 {
+        eprintln!(
+            "{unrepaired} keys not repaired: their writes were refused or did not hold (listed \
+             under \"still differs\"; the warnings above give OpenSearch's reasons)"
         );
         ExitCode::from(1)
     } else {
