@@ -8,9 +8,13 @@ SHELL := /bin/bash
 demo:
 	dev/demo
 
-## test: start the local stack if needed, then run every test against it.
+## test: start the local stack if needed, then run every test against it:
+## every test binary of the workspace and the doctests, built once, then
+## run three at a time, longest first (dev/testkit/src/bin/tidemark-test.rs;
+## TIDEMARK_TEST_JOBS=1 runs them one by one, as `cargo test` would;
+## TEST_ARGS are passed to every test binary, e.g. a test name filter).
 test: stack-up
-	eval "$$(dev/stack env)" && cargo test --workspace --locked --no-fail-fast
+	eval "$$(dev/stack env)" && cargo run -q --locked -p tidemark-testkit --bin tidemark-test -- -- $(TEST_ARGS)
 
 ## soak: kill -9 the producer and consumer 50 times under load, restart
 ## each server once, then audit (minutes; not part of `test`). See dev/soak.
