@@ -110,7 +110,26 @@ async fn replay_racing(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("replay");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The SQL goes into the gap once replay has read the rows and says it
+    // pauses (a fixed delay raced the read on a busy machine).
+    let stderr = run.stderr.take().expect("stderr");
+    let (paused_tx, paused) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut paused_tx = Some(paused_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("pausing 4000 ms between read and write")
+                && let Some(tx) = paused_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), paused)
+        .await
+        .expect("replay paused between its read and its write")
+        .expect("replay's stderr");
     p.pg.batch_execute(sql)
         .await
         .expect("changes inside the gap");
