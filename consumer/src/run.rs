@@ -76,6 +76,7 @@ pub async fn prepare(
     check_kafka(&config.kafka).await?;
     let kafka = &config.kafka;
     info!(brokers = %kafka.brokers, security = %tidemark_kafka::describe(kafka), "Kafka reachable");
+    let identity = pipeline_identity(config).await?;
     let mappings = Mappings::new(config);
     for table in &config.tables {
         let (schema, name) = table.parts();
@@ -83,8 +84,54 @@ pub async fn prepare(
             continue;
         };
         search.ensure_index(mapping, table, config_dir).await?;
+        // The wrong-target guard: this consumer stamps the index it writes,
+        // and refuses one another pipeline stamped.
+        tidemark_index::identity::claim(&search, &mapping.index, &identity).await?;
     }
     Ok((search, mappings))
+}
+
+/// This pipeline's identity as the consumer can know it: Kafka's cluster
+/// id and the topic prefix, and the PostgreSQL system and database the
+/// producer recorded for `producer.slot` in the state topic (unknown until
+/// the producer first ran: the indices' stamps are then completed at the
+/// next start).
+async fn pipeline_identity(
+    config: &Config,
+) -> anyhow::Result<tidemark_schemas::identity::Identity> {
+    let kafka = config.kafka.clone();
+    let slot = config.producer.slot.clone();
+    // Under the consumer group's name, which its ACLs already cover.
+    let group = format!("{}.identity", config.consumer.group_id);
+    let (cluster, (postgres_system, database)) = tokio::task::spawn_blocking(move || {
+        let cluster = tidemark_kafka::cluster_id(&kafka, "tidemark-consumer", KAFKA_TIMEOUT)?;
+        let source = tidemark_kafka::recorded_source(
+            &kafka,
+            "tidemark-consumer",
+            &group,
+            &slot,
+            KAFKA_TIMEOUT,
+        )?;
+        Ok::<_, rdkafka::error::KafkaError>((cluster, source))
+    })
+    .await?
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "reading this pipeline's identity from Kafka (cluster id, state topic {}): {e}",
+            config.kafka.state_topic()
+        )
+    })?;
+    if postgres_system.is_none() {
+        warn!(slot = %config.producer.slot, state_topic = %config.kafka.state_topic(),
+            "the producer has not recorded which PostgreSQL feeds this pipeline yet: indices are \
+             stamped without it, and the next start completes their stamps");
+    }
+    Ok(tidemark_schemas::identity::Identity {
+        postgres_system,
+        database,
+        kafka_cluster: cluster,
+        topic_prefix: config.kafka.topic_prefix.clone(),
+    })
 }
 
 /// Fails with a how-to-fix error when no broker answers or takes us.

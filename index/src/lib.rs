@@ -14,6 +14,8 @@
 //! - `reads`: documents' `_tidemark` metadata by id or by search, and
 //!   every id of an index in id order (scrolls);
 //! - `runs`: the `tidemark-runs` index where replay records what it did;
+//! - `identity`: each index's pipeline stamp and the rule by which a
+//!   writer accepts an index (the wrong-target guard);
 //! - `error`: what fails outside a bulk answer (`IndexError`, with
 //!   `retryable()`).
 //!
@@ -28,6 +30,7 @@
 pub mod answer;
 pub mod apply;
 pub mod error;
+pub mod identity;
 pub mod mapping;
 pub mod reads;
 pub mod runs;

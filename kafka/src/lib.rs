@@ -3,7 +3,10 @@
 //! `[kafka]` section, so a setting (a TLS file, a SASL mechanism, a timeout)
 //! reaches the producer's, the consumer's and replay's clients alike, as
 //! Kafka Connect's pass-through does; one check ([`check`]) says at
-//! start-up whether the brokers take this client, and if not, why.
+//! start-up whether the brokers take this client, and if not, why. It also
+//! reads what stages learn from Kafka itself (`latest`): the cluster id, and
+//! the latest record of a key in the state topic (the producer's progress,
+//! the PostgreSQL side of the pipeline's identity).
 //!
 //! It promises: the security fields (`security_protocol`, `sasl_*`,
 //! `ssl_*_location`) and `[kafka.properties]` are applied to every client,
@@ -16,8 +19,10 @@
 //! It depends only on `tidemark-schemas`.
 
 mod check;
+mod latest;
 
 pub use check::{CheckError, Complaint, Witness, check};
+pub use latest::{cluster_id, latest_record, recorded_source};
 
 use rdkafka::ClientConfig;
 use tidemark_schemas::config::Kafka;

@@ -49,6 +49,18 @@ impl std::fmt::Debug for ExportedSnapshot {
     }
 }
 
+/// The cluster's system identifier (IDENTIFY_SYSTEM), on a replication
+/// session of its own set up as `session` says: what a pipeline's identity
+/// names its PostgreSQL by (`tidemark_schemas::identity`). Needs only the
+/// REPLICATION attribute the producer and replay need anyway.
+pub async fn system_identifier(
+    conn: &ConnInfo,
+    session: &Replication<'_>,
+) -> Result<String, ExportError> {
+    let mut session = ReplicationClient::connect_gated(conn.replication(session)).await?;
+    Ok(session.identify_system().await?.system_id)
+}
+
 /// Creates the temporary slot `slot` with an exported snapshot, on a
 /// replication session set up as `session` says.
 pub async fn export_snapshot(

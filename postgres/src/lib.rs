@@ -32,5 +32,5 @@ pub mod values;
 pub use catalog::{CatalogTable, TypeResolver, describe_table, quote_ident, table_key};
 pub use conn::{ConnInfo, Replication, SESSION_OPTIONS};
 pub use error::{SourceError, pg_text};
-pub use export::{ExportError, ExportedSnapshot, export_snapshot};
+pub use export::{ExportError, ExportedSnapshot, export_snapshot, system_identifier};
 pub use rows::{Point, RowError, row_values};

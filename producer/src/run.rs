@@ -406,6 +406,7 @@ async fn run_once(
                         snapshot_lsn: None,
                         confirmed_lsn: Some(slot_now.confirmed_flush),
                         system_id: None,
+                        database: None,
                         timeline: None,
                         gap: None,
                     }
@@ -415,6 +416,7 @@ async fn run_once(
             let repl = ReplicationClient::connect(repl_config).await?;
             let progress = SlotProgress {
                 system_id: Some(server.system_id),
+                database: Some(conn.database.clone()),
                 timeline: Some(server.timeline),
                 ..progress
             };
@@ -430,6 +432,7 @@ async fn run_once(
                 snapshot_lsn: None,
                 confirmed_lsn: None,
                 system_id: Some(server.system_id),
+                database: Some(conn.database.clone()),
                 timeline: Some(server.timeline),
                 gap,
             };

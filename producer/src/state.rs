@@ -20,55 +20,12 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
-use tidemark_schemas::Lsn;
+pub use tidemark_schemas::state::{HistoryGap, SlotProgress};
 
 use crate::sink::{SinkError, client_config};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The latest progress of one slot.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SlotProgress {
-    pub slot: String,
-    /// The initial snapshot finished and every row of it is in Kafka.
-    pub snapshot_complete: bool,
-    /// The LSN the snapshot is consistent at, once known.
-    #[serde(default)]
-    pub snapshot_lsn: Option<Lsn>,
-    /// The highest LSN confirmed (or about to be) to PostgreSQL.
-    #[serde(default)]
-    pub confirmed_lsn: Option<Lsn>,
-    /// The cluster the slot's changes come from (IDENTIFY_SYSTEM). Absent in
-    /// records written before it was kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system_id: Option<String>,
-    /// The server's timeline when the record was written.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeline: Option<u32>,
-    /// The last gap in the history a new snapshot was taken over.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gap: Option<HistoryGap>,
-}
-
-/// A gap in the change history, as recorded when a new snapshot was taken
-/// over it (`tidemark-producer --resnapshot`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryGap {
-    /// What was lost.
-    pub what: String,
-    /// The last position Tidemark had confirmed before the gap.
-    pub last_confirmed: Option<Lsn>,
-    /// The LSN the new snapshot is consistent at (the documents it did not
-    /// rewrite are older than it).
-    #[serde(default)]
-    pub resnapshot_lsn: Option<Lsn>,
-    /// When the new snapshot was started (RFC 3339).
-    pub at: String,
-}
 
 /// Whether the history recorded in `progress` goes on unbroken on the server
 /// that answers now (`system_id`, `timeline`), with the slot present or not;
@@ -166,75 +123,22 @@ impl StateStore {
     }
 }
 
-/// Errors a just-created topic gives until its partition has a leader.
-fn is_not_ready(error: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode::*;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            UnknownPartition
-                | UnknownTopicOrPartition
-                | UnknownTopic
-                | LeaderNotAvailable
-                | NotLeaderForPartition
-        )
-    )
-}
-
 fn read_latest(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     slot: &str,
 ) -> Result<Option<SlotProgress>, SinkError> {
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", "tidemark-producer-state-reader")
-        .set("enable.auto.commit", "false")
-        .create()
+    let mut config = client_config(kafka);
+    config.set("group.id", "tidemark-producer-state-reader");
+    let latest = tidemark_kafka::latest_record(config, topic, slot, READ_TIMEOUT)
         .map_err(SinkError::Client)?;
-    // A state topic created a moment ago may not have a leader yet.
-    let deadline = std::time::Instant::now() + READ_TIMEOUT * 2;
-    let (low, high) = loop {
-        match consumer.fetch_watermarks(topic, 0, READ_TIMEOUT) {
-            Ok(marks) => break marks,
-            Err(error) if std::time::Instant::now() < deadline && is_not_ready(&error) => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(error) => return Err(SinkError::Client(error)),
-        }
-    };
-    if high <= low {
-        return Ok(None);
-    }
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Offset(low))
-        .map_err(SinkError::Client)?;
-    consumer.assign(&assignment).map_err(SinkError::Client)?;
-    let mut latest = None;
-    let deadline = std::time::Instant::now() + READ_TIMEOUT * 4;
-    loop {
-        if std::time::Instant::now() > deadline {
-            return Err(SinkError::Client(rdkafka::error::KafkaError::Canceled));
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = message.map_err(SinkError::Client)?;
-        if message.key() == Some(slot.as_bytes())
-            && let Some(payload) = message.payload()
-            && let Ok(progress) = serde_json::from_slice::<SlotProgress>(payload)
-        {
-            latest = Some(progress);
-        }
-        if message.offset() + 1 >= high {
-            return Ok(latest);
-        }
-    }
+    Ok(latest.and_then(|payload| serde_json::from_slice::<SlotProgress>(&payload).ok()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_schemas::Lsn;
 
     fn progress() -> SlotProgress {
         SlotProgress {
@@ -243,6 +147,7 @@ mod tests {
             snapshot_lsn: Some(Lsn(16)),
             confirmed_lsn: Some(Lsn(32)),
             system_id: Some("7400".into()),
+            database: Some("app".into()),
             timeline: Some(1),
             gap: None,
         }

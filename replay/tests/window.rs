@@ -1024,8 +1024,23 @@ async fn documents_from_before_the_id_field_are_classified_right() {
     let dry: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(counts(&dry), expected, "{dry:#}");
 
+    // No consumer ever ran on this index, so it carries no pipeline stamp:
+    // the dry run says a real run would refuse it, and the real run does,
+    // unless told the target is right.
+    assert!(
+        err.contains("a real run would refuse") && err.contains("carries no pipeline stamp"),
+        "{err}"
+    );
     let mut args = window.to_vec();
     args.push("--yes");
+    let (code, out, err) = replay(&p, &args);
+    assert_eq!(
+        code,
+        Some(2),
+        "an unstamped index must be refused: {out}\n{err}"
+    );
+    assert!(err.contains("--target-override"), "{err}");
+    args.push("--target-override");
     let (code, out, err) = replay(&p, &args);
     assert_eq!(code, Some(0), "{out}\n{err}");
     let real: Value = serde_json::from_str(&out).expect("JSON");

@@ -9,8 +9,10 @@ pub mod commit_time;
 pub mod config;
 mod dead_letter;
 mod envelope;
+pub mod identity;
 mod lsn;
 pub mod partition;
+pub mod state;
 mod version;
 
 pub use dead_letter::{DeadLetter, Origin, Stage};

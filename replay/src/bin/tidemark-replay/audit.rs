@@ -20,6 +20,7 @@ pub struct AuditOptions {
     pub since: Option<jiff::Timestamp>,
     pub repair: bool,
     pub yes: bool,
+    pub target_override: bool,
 }
 
 pub async fn audit(
@@ -35,6 +36,7 @@ pub async fn audit(
         since,
         repair,
         yes,
+        target_override,
     } = options;
     crate::check_tables(config, tables)?;
     let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
@@ -75,7 +77,7 @@ pub async fn audit(
     }
     let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
     if repair && drifted > 0 {
-        return repair_drift(config, &reports, yes).await;
+        return repair_drift(config, &reports, yes, target_override).await;
     }
     Ok(if drifted > 0 {
         ExitCode::from(1)
@@ -90,11 +92,20 @@ async fn repair_drift(
     config: &Config,
     reports: &[tidemark_replay::audit::TableReport],
     write: bool,
+    target_override: bool,
 ) -> anyhow::Result<ExitCode> {
     let sets: Vec<(String, Vec<(String, tidemark_schemas::Row)>)> = reports
         .iter()
         .filter(|r| r.drifted() > 0)
         .map(|r| (r.table.clone(), r.drifted_keys.clone()))
         .collect();
-    repair_keys(config, &sets, write, "audit --repair", "drifted documents").await
+    repair_keys(
+        config,
+        &sets,
+        write,
+        target_override,
+        "audit --repair",
+        "drifted documents",
+    )
+    .await
 }

@@ -79,6 +79,10 @@ enum Command {
         /// fall short. Without it such a window is refused (exit 2).
         #[arg(long)]
         allow_partial: bool,
+        /// Write even to an index that is not this pipeline's (another
+        /// pipeline's stamp, or none): see README, "The wrong-target guard".
+        #[arg(long)]
+        target_override: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
@@ -147,6 +151,10 @@ enum Command {
         /// With --repair: write.
         #[arg(long)]
         yes: bool,
+        /// With --repair: write even to an index that is not this
+        /// pipeline's (another pipeline's stamp, or none).
+        #[arg(long)]
+        target_override: bool,
     },
     /// Lists what the dead-letter topic holds: time, stage, table, key,
     /// reason and origin (never row contents). With --repair, once the
@@ -173,6 +181,10 @@ enum Command {
         /// With --repair: write.
         #[arg(long)]
         yes: bool,
+        /// With --repair: write even to an index that is not this
+        /// pipeline's (another pipeline's stamp, or none).
+        #[arg(long)]
+        target_override: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -221,6 +233,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             reason,
             repair,
             yes,
+            target_override,
             format,
         } => {
             let now = jiff::Timestamp::now();
@@ -235,7 +248,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 table,
                 reason,
             };
-            dead_letters(&config, &filter, repair, yes, format).await
+            dead_letters(&config, &filter, repair, yes, target_override, format).await
         }
         Command::Window {
             from,
@@ -246,6 +259,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             yes,
             mode,
             allow_partial,
+            target_override,
             output,
         } => {
             let now = jiff::Timestamp::now();
@@ -263,6 +277,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 yes && !dry_run,
                 mode,
                 allow_partial,
+                target_override,
                 output,
             )
             .await
@@ -313,6 +328,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             since,
             repair,
             yes,
+            target_override,
         } => {
             if let Some(f) = sample
                 && !(f > 0.0 && f <= 1.0)
@@ -331,6 +347,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 since,
                 repair,
                 yes,
+                target_override,
             };
             audit(&config, &table, options).await
         }

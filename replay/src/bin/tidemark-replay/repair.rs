@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use tidemark_schemas::config::Config;
 
-use tidemark_replay::guard::Guard;
+use tidemark_replay::guard::{Guard, seen_identity};
 
 use crate::Format;
 
@@ -17,6 +17,7 @@ pub async fn dead_letters(
     filter: &tidemark_replay::dead_letters::Filter,
     repair: bool,
     write: bool,
+    target_override: bool,
     format: Format,
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::dead_letters;
@@ -75,6 +76,7 @@ pub async fn dead_letters(
         config,
         &sets,
         write,
+        target_override,
         "dead-letters --repair",
         "dead-lettered keys",
     )
@@ -89,6 +91,7 @@ pub async fn repair_keys(
     config: &Config,
     sets: &[(String, Vec<(String, tidemark_schemas::Row)>)],
     write: bool,
+    target_override: bool,
     command: &str,
     what: &str,
 ) -> anyhow::Result<ExitCode> {
@@ -110,18 +113,42 @@ pub async fn repair_keys(
             Some((mappings.get(schema, name)?, keys))
         })
         .collect();
+    // The wrong-target guard needs what this process sees of the pipeline.
+    let conn = tidemark_postgres::ConnInfo::from_config(config)?;
+    let client = conn.connect("tidemark-replay").await?;
+    let kafka = config.kafka.clone();
+    let kafka_cluster = tokio::task::spawn_blocking(move || {
+        tidemark_kafka::cluster_id(
+            &kafka,
+            "tidemark-replay",
+            std::time::Duration::from_secs(10),
+        )
+    })
+    .await?
+    .unwrap_or_else(|_| "unknown (Kafka did not answer)".into());
+    let seen = seen_identity(config, &conn, &client, kafka_cluster).await;
+    let indices: Vec<&str> = targets.iter().map(|(m, _)| m.index.as_str()).collect();
+    let checked = guard
+        .check_targets(&indices, &seen, target_override)
+        .await?;
     guard.show_target(&format!(
-        "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}",
+        "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}\n{}",
         cluster.cluster_name,
         cluster.cluster_uuid,
         targets.iter().map(|(_, keys)| keys.len()).sum::<usize>(),
-        targets
-            .iter()
-            .map(|(m, _)| m.index.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        guard.mode()
+        indices.join(", "),
+        guard.mode(),
+        checked.as_ref().map_or("", String::as_str)
     ));
+    if let Err(refusal) = checked {
+        guard
+            .record(
+                "refused: not this pipeline's index",
+                serde_json::Value::Null,
+            )
+            .await?;
+        anyhow::bail!(refusal);
+    }
     let applier = tidemark_index::apply::Applier::new(search.clone(), std::sync::Arc::default());
     let job = window::Job {
         config,

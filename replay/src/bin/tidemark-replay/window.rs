@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use tidemark_postgres::ConnInfo;
 use tidemark_schemas::config::Config;
 
-use tidemark_replay::guard::Guard;
+use tidemark_replay::guard::{Guard, seen_identity};
 use tidemark_replay::keys;
 
 use crate::{Format, Mode};
@@ -21,6 +21,7 @@ pub async fn window(
     write: bool,
     mode: Mode,
     allow_partial: bool,
+    target_override: bool,
     output: Format,
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::window;
@@ -74,16 +75,6 @@ pub async fn window(
     tracing::debug!("window: OpenSearch and PostgreSQL reached");
     // Whether the session is encrypted, as the server sees it.
     let tls = conn.tls_state(&client).await;
-    let system_id = match client
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await
-    {
-        Ok(row) => row.get::<_, String>(0),
-        Err(_) => "unknown (reading it needs pg_monitor)".to_owned(),
-    };
     let mappings = tidemark_index::mapping::Mappings::new(config);
     let mut found = Vec::new();
     for (entry, mapping) in crate::chosen(config, &mappings, tables) {
@@ -138,6 +129,14 @@ pub async fn window(
         .ok()
         .flatten()
         .unwrap_or_else(|| "unknown".into());
+    let seen = seen_identity(config, &conn, &client, kafka_cluster.clone()).await;
+    let system_id = seen.postgres_system.clone().unwrap_or_else(|| {
+        "unknown (neither IDENTIFY_SYSTEM nor pg_control_system answered)".into()
+    });
+    let indices: Vec<&str> = found.iter().map(|(m, _)| m.index.as_str()).collect();
+    let checked = guard
+        .check_targets(&indices, &seen, target_override)
+        .await?;
     let kafka_cluster = format!(
         "{kafka_cluster} ({})",
         tidemark_kafka::describe(&config.kafka)
@@ -162,7 +161,17 @@ pub async fn window(
         if mode == Mode::Log { "log" } else { "source" },
         guard.mode(),
     );
-    guard.show_target(&target);
+    let identity_lines = checked.as_ref().map_or("", String::as_str);
+    guard.show_target(&format!("{target}{identity_lines}"));
+    if let Err(refusal) = checked {
+        guard
+            .record(
+                "refused: not this pipeline's index",
+                serde_json::Value::Null,
+            )
+            .await?;
+        anyhow::bail!(refusal);
+    }
     let stats = std::sync::Arc::new(tidemark_index::apply::ApplyStats::default());
     let applier = tidemark_index::apply::Applier::new(search.clone(), stats);
     let job = window::Job {

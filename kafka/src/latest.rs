@@ -1,0 +1,124 @@
+//! The latest record of one key in a compacted single-partition topic (the
+//! state topic: the producer reads its own progress from it, the consumer
+//! the pipeline's identity).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// Errors a just-created topic gives until its partition has a leader.
+fn is_not_ready(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            UnknownPartition
+                | UnknownTopicOrPartition
+                | UnknownTopic
+                | LeaderNotAvailable
+                | NotLeaderForPartition
+        )
+    )
+}
+
+/// The payload of the last record keyed `key` in partition 0 of `topic`,
+/// reading it to its end; `None` when the topic holds none. `config` is a
+/// client's settings (see [`crate::client_config`]) with a `group.id`;
+/// nothing is committed. Blocks: call it off the async runtime. A topic
+/// created a moment ago is waited for up to twice `timeout`; reading it to
+/// its end, up to four times `timeout` (then `KafkaError::Canceled`).
+pub fn latest_record(
+    mut config: ClientConfig,
+    topic: &str,
+    key: &str,
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, KafkaError> {
+    let consumer: BaseConsumer = config.set("enable.auto.commit", "false").create()?;
+    let deadline = Instant::now() + timeout * 2;
+    let (low, high) = loop {
+        match consumer.fetch_watermarks(topic, 0, timeout) {
+            Ok(marks) => break marks,
+            Err(error) if Instant::now() < deadline && is_not_ready(&error) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => return Err(error),
+        }
+    };
+    if high <= low {
+        return Ok(None);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Offset(low))?;
+    consumer.assign(&assignment)?;
+    let mut latest = None;
+    let deadline = Instant::now() + timeout * 4;
+    loop {
+        if Instant::now() > deadline {
+            return Err(KafkaError::Canceled);
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message?;
+        if message.key() == Some(key.as_bytes())
+            && let Some(payload) = message.payload()
+        {
+            latest = Some(payload.to_vec());
+        }
+        if message.offset() + 1 >= high {
+            return Ok(latest);
+        }
+    }
+}
+
+/// The cluster id the brokers of `kafka` report. Blocks.
+pub fn cluster_id(
+    kafka: &tidemark_schemas::config::Kafka,
+    client_id: &str,
+    timeout: Duration,
+) -> Result<String, KafkaError> {
+    let consumer: BaseConsumer = crate::client_config(kafka, client_id).create()?;
+    consumer
+        .client()
+        .fetch_cluster_id(rdkafka::util::Timeout::After(timeout))
+        .ok_or(KafkaError::Canceled)
+}
+
+/// The PostgreSQL system identifier and database the producer of `slot`
+/// recorded in the state topic (see `tidemark_schemas::state`); `(None,
+/// None)` when the topic or the slot's record does not exist yet (the
+/// producer has not run), or the record predates those fields. `group` is
+/// the reader's `group.id` (nothing joins or commits; with ACLs, name one
+/// the client may use). Blocks.
+pub fn recorded_source(
+    kafka: &tidemark_schemas::config::Kafka,
+    client_id: &str,
+    group: &str,
+    slot: &str,
+    timeout: Duration,
+) -> Result<(Option<String>, Option<String>), KafkaError> {
+    let topic = kafka.state_topic();
+    let mut config = crate::client_config(kafka, client_id);
+    config.set("group.id", group);
+    let probe: BaseConsumer = config.create()?;
+    let metadata = probe.fetch_metadata(Some(&topic), timeout)?;
+    let exists = metadata
+        .topics()
+        .first()
+        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+    drop(probe);
+    if !exists {
+        return Ok((None, None));
+    }
+    let Some(payload) = latest_record(config, &topic, slot, timeout)? else {
+        return Ok((None, None));
+    };
+    Ok(
+        match serde_json::from_slice::<tidemark_schemas::state::SlotProgress>(&payload) {
+            Ok(progress) => (progress.system_id, progress.database),
+            Err(_) => (None, None),
+        },
+    )
+}

@@ -1,0 +1,53 @@
+//! The producer's progress record, as it travels in the state topic
+//! (`kafka.state_topic`, compacted, keyed by slot, latest wins). The
+//! producer writes it and owns its rules (`tidemark-producer`'s `state`
+//! module); the consumer reads which PostgreSQL cluster and database feed
+//! the pipeline from it (the pipeline's identity, see [`crate::identity`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::Lsn;
+
+/// The latest progress of one slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotProgress {
+    pub slot: String,
+    /// The initial snapshot finished and every row of it is in Kafka.
+    pub snapshot_complete: bool,
+    /// The LSN the snapshot is consistent at, once known.
+    #[serde(default)]
+    pub snapshot_lsn: Option<Lsn>,
+    /// The highest LSN confirmed (or about to be) to PostgreSQL.
+    #[serde(default)]
+    pub confirmed_lsn: Option<Lsn>,
+    /// The cluster the slot's changes come from (IDENTIFY_SYSTEM). Absent in
+    /// records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<String>,
+    /// The database the slot belongs to. Absent in records written before
+    /// it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The server's timeline when the record was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// The last gap in the history a new snapshot was taken over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<HistoryGap>,
+}
+
+/// A gap in the change history, as recorded when a new snapshot was taken
+/// over it (`tidemark-producer --resnapshot`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryGap {
+    /// What was lost.
+    pub what: String,
+    /// The last position Tidemark had confirmed before the gap.
+    pub last_confirmed: Option<Lsn>,
+    /// The LSN the new snapshot is consistent at (the documents it did not
+    /// rewrite are older than it).
+    #[serde(default)]
+    pub resnapshot_lsn: Option<Lsn>,
+    /// When the new snapshot was started (RFC 3339).
+    pub at: String,
+}
