@@ -121,9 +121,32 @@ impl<'a> Guard<'a> {
     /// Records the run with its outcome and results; the record is
     /// searchable when this returns.
     pub async fn record(self, outcome: &str, results: Value) -> anyhow::Result<()> {
+        self.write_record(outcome, results).await
+    }
+
+    /// Prints the target with the verdict of [`Guard::check_targets`]; a
+    /// refusal is recorded as the run's outcome and returned as the error
+    /// the command exits 2 with.
+    pub async fn show_checked_target(
+        &self,
+        target: &str,
+        checked: Result<String, String>,
+    ) -> anyhow::Result<()> {
+        let lines = checked.as_ref().map_or("", String::as_str);
+        let separator = if target.ends_with('\n') { "" } else { "\n" };
+        self.show_target(&format!("{target}{separator}{lines}"));
+        if let Err(refusal) = checked {
+            self.write_record("refused: not this pipeline's index", Value::Null)
+                .await?;
+            anyhow::bail!(refusal);
+        }
+        Ok(())
+    }
+
+    async fn write_record(&self, outcome: &str, results: Value) -> anyhow::Result<()> {
         let (user, host) = runs::who();
         let record = RunRecord {
-            command: self.command,
+            command: self.command.clone(),
             user,
             host,
             started: self.started.to_string(),

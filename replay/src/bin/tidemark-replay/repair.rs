@@ -131,24 +131,15 @@ pub async fn repair_keys(
     let checked = guard
         .check_targets(&indices, &seen, target_override)
         .await?;
-    guard.show_target(&format!(
-        "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}\n{}",
+    let target = format!(
+        "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}",
         cluster.cluster_name,
         cluster.cluster_uuid,
         targets.iter().map(|(_, keys)| keys.len()).sum::<usize>(),
         indices.join(", "),
         guard.mode(),
-        checked.as_ref().map_or("", String::as_str)
-    ));
-    if let Err(refusal) = checked {
-        guard
-            .record(
-                "refused: not this pipeline's index",
-                serde_json::Value::Null,
-            )
-            .await?;
-        anyhow::bail!(refusal);
-    }
+    );
+    guard.show_checked_target(&target, checked).await?;
     let applier = tidemark_index::apply::Applier::new(search.clone(), std::sync::Arc::default());
     let job = window::Job {
         config,

@@ -161,17 +161,7 @@ pub async fn window(
         if mode == Mode::Log { "log" } else { "source" },
         guard.mode(),
     );
-    let identity_lines = checked.as_ref().map_or("", String::as_str);
-    guard.show_target(&format!("{target}{identity_lines}"));
-    if let Err(refusal) = checked {
-        guard
-            .record(
-                "refused: not this pipeline's index",
-                serde_json::Value::Null,
-            )
-            .await?;
-        anyhow::bail!(refusal);
-    }
+    guard.show_checked_target(&target, checked).await?;
     let stats = std::sync::Arc::new(tidemark_index::apply::ApplyStats::default());
     let applier = tidemark_index::apply::Applier::new(search.clone(), stats);
     let job = window::Job {
