@@ -81,7 +81,11 @@ async fn verify_full_streams_snapshot_and_changes_over_tls_on_both_sessions() {
         .batch_execute("INSERT INTO t SELECT g, 'streamed' FROM generate_series(6, 10) g")
         .await
         .expect("rows");
-    let records = h.read_until(&h.topic("t"), |r| r.iter().any(|r| r.event.key["id"] == 10));
+    // Until every row is in (the topic has several partitions: row 10 can
+    // be read before rows of another partition).
+    let records = h.read_until(&h.topic("t"), |r| {
+        (1..=10).all(|id| r.iter().any(|r| r.event.key["id"] == id))
+    });
     let ids: std::collections::BTreeSet<i64> = records
         .iter()
         .filter_map(|r| r.event.key["id"].as_i64())
