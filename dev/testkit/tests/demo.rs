@@ -1,4 +1,5 @@
-//! `make demo` from the repository, as a new user runs it: the pipeline
+//! `make demo` from the repository, as a new user runs it (but with the
+//! binaries `cargo test` built, see `TIDEMARK_DEMO_NO_BUILD`): the pipeline
 //! comes up, the staged incident loses 8 changes, the audit finds them, one
 //! `window --yes` repairs them and verifies itself, and the last audit is
 //! clean. `dev/demo` fails if that last audit is not; this test also reads
@@ -18,6 +19,10 @@ fn demo(args: &[&str], limit: Duration) -> (bool, String) {
     let mut child = Command::new(root.join("dev/demo"))
         .args(args)
         .current_dir(root)
+        // `cargo test` built the three binaries already (every stage has
+        // integration tests); building them again with the demo's own
+        // feature set recompiled half the tree during the test run.
+        .env("TIDEMARK_DEMO_NO_BUILD", "1")
         .stdin(Stdio::null())
         .stdout(file.try_clone().expect("log"))
         .stderr(file)
