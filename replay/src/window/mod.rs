@@ -51,7 +51,7 @@ mod scan;
 mod source;
 mod verify;
 pub use log::*;
-pub use retention::{Shortfall, refusal};
+pub use retention::{Shortfall, shortfall_text};
 pub use scan::*;
 pub use source::*;
 pub use verify::{Differing, Verified};

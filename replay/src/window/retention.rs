@@ -174,19 +174,24 @@ fn retention_ms(kafka: &tidemark_schemas::config::Kafka, topic: &str) -> Option<
         .and_then(|v| v.parse().ok())
 }
 
-/// The refusal: which partitions fall short, and what to do.
-pub fn refusal(table: &str, shortfalls: &[Shortfall]) -> String {
+/// Which partitions of `table`'s topic fall short, one line each.
+pub fn shortfall_text(table: &str, shortfalls: &[Shortfall]) -> String {
     let mut out = format!(
-        "the window starts before what Kafka still holds for {table}; a window repair cannot see the changes Kafka deleted:\n"
+        "the window starts before what Kafka still holds for {table}; a window repair cannot see the changes Kafka deleted:"
     );
     for s in shortfalls {
-        out.push_str(&format!("  {s}\n"));
+        out.push_str(&format!("\n  {s}"));
     }
-    out.push_str(&format!(
-        "Move --from later, or pass --allow-partial to repair what Kafka still holds and then run \
-         `tidemark-replay audit --table {table} --repair` for the rest (audit reads the table, not Kafka)"
-    ));
     out
+}
+
+/// The refusal: which partitions fall short, and what to do.
+pub fn refusal(table: &str, shortfalls: &[Shortfall]) -> String {
+    format!(
+        "{}\nMove --from later, or pass --allow-partial to repair what Kafka still holds and then run \
+         `tidemark-replay audit --table {table} --repair` for the rest (audit reads the table, not Kafka)",
+        shortfall_text(table, shortfalls)
+    )
 }
 
 #[cfg(test)]

@@ -114,11 +114,7 @@ pub async fn window(
         if !shortfalls.is_empty() {
             eprintln!(
                 "{}\n--allow-partial: repairing what Kafka still holds; run `tidemark-replay audit --table {} --repair` for the rest",
-                window::refusal(&mapping.qualified(), shortfalls)
-                    .lines()
-                    .take(shortfalls.len() + 1)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
+                window::shortfall_text(&mapping.qualified(), shortfalls),
                 mapping.qualified()
             );
         }
