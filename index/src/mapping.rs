@@ -171,6 +171,19 @@ pub fn content_digest(fields: &Row) -> u128 {
     xxhash_rust::xxh3::xxh3_128(&bytes)
 }
 
+/// The content hash of a document as stored: [`content_digest`] of its
+/// `_source` without `_tidemark`. Equal to the hash Tidemark stored in
+/// `_tidemark.hash` exactly when nothing else changed the document (JSON
+/// numbers keep their digits, so a stored source hashes as it was sent).
+pub fn document_digest(source: &Row) -> u128 {
+    if !source.contains_key("_tidemark") {
+        return content_digest(source);
+    }
+    let mut fields = source.clone();
+    fields.remove("_tidemark");
+    content_digest(&fields)
+}
+
 /// What one change event asks of the index.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {

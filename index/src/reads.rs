@@ -12,7 +12,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
 
+use crate::mapping::document_digest;
 use crate::search::Search;
+use tidemark_schemas::Row;
 
 /// `_tidemark` hash (and, with `commit_time`, commit time) of documents by
 /// id, from doc values (columnar, no source parsing): several times faster
@@ -142,7 +144,8 @@ async fn search_ids(
     Ok(answer.hits.hits)
 }
 
-/// `_tidemark` of documents by id, realtime (not refresh-bound).
+/// `_tidemark` of documents by id, realtime (not refresh-bound): `hash`,
+/// `commit_time` and `version`.
 pub async fn doc_meta(
     search: &Search,
     index: &str,
@@ -152,13 +155,58 @@ pub async fn doc_meta(
         return Ok(HashMap::new());
     }
     let (found, _) = search
-        .current_fields(index, ids, &["_tidemark.hash", "_tidemark.commit_time"])
+        .current_fields(
+            index,
+            ids,
+            &[
+                "_tidemark.hash",
+                "_tidemark.commit_time",
+                "_tidemark.version",
+            ],
+        )
         .await
         .unanswered(|| format!("index {index}: multi-get"))?;
     Ok(found
         .into_iter()
         .map(|(id, source)| (id, source.get("_tidemark").cloned().unwrap_or(Value::Null)))
         .collect())
+}
+
+/// [`doc_meta`] with each document's content hashed as it is stored
+/// ([`document_digest`] of the whole `_source`): `hash` is then the hash of
+/// what the document holds, and `stored_hash` what `_tidemark.hash` says
+/// it should hold. The two differ after a write that bypassed Tidemark (a
+/// partial `_update`, a hand fix, a second writer). Reads every document's
+/// source, so several times the cost of [`doc_meta`].
+pub async fn doc_content_meta(
+    search: &Search,
+    index: &str,
+    ids: &[&str],
+) -> Result<HashMap<String, Value>, IndexError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (found, _) = search
+        .current_fields(index, ids, &["*"])
+        .await
+        .unanswered(|| format!("index {index}: multi-get"))?;
+    Ok(found
+        .into_iter()
+        .map(|(id, source)| (id, content_meta(&source)))
+        .collect())
+}
+
+/// A document's `_tidemark`, with `hash` replaced by the hash of its
+/// content and the stored one kept as `stored_hash`.
+pub fn content_meta(source: &Row) -> Value {
+    let mut meta = source.get("_tidemark").cloned().unwrap_or(json!({}));
+    if !meta.is_object() {
+        meta = json!({});
+    }
+    let stored = meta.get("hash").cloned().unwrap_or(Value::Null);
+    meta["stored_hash"] = stored;
+    meta["hash"] = json!(format!("{:032x}", document_digest(source)));
+    meta
 }
 
 /// One page of an id scroll, as `filter_path` trims it.
@@ -182,6 +230,20 @@ pub struct ScrollHit {
     pub id: String,
     #[serde(default)]
     pub fields: Option<HitFields>,
+    /// With [`Fetch::Content`] only.
+    #[serde(rename = "_source", default)]
+    pub source: Option<Row>,
+}
+
+/// What an [`IdScroll`] fetches beside each id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// Nothing else.
+    Ids,
+    /// `_tidemark.hash` from doc values (no `_source`).
+    Hash,
+    /// The whole `_source`, to hash what a document holds (`audit --deep`).
+    Content,
 }
 
 /// `_tidemark` doc values of a hit (those asked for).
@@ -195,9 +257,8 @@ pub struct HitFields {
     pub commit_time: Vec<String>,
 }
 
-/// A scroll over an index in index order that returns document ids (and,
-/// when asked, the `_tidemark.hash` doc values: no `_source` either way),
-/// one page at a time, trimmed by `filter_path`. [`IdScroll::close`] frees
+/// A scroll over an index in index order that returns document ids (and
+/// what [`Fetch`] asks for), one page at a time, trimmed by `filter_path`. [`IdScroll::close`] frees
 /// the search context early; OpenSearch drops it after 2 minutes otherwise.
 #[derive(Debug)]
 pub struct IdScroll {
@@ -209,16 +270,12 @@ pub struct IdScroll {
 }
 
 impl IdScroll {
-    pub fn new(
-        client: OpenSearch,
-        index: String,
-        query: Value,
-        with_hash: bool,
-        page: usize,
-    ) -> Self {
+    pub fn new(client: OpenSearch, index: String, query: Value, fetch: Fetch, page: usize) -> Self {
         let mut body = json!({"size": page, "sort": ["_doc"], "_source": false, "query": query});
-        if with_hash {
-            body["docvalue_fields"] = json!(["_tidemark.hash"]);
+        match fetch {
+            Fetch::Ids => {}
+            Fetch::Hash => body["docvalue_fields"] = json!(["_tidemark.hash"]),
+            Fetch::Content => body["_source"] = json!(true),
         }
         IdScroll {
             client,
@@ -230,7 +287,7 @@ impl IdScroll {
 
     /// The next page of hits; empty at the end.
     pub async fn next_page(&mut self) -> Result<Vec<ScrollHit>, IndexError> {
-        const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields";
+        const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields,hits.hits._source";
         let index = &self.index;
         let response = match (self.first.take(), &self.scroll_id) {
             (Some(body), _) => {

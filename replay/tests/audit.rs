@@ -125,17 +125,22 @@ async fn audit_finds_exactly_the_drift_a_lost_burst_leaves() {
         ids(&report, "stale"),
         BTreeSet::from(["10".into(), "11".into()])
     );
-    // Dated by updated_at (missing and stale rows) or the document's last
-    // commit (extra): everything falls in the current hour here.
-    let hours: Vec<&String> = t["timeline"]
-        .as_object()
-        .expect("timeline")
-        .keys()
-        .collect();
-    assert!(
-        !hours.is_empty() && hours.iter().all(|h| h.len() == 13 || *h == "unknown"),
-        "{hours:?}"
+    // Why: the burst is in Kafka (lost in apply, and a missed delete for
+    // row 20); foreign-1 was never written by Tidemark.
+    assert_eq!(
+        t["causes"],
+        json!({"lost_in_apply": 4, "missed_delete": 1, "foreign_write": 1}),
+        "{report:#}"
     );
+    // Dated by the first change that did not land; the burst took well
+    // under a minute, so the histogram is in seconds; foreign-1 has no time.
+    assert_eq!(t["timeline"]["bucket_s"], 1, "{report:#}");
+    let buckets = t["timeline"]["buckets"].as_object().expect("buckets");
+    assert!(
+        !buckets.is_empty() && buckets.keys().all(|b| b.parse::<jiff::Timestamp>().is_ok()),
+        "{buckets:?}"
+    );
+    assert_eq!(t["untimed"], json!({"missing": 0, "extra": 1, "stale": 0}));
 
     let (code, text, _) = audit(&p, &["--recheck-after", "1"]);
     assert_eq!(code, Some(1));
@@ -247,4 +252,233 @@ fn screenshot(p: &Pipeline, url: &str, name: &str) -> Vec<u8> {
             String::from_utf8_lossy(&output.stderr)
         )
     })
+}
+
+/// The drill of the audit issue, with no timing told to the tool (the
+/// table has no time column): a burst the consumer skipped, a burst the
+/// mapping refused (dead-lettered), and documents overwritten by hand with
+/// `_update`. The audit counts each cause exactly, `--deep` finds every
+/// overwritten document, and the commands it prints, run exactly as
+/// printed, leave both audits clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_names_the_window_the_causes_and_the_fix() {
+    let mut p = Pipeline::new("r_causes").await;
+    let table = p.table("t");
+    let mappings = p.dir.join("mappings.json");
+    std::fs::write(
+        &mappings,
+        r#"{"mappings": {"properties": {"code": {"type": "long"}}}}"#,
+    )
+    .expect("mappings file");
+    p.create_table(
+        &table,
+        "id int PRIMARY KEY, title text, code text",
+        &format!("mappings_file = {:?}", mappings.display().to_string()),
+    )
+    .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'row ' || g, '1' FROM generate_series(1, 60) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&table, 90, &[]).await;
+    // The content check agrees with the stored hashes on a clean index.
+    let (code, out, err) = audit(&p, &["--deep", "--recheck-after", "1"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "a clean index audits clean by content: {out}\n{err}"
+    );
+    assert!(out.contains("(deep: content check)"), "{out}");
+
+    // 1. The consumer misses a burst.
+    consumer.stop().await;
+    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
+    let loss_began = jiff::Timestamp::now();
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET title = 'changed' WHERE id BETWEEN 1 AND 10;
+         INSERT INTO {table} VALUES (101, 'new', '1'), (102, 'new', '1'), (103, 'new', '1');
+         DELETE FROM {table} WHERE id IN (20, 21);"
+    ))
+    .await
+    .expect("burst");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)) < before + 15 {
+        assert!(std::time::Instant::now() < deadline, "burst not in Kafka");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p.skip_consumer_offsets(&table);
+    let consumer = p.start_consumer_in_process().await;
+    // 2. The mapping refuses three changes: dead letters.
+    p.pg.batch_execute(&format!(
+        "UPDATE {table} SET code = 'not a number' WHERE id BETWEEN 30 AND 32"
+    ))
+    .await
+    .expect("refused burst");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while p.dead_letter_count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no dead letters");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let loss_ended = jiff::Timestamp::now();
+    // 3. Someone fixes five documents by hand, around Tidemark.
+    let index = p.index(&table);
+    for id in 40..45 {
+        let answer =
+            p.os.update(opensearch::UpdateParts::IndexId(&index, &id.to_string()))
+                .body(json!({"doc": {"title": "fixed by hand"}}))
+                .send()
+                .await
+                .expect("_update");
+        assert!(answer.status_code().is_success(), "_update {id}");
+    }
+
+    let (code, out, err) = audit(&p, &["--format", "json", "--recheck-after", "2"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let t = &report["tables"][0];
+    assert_eq!(t["mode"], "hash");
+    // The stored hash does not see the hand fixes.
+    assert_eq!(
+        t["counts"],
+        json!({"missing": 3, "extra": 2, "stale": 13}),
+        "{report:#}"
+    );
+    assert_eq!(
+        t["causes"],
+        json!({"lost_in_apply": 16, "missed_delete": 2}),
+        "{report:#} {err}"
+    );
+    assert_eq!(t["dead_lettered"], 3, "{report:#}");
+    let dead: Vec<&Value> = t["examples"]
+        .as_array()
+        .expect("examples")
+        .iter()
+        .filter(|e| e["dead_letter"].is_string())
+        .collect();
+    assert_eq!(dead.len(), 3, "{report:#}");
+    assert!(
+        dead.iter().all(|e| e["dead_letter"]
+            .as_str()
+            .is_some_and(|r| r.contains("mapper_parsing_exception"))),
+        "{dead:?}"
+    );
+    // Examples are in key order, not text order (2 before 10).
+    let stale: Vec<i64> = t["examples"]
+        .as_array()
+        .expect("examples")
+        .iter()
+        .filter(|e| e["kind"] == "stale")
+        .filter_map(|e| e["key"]["id"].as_i64())
+        .collect();
+    assert!(stale.windows(2).all(|w| w[0] < w[1]), "{stale:?}");
+
+    // The window it names lies within a minute of the true loss.
+    let fixes = t["fixes"].as_array().expect("fixes");
+    assert_eq!(fixes.len(), 1, "{report:#}");
+    assert_eq!(fixes[0]["fix"], "window");
+    assert_eq!(fixes[0]["documents"], 18);
+    let from: jiff::Timestamp = fixes[0]["from"]
+        .as_str()
+        .expect("from")
+        .parse()
+        .expect("time");
+    let to: jiff::Timestamp = fixes[0]["to"].as_str().expect("to").parse().expect("time");
+    let minute = jiff::SignedDuration::from_secs(60);
+    assert!(
+        from >= loss_began - minute && from <= loss_began + minute,
+        "--from {from}, loss began {loss_began}"
+    );
+    assert!(
+        to >= loss_ended - minute && to <= loss_ended + minute,
+        "--to {to}, loss ended {loss_ended}"
+    );
+    let window_command = fixes[0]["command"].as_str().expect("command").to_owned();
+    let (_, text, _) = audit(&p, &["--recheck-after", "1"]);
+    assert!(text.contains(&window_command), "{text}");
+    assert!(
+        text.contains("causes: 16 lost in apply, 2 missed delete, 3 of them dead-lettered"),
+        "{text}"
+    );
+
+    // --deep sees the hand fixes, and says who to look for.
+    let (code, out, err) = audit(&p, &["--deep", "--format", "json", "--recheck-after", "1"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let deep: Value = serde_json::from_str(&out).expect("JSON");
+    let d = &deep["tables"][0];
+    assert_eq!(d["mode"], "deep");
+    assert_eq!(d["counts"]["stale"], 18, "{deep:#}");
+    assert_eq!(d["causes"]["foreign_write"], 5, "{deep:#}");
+    let foreign: BTreeSet<String> = d["examples"]
+        .as_array()
+        .expect("examples")
+        .iter()
+        .filter(|e| e["cause"] == "foreign_write")
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(foreign, (40..45).map(|i| i.to_string()).collect());
+
+    // The refused changes need their cause fixed first (as for
+    // dead-letters --repair); then the printed window, run as printed.
+    p.index_admin(
+        opensearch::http::Method::Put,
+        &format!("/{index}/_mapping"),
+        Some(json!({"properties": {"code": {"type": "long", "ignore_malformed": true}}})),
+    )
+    .await;
+    let (code, out, err) = run_printed(&p, &window_command);
+    assert_eq!(code, Some(0), "{window_command}\n{out}\n{err}");
+    let (code, out, err) = audit(&p, &["--recheck-after", "1"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "clean after the printed window: {out}\n{err}"
+    );
+
+    // What is left is the hand fixes, and their printed fix.
+    let (code, out, err) = audit(&p, &["--deep", "--format", "json", "--recheck-after", "1"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let deep: Value = serde_json::from_str(&out).expect("JSON");
+    let d = &deep["tables"][0];
+    assert_eq!(
+        d["counts"],
+        json!({"missing": 0, "extra": 0, "stale": 5}),
+        "{deep:#}"
+    );
+    assert_eq!(d["fixes"][0]["fix"], "check_writers", "{deep:#}");
+    let command = d["fixes"][0]["command"]
+        .as_str()
+        .expect("command")
+        .to_owned();
+    let (code, out, err) = run_printed(&p, &command);
+    assert_eq!(code, Some(0), "{command}\n{out}\n{err}");
+    let (code, out, err) = audit(&p, &["--deep", "--recheck-after", "1"]);
+    assert_eq!(code, Some(0), "clean by content: {out}\n{err}");
+    let docs = p.wait_converged(&table, 30, &[]).await;
+    assert_eq!(docs["40"]["title"], "row 40");
+
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}
+
+/// Runs a command the report printed, word for word (it starts with
+/// `tidemark-replay --config <the config this test wrote>`).
+fn run_printed(p: &Pipeline, command: &str) -> (Option<i32>, String, String) {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"tidemark-replay"), "{command}");
+    assert_eq!(words.get(1), Some(&"--config"), "{command}");
+    let output = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+        .args(&words[1..])
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_OPENSEARCH_URL")
+        .current_dir(&p.dir)
+        .output()
+        .expect("run the printed command");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

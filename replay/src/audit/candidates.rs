@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::json;
-use tidemark_index::mapping::TableMapping;
-use tidemark_index::reads::{IdScroll, doc_meta_searched};
+use tidemark_index::reads::{Fetch, IdScroll, doc_content_meta, doc_meta_searched};
 use tidemark_index::search::Search;
 use tidemark_postgres::row_values;
 use tidemark_schemas::Row;
@@ -27,11 +26,12 @@ use crate::merge::Mismatch;
 pub(crate) async fn merged_candidates(
     client: &mut Client,
     search: &Search,
-    mapping: &TableMapping,
+    target: &Target<'_>,
     d: &Described,
     query: &str,
     report: &mut TableReport,
 ) -> anyhow::Result<Vec<(String, Row)>> {
+    let mapping = target.mapping;
     let name = mapping.qualified();
     let started = Instant::now();
     // The index is read on its own task (its own thread under the
@@ -41,6 +41,7 @@ pub(crate) async fn merged_candidates(
     scroll.spawn(sorted_documents(
         search.client().clone(),
         mapping.index.clone(),
+        target.deep,
     ));
     let rows = sorted_rows(client, d, mapping, query).await?;
     report.rows = rows.count();
@@ -134,14 +135,20 @@ pub(crate) async fn looked_up_candidates(
         report.rows += fetched as u64;
         let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| id.as_str()).collect();
         let last = fetched < CHUNK;
-        let (docs, next) =
-            tokio::join!(doc_meta_searched(search, &index, &ids, true, None), async {
-                if last {
-                    Ok(Vec::new())
-                } else {
-                    read_chunk().await
-                }
-            });
+        let lookup = async {
+            if target.deep {
+                doc_content_meta(search, &index, &ids).await
+            } else {
+                doc_meta_searched(search, &index, &ids, true, None).await
+            }
+        };
+        let (docs, next) = tokio::join!(lookup, async {
+            if last {
+                Ok(Vec::new())
+            } else {
+                read_chunk().await
+            }
+        });
         let docs = docs?;
         for (id, key, after) in &chunk {
             if compare(mapping, Some(after), docs.get(id)).is_some() {
@@ -170,7 +177,7 @@ pub(crate) async fn looked_up_candidates(
         search.client().clone(),
         index.clone(),
         doc_query,
-        false,
+        Fetch::Ids,
         CHUNK,
     );
     let result = async {

@@ -6,14 +6,20 @@ use std::time::Instant;
 
 use opensearch::OpenSearch;
 use serde_json::json;
-use tidemark_index::reads::IdScroll;
+use tidemark_index::mapping::document_digest;
+use tidemark_index::reads::{Fetch, IdScroll};
 use tracing::info;
 
 use super::{PROGRESS_EVERY, SCROLL_PAGE};
 use crate::merge::{Entry, Sorter};
 
-/// Every document of the index as (id, content hash), sorted by id.
-pub(crate) async fn sorted_documents(client: OpenSearch, index: String) -> anyhow::Result<Sorter> {
+/// Every document of the index as (id, content hash), sorted by id: the
+/// hash it carries, or with `deep` the hash of what it holds.
+pub(crate) async fn sorted_documents(
+    client: OpenSearch,
+    index: String,
+    deep: bool,
+) -> anyhow::Result<Sorter> {
     let started = Instant::now();
     let mut sorter = Sorter::default();
     let mut next_report = PROGRESS_EVERY;
@@ -21,8 +27,9 @@ pub(crate) async fn sorted_documents(client: OpenSearch, index: String) -> anyho
         client,
         index.clone(),
         json!({"match_all": {}}),
-        true,
-        SCROLL_PAGE,
+        if deep { Fetch::Content } else { Fetch::Hash },
+        // A page of sources is larger than one of hashes.
+        if deep { SCROLL_PAGE / 4 } else { SCROLL_PAGE },
     );
     let result = async {
         loop {
@@ -31,10 +38,13 @@ pub(crate) async fn sorted_documents(client: OpenSearch, index: String) -> anyho
                 return Ok(());
             }
             for hit in hits {
-                let hash = hit
-                    .fields
-                    .and_then(|f| f.hash.into_iter().next())
-                    .and_then(|h| u128::from_str_radix(&h, 16).ok());
+                let hash = match hit.source {
+                    Some(source) => Some(document_digest(&source)),
+                    None => hit
+                        .fields
+                        .and_then(|f| f.hash.into_iter().next())
+                        .and_then(|h| u128::from_str_radix(&h, 16).ok()),
+                };
                 sorter.push(Entry {
                     id: hit.id,
                     hash,

@@ -15,13 +15,22 @@
 //!    `recheck_after` (fresh snapshot, fresh multi-get); only drift that is
 //!    still there is reported.
 //!
-//! When drift began: each drifted row is dated by the table's
-//! `updated_at`-style column when the config names one (`audit_time_column`),
-//! else by the document's last applied commit time, and counted per hour.
+//! 4. Causes: what Kafka and the dead-letter topic hold for the drifted
+//!    keys, read once per table (`causes`), says why each drifted (lost in
+//!    apply, missed delete, lost in capture, foreign write, unknown) and
+//!    when: the first change that did not land, else the row's time column
+//!    (`audit_time_column`). The drift times make a histogram at a width
+//!    that fits their spread (`timeline`), and the causes the fixes: the
+//!    exact `window` command for the changes Kafka holds, `audit --repair`
+//!    for the rest.
+//!
+//! With `deep`, a document is judged by its content (`_source` hashed
+//! through the same mapping) rather than by the hash it carries, which a
+//! write that bypassed Tidemark leaves as it was.
 //!
 //! Files: `rows` (the table side), `docs` (the index side), `candidates`
-//! (full merge or key look-ups), `report` (text and HTML), this file (the
-//! comparison and one table's audit).
+//! (full merge or key look-ups), `causes`, `timeline`, `report` (text and
+//! HTML), this file (the comparison, one table's audit, its conclusion).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -29,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 use tidemark_index::mapping::{TableMapping, content_hash};
-use tidemark_index::reads::{doc_meta, refresh};
+use tidemark_index::reads::{doc_content_meta, doc_meta, refresh};
 use tidemark_index::search::Search;
 use tidemark_postgres::quote_ident;
 use tidemark_schemas::Row;
@@ -37,13 +46,19 @@ use tokio_postgres::Client;
 use tracing::info;
 
 mod candidates;
+mod causes;
 mod docs;
 mod report;
 mod rows;
+mod timeline;
 use candidates::*;
+pub use causes::{Cause, Fix};
+use causes::{Evidence, Finding, gather, judge};
 pub(crate) use docs::*;
 pub use report::*;
 pub(crate) use rows::*;
+pub use timeline::Timeline;
+use timeline::{histogram, window_bounds};
 
 /// Rows per cursor fetch and ids per lookup: large enough that round trips
 /// do not dominate, small enough that a chunk of wide rows stays a few MB.
@@ -79,29 +94,82 @@ pub struct Drift {
     pub kind: Kind,
     pub id: String,
     pub key: Row,
-    /// When the row last changed (time column) or, without one, when the
-    /// document was last applied.
+    /// When the drift began, where known: the first change Kafka holds
+    /// that did not land, else the row's time column (without causes: the
+    /// time column, else the document's last applied commit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// Its change went to the dead-letter topic, for this reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct Counts {
     pub missing: u64,
     pub extra: u64,
     pub stale: u64,
 }
 
+impl Counts {
+    fn add(&mut self, kind: Kind) {
+        match kind {
+            Kind::Missing => self.missing += 1,
+            Kind::Extra => self.extra += 1,
+            Kind::Stale => self.stale += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.missing + self.extra + self.stale
+    }
+}
+
+/// What to run to repair one share of the drift.
+#[derive(Debug, Clone, Serialize)]
+pub struct Suggestion {
+    pub fix: Fix,
+    /// Drifted documents it repairs.
+    pub documents: u64,
+    /// The command, exactly as it can be run.
+    pub command: String,
+    /// For a window: its bounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct TableReport {
     pub table: String,
     pub index: String,
+    /// `hash` (documents judged by their stored `_tidemark.hash`) or
+    /// `deep` (by their content: finds writes that bypassed Tidemark).
+    pub mode: &'static str,
     pub rows: u64,
     pub documents: u64,
     pub counts: Counts,
-    /// Drift per hour (`2026-11-22T10`), by kind.
-    pub timeline: BTreeMap<String, BTreeMap<Kind, u64>>,
-    /// Up to 20 examples per kind.
+    /// The earliest and latest drift time, over the drift that has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_drift: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_drift: Option<String>,
+    /// Drift per bucket, at a width that fits its spread.
+    pub timeline: Timeline,
+    /// Drift with no time (documents Tidemark never wrote, rows older than
+    /// what Kafka holds, no time column): its fix is `audit --repair`.
+    pub untimed: Counts,
+    /// Drifted documents per cause (`None`: causes not read, `--no-causes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causes: Option<BTreeMap<Cause, u64>>,
+    /// Drifted documents whose change is in the dead-letter topic.
+    pub dead_lettered: u64,
+    /// What repairs it, most specific first.
+    pub fixes: Vec<Suggestion>,
+    /// Up to 20 examples per kind, in key order.
     pub examples: Vec<Drift>,
     /// Candidates that were consistent on re-check (changing while audited).
     pub settled_on_recheck: u64,
@@ -118,7 +186,7 @@ pub struct TableReport {
 
 impl TableReport {
     pub fn drifted(&self) -> u64 {
-        self.counts.missing + self.counts.extra + self.counts.stale
+        self.counts.total()
     }
 }
 
@@ -132,6 +200,13 @@ pub struct Target<'a> {
     /// Check only rows whose time column is at or after this, and documents
     /// applied at or after it.
     pub since: Option<jiff::Timestamp>,
+    /// Judge documents by their content (`_source` hashed through the same
+    /// mapping), not by their stored hash.
+    pub deep: bool,
+    /// Where to read causes from; `None`: not read (`--no-causes`).
+    pub kafka: Option<&'a tidemark_schemas::config::Kafka>,
+    /// How the suggested commands start (`tidemark-replay --config F`).
+    pub invocation: &'a str,
 }
 
 /// The key a document id was made from, if it decodes into values the key
@@ -219,10 +294,17 @@ pub async fn audit_table(
     let mut report = TableReport {
         table: name.clone(),
         index: index.clone(),
+        mode: if target.deep { "deep" } else { "hash" },
         rows: 0,
         documents: 0,
         counts: Counts::default(),
-        timeline: BTreeMap::new(),
+        first_drift: None,
+        last_drift: None,
+        timeline: Timeline::default(),
+        untimed: Counts::default(),
+        causes: None,
+        dead_lettered: 0,
+        fixes: Vec::new(),
         examples: Vec::new(),
         settled_on_recheck: 0,
         sample: target.sample,
@@ -247,7 +329,7 @@ pub async fn audit_table(
     // Candidates: document id -> (kind, key).
     let started = Instant::now();
     let mut candidates = if target.sample.is_none() && target.since.is_none() {
-        merged_candidates(client, search, mapping, &d, &query, &mut report).await?
+        merged_candidates(client, search, target, &d, &query, &mut report).await?
     } else {
         looked_up_candidates(client, search, target, &d, &query, &mut report).await?
     };
@@ -260,54 +342,178 @@ pub async fn audit_table(
         info!(table = %name, candidates = candidates.len(), wait_s = recheck_after.as_secs(), "audit: re-checking candidates");
         tokio::time::sleep(recheck_after).await;
     }
+    let mut findings = Vec::new();
     for chunk in candidates.chunks(CHUNK / 4) {
         let keys: Vec<&Row> = chunk.iter().map(|(_, k)| k).collect();
         let rows = rows_by_keys(&*client, &d, mapping, &keys).await?;
         let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
-        let docs = doc_meta(search, &index, &ids).await?;
+        let mut docs = if target.deep {
+            doc_content_meta(search, &index, &ids).await?
+        } else {
+            doc_meta(search, &index, &ids).await?
+        };
         for (id, key) in chunk {
             let row = rows.get(id);
-            let doc = docs.get(id);
-            let Some(kind) = compare(mapping, row, doc) else {
+            let Some(kind) = compare(mapping, row, docs.get(id)) else {
                 report.settled_on_recheck += 1;
                 continue;
             };
-            let since = target
+            let row_time = target
                 .time_column
                 .and_then(|c| row.and_then(|r| r.get(c)))
                 .and_then(Value::as_str)
-                .or_else(|| doc.and_then(|m| m["commit_time"].as_str()))
                 .map(str::to_owned);
-            match kind {
-                Kind::Missing => report.counts.missing += 1,
-                Kind::Extra => report.counts.extra += 1,
-                Kind::Stale => report.counts.stale += 1,
-            }
-            let hour = since
-                .as_deref()
-                .map(|s| s.get(..13).unwrap_or(s).to_owned())
-                .unwrap_or_else(|| "unknown".to_owned());
-            *report
-                .timeline
-                .entry(hour)
-                .or_default()
-                .entry(kind)
-                .or_default() += 1;
-            report.drifted_keys.push((id.clone(), key.clone()));
-            if report.examples.iter().filter(|e| e.kind == kind).count() < EXAMPLES {
-                report.examples.push(Drift {
-                    kind,
-                    id: id.clone(),
-                    key: key.clone(),
-                    since,
-                });
-            }
+            findings.push(Finding {
+                kind,
+                id: id.clone(),
+                key: key.clone(),
+                row_time,
+                doc: docs.remove(id),
+            });
         }
     }
+    // Reports list keys in the order their values sort.
+    findings.sort_by(|a, b| key_order(&a.key, &b.key).then_with(|| a.id.cmp(&b.id)));
+    // 4. Why, from Kafka: its topic read once for all of them.
+    let evidence = match target.kafka {
+        Some(kafka) if !findings.is_empty() => {
+            let (kafka, owned, probes) = (kafka.clone(), mapping.clone(), findings.clone());
+            Some(
+                tokio::task::spawn_blocking(move || gather(&kafka, &owned, &probes))
+                    .await?
+                    .map_err(|e| {
+                        e.context(format!(
+                            "table {name}: reading Kafka for the causes of its drift (--no-causes audits without)"
+                        ))
+                    })?,
+            )
+        }
+        Some(_) => Some(Vec::new()),
+        None => None,
+    };
+    conclude(&mut report, target, findings, evidence);
     info!(table = %name, rows = report.rows, documents = report.documents,
         missing = report.counts.missing, extra = report.counts.extra, stale = report.counts.stale,
         elapsed_s = started.elapsed().as_secs(), "audit: table done");
     Ok(report)
+}
+
+/// Counts, dates, explains and suggests the fixes of what the re-check
+/// confirmed; `evidence` is in the findings' order.
+fn conclude(
+    report: &mut TableReport,
+    target: &Target<'_>,
+    findings: Vec<Finding>,
+    evidence: Option<Vec<Evidence>>,
+) {
+    let table = &report.table;
+    let mut times = Vec::new();
+    let mut causes: BTreeMap<Cause, u64> = BTreeMap::new();
+    // Per fix: documents, and for windows the commit times to cover.
+    let mut fixes: BTreeMap<Fix, (u64, Option<(i64, i64)>)> = BTreeMap::new();
+    for (i, f) in findings.iter().enumerate() {
+        report.counts.add(f.kind);
+        let e = evidence.as_ref().and_then(|e| e.get(i));
+        let verdict = e.map(|e| judge(f, e));
+        let since_ms = match &verdict {
+            Some(v) => v.since_ms,
+            None => f
+                .row_time
+                .as_deref()
+                .or_else(|| f.doc.as_ref().and_then(|m| m["commit_time"].as_str()))
+                .and_then(tidemark_schemas::commit_time::unix_millis),
+        };
+        match since_ms {
+            Some(ms) => times.push((f.kind, ms)),
+            None => report.untimed.add(f.kind),
+        }
+        let fix = verdict.as_ref().map_or(Fix::AuditRepair, |v| v.cause.fix());
+        let slot = fixes.entry(fix).or_default();
+        slot.0 += 1;
+        if let Some((first, last)) = verdict.as_ref().and_then(|v| v.window_ms) {
+            slot.1 = Some(match slot.1 {
+                Some((a, b)) => (a.min(first), b.max(last)),
+                None => (first, last),
+            });
+        }
+        if let Some(v) = &verdict {
+            *causes.entry(v.cause).or_default() += 1;
+        }
+        let dead_letter = e.and_then(|e| e.dead_letter.clone());
+        if dead_letter.is_some() {
+            report.dead_lettered += 1;
+        }
+        report.drifted_keys.push((f.id.clone(), f.key.clone()));
+        if report.examples.iter().filter(|x| x.kind == f.kind).count() < EXAMPLES {
+            report.examples.push(Drift {
+                kind: f.kind,
+                id: f.id.clone(),
+                key: f.key.clone(),
+                since: since_ms.map(text_time),
+                cause: verdict.map(|v| v.cause),
+                dead_letter,
+            });
+        }
+    }
+    report.first_drift = times.iter().map(|(_, t)| *t).min().map(text_time);
+    report.last_drift = times.iter().map(|(_, t)| *t).max().map(text_time);
+    report.timeline = histogram(&times);
+    report.causes = evidence.map(|_| causes);
+    let run = target.invocation;
+    for (fix, (documents, window)) in fixes {
+        let suggestion = match (fix, window) {
+            (Fix::Window, Some((first, last))) => {
+                let (from, to) = window_bounds(first, last);
+                Suggestion {
+                    fix,
+                    documents,
+                    command: format!("{run} window --from {from} --to {to} --table {table} --yes"),
+                    from: Some(from),
+                    to: Some(to),
+                }
+            }
+            (Fix::CheckWriters, _) => Suggestion {
+                fix,
+                documents,
+                command: format!("{run} audit --table {table} --deep --repair --yes"),
+                from: None,
+                to: None,
+            },
+            _ => Suggestion {
+                fix,
+                documents,
+                command: format!("{run} audit --table {table} --repair --yes"),
+                from: None,
+                to: None,
+            },
+        };
+        report.fixes.push(suggestion);
+    }
+}
+
+fn text_time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// Keys in the order their values sort (numbers as numbers), column by
+/// column: reports list `2` before `10`.
+pub(crate) fn key_order(a: &Row, b: &Row) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for ((_, x), (_, y)) in a.iter().zip(b.iter()) {
+        let order = match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+            _ => match (x.as_str(), y.as_str()) {
+                (Some(x), Some(y)) => x.cmp(y),
+                _ => x.to_string().cmp(&y.to_string()),
+            },
+        };
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 #[cfg(test)]
@@ -317,14 +523,17 @@ mod tests {
 
     #[test]
     fn html_is_self_contained_and_escaped() {
-        let mut timeline = BTreeMap::new();
-        timeline.insert(
-            "2026-11-22T10".to_owned(),
-            BTreeMap::from([(Kind::Stale, 3u64), (Kind::Missing, 1)]),
-        );
+        let timeline = Timeline {
+            bucket_s: 60,
+            buckets: BTreeMap::from([(
+                "2026-11-22T10:01:00Z".to_owned(),
+                BTreeMap::from([(Kind::Stale, 3u64), (Kind::Missing, 1)]),
+            )]),
+        };
         let report = TableReport {
             table: "public.a<b>".into(),
             index: "a".into(),
+            mode: "hash",
             rows: 10,
             documents: 9,
             counts: Counts {
@@ -332,7 +541,19 @@ mod tests {
                 extra: 0,
                 stale: 3,
             },
+            first_drift: Some("2026-11-22T10:01:02Z".into()),
+            last_drift: Some("2026-11-22T10:01:40Z".into()),
             timeline,
+            untimed: Counts::default(),
+            causes: Some(BTreeMap::from([(Cause::LostInApply, 4)])),
+            dead_lettered: 0,
+            fixes: vec![Suggestion {
+                fix: Fix::Window,
+                documents: 4,
+                command: "tidemark-replay window --from A --to B --table public.a<b> --yes".into(),
+                from: Some("A".into()),
+                to: Some("B".into()),
+            }],
             examples: vec![],
             settled_on_recheck: 0,
             sample: None,
@@ -343,10 +564,25 @@ mod tests {
         assert!(html.contains("public.a&lt;b&gt;"));
         assert!(html.contains("<svg") && html.contains("class=\"stale\""));
         assert!(html.contains("4 documents drifted"));
+        assert!(html.contains("--table public.a&lt;b&gt; --yes"), "{html}");
+        assert!(html.contains("lost in apply"), "{html}");
         assert!(
             !html.contains("src=\"http") && !html.contains("href=\"http"),
             "no external assets"
         );
+    }
+
+    #[test]
+    fn keys_sort_as_their_values_do() {
+        let key = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let mut keys = [
+            key(json!({"id": 10})),
+            key(json!({"id": 2})),
+            key(json!({"id": 1})),
+        ];
+        keys.sort_by(key_order);
+        assert_eq!(keys[0]["id"], 1);
+        assert_eq!(keys[2]["id"], 10);
     }
 
     #[test]

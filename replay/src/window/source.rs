@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_index::apply::{Applier, Effect, Outcome};
 use tidemark_index::mapping::{TableMapping, Write, content_hash};
-use tidemark_index::reads::{doc_meta, doc_meta_searched, refresh};
+use tidemark_index::reads::{doc_content_meta, doc_meta, doc_meta_searched, refresh};
 use tidemark_index::search::Search;
 use tidemark_schemas::{Row, Version};
 use tokio::sync::watch;
@@ -72,6 +72,7 @@ pub(crate) async fn plan(
     at: tidemark_postgres::Point,
     commit_time: &str,
     write: bool,
+    by_content: bool,
 ) -> anyhow::Result<Vec<Planned>> {
     let started = Instant::now();
     let version = Version::of_snapshot(at.timeline, at.lsn)?;
@@ -89,7 +90,14 @@ pub(crate) async fn plan(
         anyhow::Ok(rows)
     };
     // Documents as of the refresh at the start of the run (see `run_table`).
-    let (mut rows, docs) = if write {
+    let (mut rows, docs) = if by_content {
+        // Judged by what each document holds, not by the hash it says it
+        // holds (`audit --deep` found writes that bypassed Tidemark): read
+        // realtime, with sources.
+        let lookup = async { anyhow::Ok(doc_content_meta(search, &mapping.index, &ids).await?) };
+        let (rows, docs) = tokio::try_join!(read, lookup)?;
+        (documents(mapping, rows), docs)
+    } else if write {
         let documents = documents(mapping, read.await?);
         let hashes: Vec<&str> = documents.values().map(|(_, hash)| hash.as_str()).collect();
         let docs = doc_meta_searched(search, &mapping.index, &ids, false, Some(&hashes)).await?;
@@ -211,6 +219,11 @@ pub struct Job<'a> {
     pub search: &'a Search,
     pub applier: &'a Applier,
     pub write: bool,
+    /// Judge documents by their content, not by their stored
+    /// `_tidemark.hash` (a repair of what `audit --deep` found): a write
+    /// that bypassed Tidemark leaves that hash as it was, so a document it
+    /// changed would otherwise count as already right and stay as it is.
+    pub by_content: bool,
 }
 
 /// Repairs (or, without `write`, classifies) one table's window keys.
@@ -285,6 +298,7 @@ pub async fn run_table(
             at,
             &now,
             job.write,
+            job.by_content,
         )
         .await?;
         while !chunk.is_empty() {
@@ -334,6 +348,7 @@ pub async fn run_table(
                         at,
                         &now,
                         job.write,
+                        job.by_content,
                     )
                     .await,
                 )
@@ -416,7 +431,18 @@ pub async fn run_table(
             Ok(chunk) if chunk.is_empty() => None,
             other => Some(other),
         });
-        result.verified = Some(verify(&client, job.search, &d, mapping, keys, &wrote).await?);
+        result.verified = Some(
+            verify(
+                &client,
+                job.search,
+                &d,
+                mapping,
+                keys,
+                &wrote,
+                job.by_content,
+            )
+            .await?,
+        );
     }
     Ok(result)
 }

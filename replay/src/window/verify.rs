@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tidemark_index::mapping::{TableMapping, content_hash};
-use tidemark_index::reads::doc_meta;
+use tidemark_index::reads::{doc_content_meta, doc_meta};
 use tidemark_index::search::Search;
 use tidemark_schemas::Row;
 use tokio_postgres::Client;
@@ -87,11 +87,16 @@ async fn look(
     d: &Described,
     mapping: &TableMapping,
     keys: &[(String, Row)],
+    by_content: bool,
 ) -> anyhow::Result<Vec<(Option<Kind>, Option<String>)>> {
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
     let rows = rows_by_keys(client, d, mapping, &key_rows).await?;
-    let docs = doc_meta(search, &mapping.index, &ids).await?;
+    let docs = if by_content {
+        doc_content_meta(search, &mapping.index, &ids).await?
+    } else {
+        doc_meta(search, &mapping.index, &ids).await?
+    };
     Ok(keys
         .iter()
         .map(|(id, _)| {
@@ -112,6 +117,7 @@ pub(crate) async fn verify(
     mapping: &TableMapping,
     keys: impl Iterator<Item = anyhow::Result<Vec<(String, Row)>>>,
     wrote: &AtSnapshot,
+    by_content: bool,
 ) -> anyhow::Result<Verified> {
     let started = Instant::now();
     let mut verdict = Verified::default();
@@ -121,7 +127,7 @@ pub(crate) async fn verify(
         for part in chunk.chunks(VERIFY_CHUNK) {
             for ((id, key), (kind, _)) in part
                 .iter()
-                .zip(look(client, search, d, mapping, part).await?)
+                .zip(look(client, search, d, mapping, part, by_content).await?)
             {
                 match kind {
                     None => verdict.clean += 1,
@@ -136,7 +142,7 @@ pub(crate) async fn verify(
         tokio::time::sleep(Duration::from_millis(500)).await;
         last.clear();
         for part in differ.chunks(VERIFY_CHUNK) {
-            last.extend(look(client, search, d, mapping, part).await?);
+            last.extend(look(client, search, d, mapping, part, by_content).await?);
         }
         let mut kept = Vec::with_capacity(differ.len());
         let mut kept_last = Vec::with_capacity(differ.len());

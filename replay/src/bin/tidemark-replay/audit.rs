@@ -21,6 +21,11 @@ pub struct AuditOptions {
     pub repair: bool,
     pub yes: bool,
     pub target_override: bool,
+    pub deep: bool,
+    pub causes: bool,
+    /// How this program was started (`tidemark-replay --config F`), for
+    /// the commands the report suggests.
+    pub invocation: String,
 }
 
 pub async fn audit(
@@ -37,6 +42,9 @@ pub async fn audit(
         repair,
         yes,
         target_override,
+        deep,
+        causes,
+        invocation,
     } = options;
     crate::check_tables(config, tables)?;
     let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
@@ -52,6 +60,9 @@ pub async fn audit(
             time_column: entry.audit_time_column.as_deref(),
             sample,
             since,
+            deep,
+            kafka: causes.then_some(&config.kafka),
+            invocation: &invocation,
         };
         reports.push(
             tidemark_replay::audit::audit_table(
@@ -77,7 +88,7 @@ pub async fn audit(
     }
     let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
     if repair && drifted > 0 {
-        return repair_drift(config, &reports, yes, target_override).await;
+        return repair_drift(config, &reports, yes, target_override, deep).await;
     }
     Ok(if drifted > 0 {
         ExitCode::from(1)
@@ -93,6 +104,7 @@ async fn repair_drift(
     reports: &[tidemark_replay::audit::TableReport],
     write: bool,
     target_override: bool,
+    deep: bool,
 ) -> anyhow::Result<ExitCode> {
     let sets: Vec<(String, Vec<(String, tidemark_schemas::Row)>)> = reports
         .iter()
@@ -106,6 +118,7 @@ async fn repair_drift(
         target_override,
         "audit --repair",
         "drifted documents",
+        deep,
     )
     .await
 }

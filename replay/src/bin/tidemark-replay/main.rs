@@ -155,6 +155,17 @@ enum Command {
         /// pipeline's (another pipeline's stamp, or none).
         #[arg(long)]
         target_override: bool,
+        /// Judge each document by its content (its source hashed through
+        /// the same mapping) rather than by the hash Tidemark stored: finds
+        /// writes that bypassed Tidemark (a partial _update, a hand fix, a
+        /// second writer). Reads every document's source: slower.
+        #[arg(long)]
+        deep: bool,
+        /// Do not read Kafka for why each document drifted (for an audit
+        /// while Kafka is unreachable); the report then suggests
+        /// `audit --repair` only.
+        #[arg(long)]
+        no_causes: bool,
     },
     /// Lists what the dead-letter topic holds: time, stage, table, key,
     /// reason and origin (never row contents). With --repair, once the
@@ -207,6 +218,18 @@ enum AuditFormat {
 enum Format {
     Text,
     Json,
+}
+
+/// `word` as one shell word: as it is when it needs no quoting.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:@=,".contains(c))
+    {
+        return word.to_owned();
+    }
+    format!("'{}'", word.replace('\'', "'\\''"))
 }
 
 fn main() -> ExitCode {
@@ -329,6 +352,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             repair,
             yes,
             target_override,
+            deep,
+            no_causes,
         } => {
             if let Some(f) = sample
                 && !(f > 0.0 && f <= 1.0)
@@ -348,6 +373,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 repair,
                 yes,
                 target_override,
+                deep,
+                causes: !no_causes,
+                invocation: format!(
+                    "tidemark-replay --config {}",
+                    shell_word(&path.display().to_string())
+                ),
             };
             audit(&config, &table, options).await
         }

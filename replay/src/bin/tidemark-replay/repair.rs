@@ -79,6 +79,7 @@ pub async fn dead_letters(
         target_override,
         "dead-letters --repair",
         "dead-lettered keys",
+        false,
     )
     .await
 }
@@ -94,6 +95,7 @@ pub async fn repair_keys(
     target_override: bool,
     command: &str,
     what: &str,
+    by_content: bool,
 ) -> anyhow::Result<ExitCode> {
     use tidemark_replay::window;
     let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
@@ -146,6 +148,7 @@ pub async fn repair_keys(
         search: &search,
         applier: &applier,
         write,
+        by_content,
     };
     let mut results = Vec::new();
     for (mapping, keys) in targets {

@@ -165,6 +165,7 @@ pub async fn window(
         search: &search,
         applier: &applier,
         write,
+        by_content: false,
     };
     let mut results = Vec::new();
     let mut log_results = Vec::new();
