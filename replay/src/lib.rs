@@ -22,5 +22,6 @@ pub mod guard;
 pub mod history;
 pub mod keys;
 pub mod merge;
+pub mod progress;
 pub mod time;
 pub mod window;

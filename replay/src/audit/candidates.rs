@@ -14,10 +14,11 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::info;
 
 use super::{
-    CHUNK, Described, TableReport, Target, compare, key_from_id, key_types, open_cursor,
-    rows_by_keys, sampled, sorted_documents, sorted_rows,
+    CHUNK, Described, TableReport, Target, compare, estimated_rows, key_from_id, key_types,
+    open_cursor, rows_by_keys, sampled, sorted_documents, sorted_rows,
 };
 use crate::merge::Mismatch;
+use crate::progress::Progress;
 
 /// Full audit: both sides streamed once, sorted by document id and merged
 /// (see [`crate::merge`]). Rows are read in one REPEATABLE READ snapshot
@@ -37,19 +38,25 @@ pub(crate) async fn merged_candidates(
     // The index is read on its own task (its own thread under the
     // multi-threaded runtime) while this one maps rows; dropping the set
     // on an error stops it.
+    let estimate = estimated_rows(client, d).await;
+    let documents = Progress::new(&format!("{name}: documents"), "documents", estimate);
     let mut scroll = tokio::task::JoinSet::new();
     scroll.spawn(sorted_documents(
         search.client().clone(),
         mapping.index.clone(),
         target.deep,
+        documents.clone(),
     ));
-    let rows = sorted_rows(client, d, mapping, query).await?;
+    let rows_progress = Progress::new(&format!("{name}: rows"), "rows", estimate);
+    let rows = sorted_rows(client, d, mapping, query, &rows_progress).await?;
+    rows_progress.finish();
     report.rows = rows.count();
     info!(table = %name, rows = report.rows, elapsed_ms = started.elapsed().as_millis() as u64, "audit: rows read");
     let docs = scroll
         .join_next()
         .await
         .context("the index scroll task vanished")???;
+    documents.finish();
     report.documents = docs.count();
     info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents read");
 
@@ -129,9 +136,11 @@ pub(crate) async fn looked_up_candidates(
         }
         anyhow::Ok(chunk)
     };
+    let progress = Progress::new(&format!("{name}: rows"), "rows", None);
     let mut chunk = read_chunk().await?;
     loop {
         let fetched = chunk.len();
+        progress.inc(fetched as u64);
         report.rows += fetched as u64;
         let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| id.as_str()).collect();
         let last = fetched < CHUNK;
@@ -163,6 +172,7 @@ pub(crate) async fn looked_up_candidates(
         }
         chunk = next?;
     }
+    progress.finish();
     tx.batch_execute("CLOSE tidemark_audit").await?;
     info!(table = %name, rows = report.rows, elapsed_ms = started.elapsed().as_millis() as u64, "audit: rows pass done");
 

@@ -37,6 +37,7 @@ use tidemark_schemas::{ChangeEvent, Operation, Row, commit_time::unix_millis};
 use tracing::info;
 
 use super::Kind;
+use crate::progress::Progress;
 use crate::window::{KAFKA_TIMEOUT, close_in_background, open_scanner, record_key_of};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -304,6 +305,15 @@ pub(crate) fn gather(
     let mut truncates: Vec<(u64, i64)> = Vec::new();
     let mut scanned = 0u64;
     let mut last_report = Instant::now();
+    let total: i64 = spans
+        .values()
+        .map(|(_, start, high)| (high - start).max(0))
+        .sum();
+    let progress = Progress::new(
+        &format!("{}: Kafka, for causes", mapping.qualified()),
+        "records",
+        Some(total as u64),
+    );
     if !open.is_empty() {
         consumer.assign(&assignment)?;
     }
@@ -314,6 +324,7 @@ pub(crate) fn gather(
         let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
         let (partition, offset) = (message.partition(), message.offset());
         scanned += 1;
+        progress.inc(1);
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             info!(topic, scanned, "audit: reading Kafka for causes");
@@ -361,6 +372,7 @@ pub(crate) fn gather(
             }
         }
     }
+    progress.finish();
     close_in_background(consumer);
     // A truncate reaches every partition: counted once per key.
     truncates.sort_unstable();

@@ -12,6 +12,7 @@ use tracing::info;
 
 use super::{PROGRESS_EVERY, SCROLL_PAGE};
 use crate::merge::{Entry, Sorter};
+use crate::progress::Progress;
 
 /// Every document of the index as (id, content hash), sorted by id: the
 /// hash it carries, or with `deep` the hash of what it holds.
@@ -19,6 +20,7 @@ pub(crate) async fn sorted_documents(
     client: OpenSearch,
     index: String,
     deep: bool,
+    progress: Progress,
 ) -> anyhow::Result<Sorter> {
     let started = Instant::now();
     let mut sorter = Sorter::default();
@@ -37,6 +39,7 @@ pub(crate) async fn sorted_documents(
             if hits.is_empty() {
                 return Ok(());
             }
+            progress.inc(hits.len() as u64);
             for hit in hits {
                 let hash = match hit.source {
                     Some(source) => Some(document_digest(&source)),

@@ -16,6 +16,7 @@ use tracing::info;
 
 use super::{CHUNK, PROGRESS_EVERY};
 use crate::merge::{Entry, Sorter};
+use crate::progress::Progress;
 
 /// The table as the catalog describes it, with type mappings and key types.
 pub(crate) struct Described {
@@ -70,6 +71,24 @@ pub(crate) async fn describe(
         key_types,
         select,
     })
+}
+
+/// PostgreSQL's estimate of the table's row count (`None` before its
+/// first ANALYZE), for progress.
+pub(crate) async fn estimated_rows(client: &Client, d: &Described) -> Option<u64> {
+    let table = format!(
+        "{}.{}",
+        quote_ident(&d.table.schema),
+        quote_ident(&d.table.name)
+    );
+    let row = client
+        .query_one(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
 }
 
 /// The average size, in bytes of text, of a row as `rows_by_keys` reads
@@ -243,6 +262,7 @@ pub(crate) async fn sorted_rows(
     d: &Described,
     mapping: &TableMapping,
     query: &str,
+    progress: &Progress,
 ) -> anyhow::Result<Sorter> {
     let name = mapping.qualified();
     let started = Instant::now();
@@ -284,6 +304,7 @@ pub(crate) async fn sorted_rows(
             }
         );
         mapped?;
+        progress.inc(fetched as u64);
         if sorter.count() >= next_report {
             next_report += PROGRESS_EVERY;
             info!(table = %name, rows = sorter.count(), elapsed_s = started.elapsed().as_secs(), "audit: rows read");

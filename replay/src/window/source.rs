@@ -3,7 +3,6 @@
 //! layer's apply path, vanished keys re-checked (see the parent module).
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use tidemark_index::apply::{Applier, Effect, Outcome};
@@ -18,6 +17,7 @@ use tracing::info;
 use super::verify::{AtSnapshot, verify};
 use super::{Class, TableResult, WindowKeys};
 use crate::audit::{Described, describe, keys_without_rows, rows_by_keys, sample_row_bytes};
+use crate::progress::Progress;
 
 /// Keys read and written per round trip, at most.
 pub(crate) const CHUNK: usize = 10_000;
@@ -275,7 +275,7 @@ pub async fn run_table(
     let now = jiff::Timestamp::now().to_string();
     let (_keep, never) = watch::channel(false);
     let started = Instant::now();
-    let terminal = std::io::stderr().is_terminal();
+    let progress = Progress::new(&mapping.qualified(), "keys", Some(total));
     let mut last_report = Instant::now();
     // Keys written as documents go, chunk by chunk once applied, to the
     // re-check running beside the writes (step 4).
@@ -397,25 +397,18 @@ pub async fn run_table(
             if let Some(next) = next {
                 planned = next?;
             }
-            done += chunk.len() as u64;
+            let chunk_len = chunk.len() as u64;
+            done += chunk_len;
             chunk = next_chunk;
-            if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
+            progress.inc(chunk_len);
+            if last_report.elapsed() >= Duration::from_secs(10) {
                 last_report = Instant::now();
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
                 let eta = (total - done) as f64 / rate.max(1.0);
-                if terminal {
-                    eprint!(
-                        "\r{}: {done}/{total} keys, {rate:.0} keys/s, ETA {eta:.0} s   ",
-                        mapping.qualified(),
-                    );
-                } else {
-                    info!(table = %mapping.qualified(), done, total, rate = rate as u64, eta_s = eta as u64, "window progress");
-                }
+                info!(table = %mapping.qualified(), done, total, rate = rate as u64, eta_s = eta as u64, "window progress");
             }
         }
-        if terminal && total > CHUNK as u64 {
-            eprintln!();
-        }
+        progress.finish();
         drop(to_recheck);
         info!(table = %mapping.qualified(), keys = total, elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
         anyhow::Ok(result)
