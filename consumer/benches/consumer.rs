@@ -102,10 +102,7 @@ impl Bench {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+    tidemark_testkit::ports::free()
 }
 
 /// Sum of a metric's samples from the consumer's /metrics.

@@ -219,10 +219,7 @@ fn stop(child: &mut Guard) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+    tidemark_testkit::ports::free()
 }
 
 async fn new_producer(pg: &Client, stack: &Stack, payload: usize) -> Producer {

@@ -52,17 +52,7 @@ impl ScratchKafka {
         let dir = PathBuf::from("/var/tmp").join(unique_name("tidemark_scratch_kafka"));
         std::fs::create_dir_all(&dir).expect("scratch Kafka dir");
         // The broker's port and, next to it, its controller's.
-        let port = (0..50)
-            .find_map(|_| {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map(|a| a.port())
-                    .ok()?;
-                std::net::TcpListener::bind(("127.0.0.1", port + 1))
-                    .is_ok()
-                    .then_some(port)
-            })
-            .expect("two free neighbouring ports for a scratch Kafka");
+        let port = crate::ports::free_pair();
         let broker = ScratchKafka {
             dir,
             port,

@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod kafka;
+pub mod ports;
 pub mod scratch;
 pub mod topics;
 

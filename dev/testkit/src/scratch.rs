@@ -84,13 +84,6 @@ fn run(program: &Path, args: &[&str]) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn owned_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from("/var/tmp").join(unique_name(name));
     std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -225,7 +218,7 @@ impl ScratchPostgres {
     }
 
     fn start(&mut self) {
-        self.port = free_port();
+        self.port = crate::ports::free();
         let data = self.dir.join("data").display().to_string();
         let log = self.dir.join("postgres.log").display().to_string();
         let options = format!("-p {}", self.port);
@@ -438,10 +431,7 @@ impl ScratchOpenSearch {
             .map(|i| 9260 + (start + i) % 40)
             .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
             .expect("a free port in 9260..9299 for a scratch OpenSearch");
-        let transport_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free transport port");
+        let transport_port = crate::ports::free();
         let node = ScratchOpenSearch {
             dir,
             port,

@@ -50,10 +50,7 @@ impl Drop for Producer {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    tidemark_testkit::ports::free()
 }
 
 impl Harness {
