@@ -24,4 +24,5 @@ pub mod keys;
 pub mod merge;
 pub mod progress;
 pub mod time;
+pub mod watch;
 pub mod window;

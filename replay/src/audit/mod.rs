@@ -207,6 +207,9 @@ pub struct Target<'a> {
     pub kafka: Option<&'a tidemark_schemas::config::Kafka>,
     /// How the suggested commands start (`tidemark-replay --config F`).
     pub invocation: &'a str,
+    /// Documents (id, key) known to have drifted before (`--watch`): looked
+    /// at again whatever the pass reads, so repaired drift is seen to go.
+    pub known: &'a [(String, Row)],
 }
 
 /// The key a document id was made from, if it decodes into values the key
@@ -334,6 +337,7 @@ pub async fn audit_table(
         looked_up_candidates(client, search, target, &d, &query, &mut report).await?
     };
 
+    candidates.extend(target.known.iter().cloned());
     candidates.sort_by(|a, b| a.0.cmp(&b.0));
     candidates.dedup_by(|a, b| a.0 == b.0);
 

@@ -63,6 +63,7 @@ pub async fn audit(
             deep,
             kafka: causes.then_some(&config.kafka),
             invocation: &invocation,
+            known: &[],
         };
         reports.push(
             tidemark_replay::audit::audit_table(

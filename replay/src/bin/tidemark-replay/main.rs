@@ -10,12 +10,15 @@ use tidemark_replay::{history, keys, time};
 
 mod audit;
 mod repair;
+mod watch;
 mod window;
 
 use audit::{AuditOptions, audit};
 use repair::dead_letters;
+use std::time::Duration;
 use tidemark_schemas::Source;
 use tidemark_schemas::config::Config;
+use watch::{WatchOptions, watch};
 use window::window;
 
 /// Window and audit map, hash and serialize millions of small JSON values
@@ -166,6 +169,29 @@ enum Command {
         /// `audit --repair` only.
         #[arg(long)]
         no_causes: bool,
+        /// Run as a service: a rolling pass every --interval, a full pass
+        /// every --full-every, /readyz and /metrics on --listen (see
+        /// README, "audit --watch"). Stops on SIGTERM or Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: seconds between rolling passes.
+        #[arg(long, default_value_t = 60)]
+        interval: u64,
+        /// With --watch: seconds between full passes (the first is one).
+        #[arg(long, default_value_t = 3600)]
+        full_every: u64,
+        /// With --watch: how far back a rolling pass reads changed rows
+        /// (by the table's audit_time_column), in seconds.
+        #[arg(long, default_value_t = 600)]
+        lookback: u64,
+        /// With --watch: where /readyz and /metrics are served.
+        #[arg(long, default_value = "127.0.0.1:9466")]
+        listen: std::net::SocketAddr,
+        /// With --watch: repair drift seen for longer than this many
+        /// seconds (longer than the consumer's lag), as audit --repair
+        /// --yes would, recorded as a run. Off by default.
+        #[arg(long)]
+        repair_after: Option<u64>,
     },
     /// Lists what the dead-letter topic holds: time, stage, table, key,
     /// reason and origin (never row contents). With --repair, once the
@@ -354,6 +380,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             target_override,
             deep,
             no_causes,
+            watch: watching,
+            interval,
+            full_every,
+            lookback,
+            listen,
+            repair_after,
         } => {
             if let Some(f) = sample
                 && !(f > 0.0 && f <= 1.0)
@@ -364,6 +396,36 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .map(|s| time::parse_time(&s, jiff::Timestamp::now()))
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
+            let invocation = format!(
+                "tidemark-replay --config {}",
+                shell_word(&path.display().to_string())
+            );
+            if watching {
+                if repair || since.is_some() || out.is_some() {
+                    anyhow::bail!(
+                        "--watch runs its own passes: --repair, --since and --out do not apply (--repair-after SECS repairs from a watch)"
+                    );
+                }
+                if interval == 0 || full_every == 0 {
+                    anyhow::bail!("--interval and --full-every must be at least 1 second");
+                }
+                let options = WatchOptions {
+                    interval: Duration::from_secs(interval),
+                    full_every: Duration::from_secs(full_every),
+                    lookback: Duration::from_secs(lookback),
+                    sample: sample.unwrap_or(0.01),
+                    listen,
+                    repair_after: repair_after.map(Duration::from_secs),
+                    recheck_after: Duration::from_secs(recheck_after),
+                    deep,
+                    causes: !no_causes,
+                    invocation,
+                };
+                return watch(&config, &table, options).await;
+            }
+            if repair_after.is_some() {
+                anyhow::bail!("--repair-after needs --watch (without it: --repair)");
+            }
             let options = AuditOptions {
                 format,
                 out,
@@ -375,10 +437,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 target_override,
                 deep,
                 causes: !no_causes,
-                invocation: format!(
-                    "tidemark-replay --config {}",
-                    shell_word(&path.display().to_string())
-                ),
+                invocation,
             };
             audit(&config, &table, options).await
         }
