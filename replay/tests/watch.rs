@@ -114,6 +114,8 @@ async fn lose_updates(
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_lost_under_a_running_watch_raises_its_gauge_until_repaired() {
     let mut p = Pipeline::new("r_watch").await;
+    // Rows dated an hour back: outside every rolling pass's lookback, so
+    // only what a row's change (or a full pass) brings up gets looked at.
     let table = p.table("t");
     p.create_table(
         &table,
@@ -122,7 +124,8 @@ async fn drift_lost_under_a_running_watch_raises_its_gauge_until_repaired() {
     )
     .await;
     p.pg.batch_execute(&format!(
-        "INSERT INTO {table} (id, title) SELECT g, 'row ' || g FROM generate_series(1, 50) g"
+        "INSERT INTO {table} (id, title, updated_at) \
+         SELECT g, 'row ' || g, now() - interval '1 hour' FROM generate_series(1, 50) g"
     ))
     .await
     .expect("rows");
@@ -166,14 +169,24 @@ async fn drift_lost_under_a_running_watch_raises_its_gauge_until_repaired() {
         "now() - interval '1 hour'",
     )
     .await;
+    // And one document overwritten around Tidemark, which keeps its stored
+    // hash: the full pass checks content and finds it too.
+    let answer =
+        p.os.update(opensearch::UpdateParts::IndexId(&p.index(&table), "9"))
+            .body(serde_json::json!({"doc": {"title": "fixed by hand"}}))
+            .send()
+            .await
+            .expect("_update");
+    assert!(answer.status_code().is_success(), "_update 9");
     let watcher = start_watch(&p, &["--repair-after", "3"]);
-    wait_metric(&watcher, &p, &stale, 2.0, 60).await;
+    wait_metric(&watcher, &p, &stale, 3.0, 60).await;
     let repaired = format!("tidemark_audit_repaired_total{{table=\"public.{table}\"}}");
-    wait_metric(&watcher, &p, &repaired, 2.0, 90).await;
+    wait_metric(&watcher, &p, &repaired, 3.0, 90).await;
     wait_metric(&watcher, &p, &stale, 0.0, 60).await;
     drop(watcher);
     let docs = p.wait_converged(&table, 30, &[]).await;
     assert_eq!(docs["7"]["title"], "lost");
+    assert_eq!(docs["9"]["title"], "row 9");
     let (_, runs, _) = p.run_replay(&["runs", "--format", "json"]);
     assert!(runs.contains("audit --watch --repair-after"), "{runs}");
 

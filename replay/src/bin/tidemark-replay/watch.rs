@@ -2,7 +2,9 @@
 //! `--interval` (per table: rows changed in the last `--lookback` by its
 //! time column, else a `--sample` of the table; plus every drift already
 //! known, so drift that was repaired leaves the gauge), a full pass every
-//! `--full-every` (the first pass is full), in the audit's bounded memory.
+//! `--full-every` (the first pass is full) that checks content as
+//! `--deep` does (rolling passes do too while drift is known, or always
+//! with `--deep`), in the audit's bounded memory.
 //! `/readyz` and `/metrics` on `--listen` (see `tidemark_replay::watch`).
 //! With `--repair-after SECS`, drift seen for longer than that (so not
 //! the consumer's lag) is repaired through the same path as
@@ -97,7 +99,11 @@ pub async fn watch(
                     ),
                     _ => None,
                 },
-                deep: options.deep,
+                // The full pass checks content too: it is what finds writes
+                // that bypassed Tidemark. While drift is known, rolling
+                // passes do as well, so drift only content shows stays
+                // seen until it is repaired.
+                deep: options.deep || pass == Pass::Full || !previous.is_empty(),
                 kafka: options.causes.then_some(&config.kafka),
                 invocation: &options.invocation,
                 known: &previous,
@@ -138,7 +144,7 @@ pub async fn watch(
             }
         }
         if let Some(after) = options.repair_after {
-            repair_lasting(config, &state, &mut known, &first_seen, after, options.deep).await;
+            repair_lasting(config, &state, &mut known, &first_seen, after).await;
         }
         tokio::select! {
             () = tokio::time::sleep(options.interval) => {}
@@ -173,7 +179,6 @@ async fn repair_lasting(
     known: &mut HashMap<String, Vec<(String, Row)>>,
     first_seen: &HashMap<(String, String), Instant>,
     after: Duration,
-    deep: bool,
 ) {
     for (table, keys) in known.iter_mut() {
         let lasting: Vec<(String, Row)> = keys
@@ -197,7 +202,9 @@ async fn repair_lasting(
             false,
             "audit --watch --repair-after",
             "drifted documents",
-            deep,
+            // By content: a foreign write the full pass found keeps its
+            // stored hash, and only a content check sees it needs writing.
+            true,
         )
         .await
         {
