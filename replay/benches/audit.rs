@@ -10,7 +10,9 @@
 //! (a) baseline: reading the table through a cursor in the audit's chunk
 //!     size (PostgreSQL alone), rows/s;
 //! (b) `tidemark-replay audit` (release binary) on the clean table and
-//!     index: rows compared per second, and its peak RSS (VmHWM).
+//!     index: rows compared per second, and its peak RSS (VmHWM);
+//! (c) the same with `--deep` (every document's source read and hashed):
+//!     rows/s as a ratio to (b).
 //! Goal (issue): (b) >= 100,000 rows/s with RSS under 200 MB.
 
 use std::process::{Command, Stdio};
@@ -157,12 +159,38 @@ async fn main() {
     pg.batch_execute("COMMIT").await.expect("commit");
     let baseline = read as f64 / t0.elapsed().as_secs_f64();
 
-    // (b) the audit, as a user runs it.
+    // (b) the audit, as a user runs it; (c) the same with --deep.
+    let (rate, peak_mb, elapsed) = run_audit(&config_path, rows, &[]);
+    let (deep_rate, deep_peak_mb, deep_elapsed) = run_audit(&config_path, rows, &["--deep"]);
+    println!(
+        "(a) PostgreSQL cursor read alone: {baseline:>9.0} rows/s\n\
+         (b) tidemark-replay audit:        {rate:>9.0} rows/s  (b)/(a) = {:.2}; {elapsed:.1} s in all  (goal >= 100000 rows/s)\n\
+         (c) tidemark-replay audit --deep: {deep_rate:>9.0} rows/s  (c)/(b) = {:.2}; {deep_elapsed:.1} s in all\n\
+         peak RSS of the audit: {peak_mb:.1} MB, with --deep {deep_peak_mb:.1} MB  (goal < 200 MB)",
+        rate / baseline,
+        deep_rate / rate,
+    );
+
+    let _ = pg.batch_execute(&format!("DROP TABLE {table}")).await;
+    let _ = search
+        .client()
+        .indices()
+        .delete(opensearch::indices::IndicesDeleteParts::Index(&[
+            &mapping.index
+        ]))
+        .send()
+        .await;
+}
+
+/// Runs `tidemark-replay audit` (plus `extra`) on the clean table: rows
+/// per second, peak RSS in MB (VmHWM), seconds.
+fn run_audit(config_path: &std::path::Path, rows: usize, extra: &[&str]) -> (f64, f64, f64) {
     let t0 = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
         .arg("--config")
-        .arg(&config_path)
+        .arg(config_path)
         .args(["audit", "--format", "json", "--recheck-after", "1"])
+        .args(extra)
         .env_remove("TIDEMARK_KAFKA_BROKERS")
         .env_remove("TIDEMARK_OPENSEARCH_URL")
         .stdout(Stdio::piped())
@@ -197,27 +225,10 @@ async fn main() {
     }
     assert!(
         status.success(),
-        "the audit found drift or failed: {status}\n{out}"
+        "the audit {extra:?} found drift or failed: {status}\n{out}"
     );
     let report: Value = serde_json::from_str(&out).expect("JSON report");
     assert_eq!(report["tables"][0]["rows"], json!(rows));
     assert_eq!(report["tables"][0]["documents"], json!(rows));
-    let rate = rows as f64 / elapsed;
-    println!(
-        "(a) PostgreSQL cursor read alone: {baseline:>9.0} rows/s\n\
-         (b) tidemark-replay audit:        {rate:>9.0} rows/s  (b)/(a) = {:.2}; {elapsed:.1} s in all  (goal >= 100000 rows/s)\n\
-         peak RSS of the audit: {:.1} MB  (goal < 200 MB)",
-        rate / baseline,
-        peak_kb as f64 / 1024.0
-    );
-
-    let _ = pg.batch_execute(&format!("DROP TABLE {table}")).await;
-    let _ = search
-        .client()
-        .indices()
-        .delete(opensearch::indices::IndicesDeleteParts::Index(&[
-            &mapping.index
-        ]))
-        .send()
-        .await;
+    (rows as f64 / elapsed, peak_kb as f64 / 1024.0, elapsed)
 }

@@ -14,7 +14,8 @@
 //! `guard` (what every writing command does: target, confirmation, run record),
 //! `history` (a row's changes from Kafka), `keys` (key
 //! arguments -> the producer's key object), `time` (RFC 3339 and relative
-//! times).
+//! times), `progress` (bars on a terminal, nothing in logs), `watch`
+//! (`audit --watch`'s state, `/readyz` and `/metrics`).
 
 pub mod audit;
 pub mod dead_letters;
