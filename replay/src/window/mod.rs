@@ -108,6 +108,17 @@ impl TableResult {
     }
 }
 
+/// Document ids as people read them: numbers by value (`8` before `10`)
+/// and first, anything else after them as text (a total order).
+fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<i128>(), b.parse::<i128>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Err(_)) => a.cmp(b),
+    }
+}
+
 impl TableResult {
     /// Counts a key in its class, and keeps it as a sample of the class.
     fn count(&mut self, class: Class, id: &str) {
@@ -148,6 +159,8 @@ pub fn render_text(results: &[TableResult], write: bool) -> String {
             n(Class::AlreadyRight)
         ));
         for (class, keys) in &r.samples {
+            let mut keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            keys.sort_by(|a, b| id_order(a, b));
             out.push_str(&format!("    {class:?}: {}\n", keys.join(", ")));
         }
         if write {
@@ -200,6 +213,16 @@ mod tests {
     use super::*;
     use crate::merge::{Entry, Sorter};
     use tidemark_index::apply::{Effect, Outcome};
+
+    #[test]
+    fn sample_ids_read_in_key_order() {
+        let mut r = TableResult::default();
+        for id in ["10", "5x", "11", "8", "9", "a"] {
+            r.count(Class::Create, id);
+        }
+        let text = render_text(&[r], false);
+        assert!(text.contains("Create: 8, 9, 10, 11, 5x, a"), "{text}");
+    }
 
     #[test]
     fn write_answers_give_the_classes_a_dry_run_gives() {
