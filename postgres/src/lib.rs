@@ -33,4 +33,4 @@ pub use catalog::{CatalogTable, TypeResolver, describe_table, quote_ident, table
 pub use conn::{ConnInfo, Replication, SESSION_OPTIONS};
 pub use error::{SourceError, pg_text};
 pub use export::{ExportError, ExportedSnapshot, export_snapshot, system_identifier};
-pub use rows::{Point, RowError, row_values};
+pub use rows::{Point, RowError, key_values, row_values};

@@ -35,6 +35,36 @@ pub enum RowError {
     },
 }
 
+/// A row of only the key columns (a `SELECT` of `table.columns[i]` for
+/// each `i` of `key_index`, in that order) mapped as [`row_values`] maps
+/// them: the key, under the same one key rule (a null key column is an
+/// error naming the table and the column).
+pub fn key_values(
+    table: &CatalogTable,
+    mappings: &[Mapping],
+    key_index: &[usize],
+    row: &tokio_postgres::SimpleQueryRow,
+) -> Result<Row, RowError> {
+    let mut key = Row::new();
+    for (position, &i) in key_index.iter().enumerate() {
+        let column = &table.columns[i].0;
+        let Some(text) = row.get(position) else {
+            return Err(RowError::BadKey {
+                table: table.qualified(),
+                column: column.clone(),
+                what: "null",
+            });
+        };
+        let value = to_json(&mappings[i], text).map_err(|source| RowError::Value {
+            table: table.qualified(),
+            column: column.clone(),
+            source,
+        })?;
+        key.insert(column.clone(), value);
+    }
+    Ok(key)
+}
+
 /// A row read as text (`SELECT` of `table.columns`, in order) mapped to
 /// JSON exactly as the snapshot and the stream map it: the key and the
 /// whole row. Replay and audit use it, so "what a row maps to" is the same

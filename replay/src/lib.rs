@@ -8,7 +8,8 @@
 //! (`tidemark-postgres`, the producer's too); and every command that writes shows its
 //! target and counts first and needs `--dry-run` or an explicit confirmation.
 //!
-//! Modules: `window` (repair a time window, source and log mode), `audit`
+//! Modules: `window` (repair a time window, source and log mode),
+//! `backfill` (a table's rows into its index, through window's engine), `audit`
 //! (source against index) and `merge` (its key-ordered merge),
 //! `dead_letters` (list the dead-letter topic, gather keys to repair),
 //! `guard` (what every writing command does: target, confirmation, run record),
@@ -18,6 +19,7 @@
 //! (`audit --watch`'s state, `/readyz` and `/metrics`).
 
 pub mod audit;
+pub mod backfill;
 pub mod dead_letters;
 pub mod guard;
 pub mod history;

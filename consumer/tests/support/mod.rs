@@ -867,6 +867,15 @@ impl Pipeline {
     /// standard output, standard error. Only replay's own tests know the
     /// binary.
     pub fn run_replay(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        self.run_replay_with(args, &[])
+    }
+
+    /// [`Pipeline::run_replay`] with these environment variables set too.
+    pub fn run_replay_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Option<i32>, String, String) {
         let Some(binary) = option_env!("CARGO_BIN_EXE_tidemark-replay") else {
             panic!("the replay binary is only known to the replay crate's tests");
         };
@@ -885,6 +894,7 @@ impl Pipeline {
             .args(args)
             .env_remove("TIDEMARK_KAFKA_BROKERS")
             .env_remove("TIDEMARK_OPENSEARCH_URL")
+            .envs(env.iter().copied())
             .output()
             .expect("run tidemark-replay");
         (

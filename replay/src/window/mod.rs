@@ -135,12 +135,16 @@ pub fn render_text(results: &[TableResult], write: bool) -> String {
     let mut out = String::new();
     for r in results {
         let n = |c: Class| r.counts.get(&c).copied().unwrap_or(0);
+        // Keys given (a repair, a backfill) rather than found in a window.
+        let found = if r.events == 0 && r.truncates == 0 {
+            format!("{} keys", r.keys)
+        } else {
+            format!("{} changes of {} keys in the window", r.events, r.keys)
+        };
         out.push_str(&format!(
-            "{} -> {}: {} changes of {} keys in the window{}\n",
+            "{} -> {}: {found}{}\n",
             r.table,
             r.index,
-            r.events,
-            r.keys,
             if r.truncates > 0 {
                 format!(
                     " ({} truncates: not repairable by key; run `tidemark-replay audit --table {}`)",

@@ -51,19 +51,51 @@ pub struct WindowKeys {
     pub shortfalls: Vec<Shortfall>,
 }
 
+/// Keys gathered one at a time (a backfill's, read by cursor), sorted by
+/// document id and made distinct, spilled to disk past the sort's memory
+/// budget: a table of any size.
+#[derive(Default)]
+pub struct KeySet {
+    sorter: Sorter,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("count", &self.sorter.count())
+            .finish()
+    }
+}
+
+impl KeySet {
+    pub fn push(&mut self, id: String, key: &Row) -> anyhow::Result<()> {
+        self.sorter.push(key_entry(id, key)?)?;
+        Ok(())
+    }
+
+    /// Keys pushed so far (duplicates included).
+    pub fn count(&self) -> u64 {
+        self.sorter.count()
+    }
+
+    pub fn finish(self) -> anyhow::Result<WindowKeys> {
+        Ok(WindowKeys {
+            keys: Some(self.sorter.finish_distinct()?),
+            ..WindowKeys::default()
+        })
+    }
+}
+
 impl WindowKeys {
     /// The given (document id, key) pairs (e.g. drift an audit found).
     pub fn from_keys<'a>(
         keys: impl IntoIterator<Item = &'a (String, Row)>,
     ) -> anyhow::Result<WindowKeys> {
-        let mut sorter = Sorter::default();
+        let mut set = KeySet::default();
         for (id, key) in keys {
-            sorter.push(key_entry(id.clone(), key)?)?;
+            set.push(id.clone(), key)?;
         }
-        Ok(WindowKeys {
-            keys: Some(sorter.finish_distinct()?),
-            ..WindowKeys::default()
-        })
+        set.finish()
     }
 
     /// Distinct keys.

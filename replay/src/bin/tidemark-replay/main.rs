@@ -9,11 +9,13 @@ use tidemark_postgres::ConnInfo;
 use tidemark_replay::{history, keys, time};
 
 mod audit;
+mod backfill;
 mod repair;
 mod watch;
 mod window;
 
 use audit::{AuditOptions, audit};
+use backfill::backfill;
 use repair::dead_letters;
 use std::time::Duration;
 use tidemark_schemas::Source;
@@ -88,6 +90,35 @@ enum Command {
         target_override: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
+    },
+    /// Writes a table's existing rows (or those --where selects) into its
+    /// index: for a table added to the config after the slot was created,
+    /// an emptied index, a changed mapping. Through window's source mode:
+    /// rows read at an exported snapshot, written at its LSN as their
+    /// version (live changes win, nothing deleted comes back), vanished
+    /// rows deleted again, the run verified and recorded. Prints the
+    /// target; without --yes a dry run. Exit 0 written and verified, 1 a
+    /// dry run or something still differs, 2 error.
+    Backfill {
+        /// The tables (schema.table, of the config's [[tables]]); repeat
+        /// for several.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Only rows this SQL condition selects (one table), e.g.
+        /// "id > 1000" or "updated_at < '2026-12-01'". Read in a read-only
+        /// transaction.
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// Write nothing; report what would change (the default without --yes).
+        #[arg(long)]
+        dry_run: bool,
+        /// Write: the confirmation that the printed target is the right one.
+        #[arg(long)]
+        yes: bool,
+        /// Write even to an index that is not this pipeline's (another
+        /// pipeline's stamp, or none).
+        #[arg(long)]
+        target_override: bool,
     },
     /// Lists recorded replay runs, newest first.
     Runs {
@@ -328,6 +359,22 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 allow_partial,
                 target_override,
                 output,
+            )
+            .await
+        }
+        Command::Backfill {
+            table,
+            filter,
+            dry_run,
+            yes,
+            target_override,
+        } => {
+            backfill(
+                &config,
+                &table,
+                filter.as_deref(),
+                yes && !dry_run,
+                target_override,
             )
             .await
         }

@@ -84,13 +84,43 @@ pub async fn dead_letters(
     .await
 }
 
-/// The one repair path of audit and dead letters: prints the target, feeds
-/// each table's keys (document id, key) to window's source mode, checks
-/// them again after a real run, and records the run. Exit 0 when nothing
-/// differs any more.
+/// The one repair path of audit and dead letters: each table's keys
+/// (document id, key) through [`repair_sets`].
 pub async fn repair_keys(
     config: &Config,
     sets: &[(String, Vec<(String, tidemark_schemas::Row)>)],
+    write: bool,
+    target_override: bool,
+    command: &str,
+    what: &str,
+    by_content: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut keyed = Vec::with_capacity(sets.len());
+    for (table, keys) in sets.iter().filter(|(_, keys)| !keys.is_empty()) {
+        keyed.push((
+            table.clone(),
+            tidemark_replay::window::WindowKeys::from_keys(keys.iter())?,
+        ));
+    }
+    repair_sets(
+        config,
+        &keyed,
+        write,
+        target_override,
+        command,
+        what,
+        by_content,
+    )
+    .await
+}
+
+/// The one path of every write fed by keys (audit and dead-letter repairs,
+/// backfill): prints the target, feeds each table's keys to window's
+/// source mode, which checks them again after a real run, and records the
+/// run. Exit 0 when nothing differs any more.
+pub async fn repair_sets(
+    config: &Config,
+    sets: &[(String, tidemark_replay::window::WindowKeys)],
     write: bool,
     target_override: bool,
     command: &str,
@@ -106,7 +136,7 @@ pub async fn repair_keys(
     let mappings = tidemark_index::mapping::Mappings::new(config);
     let targets: Vec<(
         &tidemark_index::mapping::TableMapping,
-        &Vec<(String, tidemark_schemas::Row)>,
+        &tidemark_replay::window::WindowKeys,
     )> = sets
         .iter()
         .filter(|(_, keys)| !keys.is_empty())
@@ -137,7 +167,7 @@ pub async fn repair_keys(
         "repair target: OpenSearch cluster {} ({}), {} {what} in {}; {}",
         cluster.cluster_name,
         cluster.cluster_uuid,
-        targets.iter().map(|(_, keys)| keys.len()).sum::<usize>(),
+        targets.iter().map(|(_, keys)| keys.len()).sum::<u64>(),
         indices.join(", "),
         guard.mode(),
     );
@@ -152,8 +182,7 @@ pub async fn repair_keys(
     };
     let mut results = Vec::new();
     for (mapping, keys) in targets {
-        let window_keys = window::WindowKeys::from_keys(keys.iter())?;
-        results.push(window::run_table(&job, mapping, &window_keys).await?);
+        results.push(window::run_table(&job, mapping, keys).await?);
     }
     // The engine verified its writes (a real run); what it did not repair
     // still differs.
