@@ -525,3 +525,108 @@ async fn a_record_whose_key_does_not_match_its_row_is_a_dead_letter() {
     consumer.stop();
     p.cleanup(&[&table]).await;
 }
+
+/// A table added to `[[tables]]` once the slot exists: at its next start
+/// the producer sends the table's existing rows as snapshot events (one
+/// snapshot, taken before streaming resumes) and streams it from then on,
+/// with updates, deletes and inserts running throughout; a start after
+/// that sends nothing again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_added_to_the_config_later_gets_its_existing_rows() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let mut p = Pipeline::new("c_added").await;
+    let first = p.table("a");
+    p.create_table(&first, "id int PRIMARY KEY, title text", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {first} SELECT g, 'a ' || g FROM generate_series(1, 10) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&first, 90, &[]).await;
+
+    // Made and filled while the pipeline runs, then configured.
+    let later = p.table("b");
+    p.create_table(&later, "id int PRIMARY KEY, title text, n int", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {later} SELECT g, 'b ' || g, 0 FROM generate_series(1, 2000) g"
+    ))
+    .await
+    .expect("rows");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (url, table) = (p.stack.pg_url.clone(), later.clone());
+        let (stop, done) = (stop.clone(), done.clone());
+        tokio::spawn(async move {
+            let pg = tidemark_testkit::topics::pg(&url).await;
+            let mut i: i32 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let sql = match i % 10 {
+                    0 => format!("DELETE FROM {table} WHERE id = {}", (i * 53) % 2000 + 1),
+                    7 => format!("INSERT INTO {table} VALUES ({}, 'new', 0)", 10_000 + i),
+                    _ => format!(
+                        "UPDATE {table} SET n = n + 1, title = 'live' WHERE id = {}",
+                        (i * 37) % 2000 + 1
+                    ),
+                };
+                pg.batch_execute(&sql).await.expect("live write");
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.stop_producer().await;
+    consumer.stop().await;
+    let before = done.load(Ordering::Relaxed);
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    assert!(
+        done.load(Ordering::Relaxed) > before,
+        "no live write ran across the restart"
+    );
+
+    let docs = p.wait_converged(&later, 90, &[]).await;
+    assert!(docs.len() > 1900, "{} documents", docs.len());
+    assert_versions_match_last_events(&p, &later, &docs);
+    // The existing rows came as snapshot events, all at one version.
+    let records = topic_record_count(&p.stack.kafka_brokers, &p.topic(&later));
+    let last = p.last_events(&later, records as usize);
+    let snapshot_lsns: std::collections::BTreeSet<_> = last
+        .values()
+        .filter(|r| r.event.op == tidemark_schemas::Operation::Snapshot)
+        .map(|r| r.event.commit_lsn)
+        .collect();
+    let snapshotted = last
+        .values()
+        .filter(|r| r.event.op == tidemark_schemas::Operation::Snapshot)
+        .count();
+    assert!(
+        snapshotted > 1000,
+        "{snapshotted} keys last seen in a snapshot"
+    );
+    assert_eq!(snapshot_lsns.len(), 1, "{snapshot_lsns:?}");
+
+    // Recorded: the next start sends no snapshot again.
+    p.stop_producer().await;
+    p.start_producer().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        topic_record_count(&p.stack.kafka_brokers, &p.topic(&later)),
+        records,
+        "a start after the table was snapshotted sent records again"
+    );
+
+    consumer.stop().await;
+    p.cleanup(&[&first, &later]).await;
+}

@@ -45,6 +45,24 @@ pub async fn check_server(client: &Client, conn: &ConnInfo) -> Result<(), Source
 
 /// Makes sure the publication exists and covers every captured table,
 /// creating or extending it when the config allows.
+/// The tables (schema, name) `publication` streams now (none when it does
+/// not exist).
+pub async fn published_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<(String, String)>, SourceError> {
+    Ok(client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query("publication tables"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
@@ -83,16 +101,7 @@ pub async fn ensure_publication(
         info!(publication, tables = %all, "created publication");
         return Ok(());
     }
-    let published: Vec<(String, String)> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(query("publication tables"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let published = published_tables(client, publication).await?;
     for table in tables {
         if published
             .iter()

@@ -7,7 +7,8 @@
 //! 2. Publication and topics are created if missing (when allowed).
 //! 3. The slot: if it exists and our state record says its snapshot
 //!    finished, stream from it, after checking nothing else moved it past
-//!    our last confirmation. If our record says a snapshot was interrupted,
+//!    our last confirmation, and after snapshotting the tables added to the
+//!    config since (`snapshot::added_tables`). If our record says a snapshot was interrupted,
 //!    drop the slot and start over. If it is missing, record "snapshot
 //!    started" first, then create it with an exported snapshot, read every
 //!    table at that snapshot, and record "snapshot complete".
@@ -313,14 +314,6 @@ async fn run_once(
     metrics
         .kafka_up
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    ensure_publication(
-        &sql,
-        &config.producer.publication,
-        &tables,
-        config.producer.create_publication,
-    )
-    .await?;
-
     let slot = config.producer.slot.clone();
     let state = Arc::new(StateStore::new(
         sink.state_producer().clone(),
@@ -328,6 +321,25 @@ async fn run_once(
         &config.kafka.state_topic(),
     ));
     let mut recorded = state.load(&slot).await?;
+    let published_before: Vec<String> =
+        server::published_tables(&sql, &config.producer.publication)
+            .await?
+            .into_iter()
+            .map(|(schema, name)| format!("{schema}.{name}"))
+            .collect();
+    if let Some(progress) = &mut recorded {
+        let configured: Vec<String> = tables.iter().map(CatalogTable::qualified).collect();
+        state
+            .keep_published(progress, &configured, &published_before)
+            .await?;
+    }
+    ensure_publication(
+        &sql,
+        &config.producer.publication,
+        &tables,
+        config.producer.create_publication,
+    )
+    .await?;
     let mut existing = released_slot_state(&sql, &slot, &conn.database).await?;
     let server = identify(replication_config(&conn, &config), &conn).await?;
     let mut gap = None;
@@ -409,17 +421,28 @@ async fn run_once(
                         database: None,
                         timeline: None,
                         gap: None,
+                        tables: None,
                     }
                 }
             };
-            info!(slot, lsn = %slot_now.confirmed_flush, "resuming from the slot");
-            let repl = ReplicationClient::connect(repl_config).await?;
-            let progress = SlotProgress {
+            let mut progress = SlotProgress {
                 system_id: Some(server.system_id),
                 database: Some(conn.database.clone()),
                 timeline: Some(server.timeline),
                 ..progress
             };
+            let added = crate::state::added_tables(&progress, &tables, &published_before);
+            if !added.is_empty() {
+                snapshot::added_tables(&config, &conn, &added, &sink, &metrics, server.timeline)
+                    .await?;
+            }
+            let now: Vec<String> = tables.iter().map(CatalogTable::qualified).collect();
+            if progress.tables.as_ref() != Some(&now) {
+                progress.tables = Some(now);
+                state.save(&progress).await?;
+            }
+            info!(slot, lsn = %slot_now.confirmed_flush, "resuming from the slot");
+            let repl = ReplicationClient::connect(repl_config).await?;
             (repl, progress)
         }
         None => {
@@ -435,6 +458,7 @@ async fn run_once(
                 database: Some(conn.database.clone()),
                 timeline: Some(server.timeline),
                 gap,
+                tables: None,
             };
             create_and_snapshot(&config, &conn, &tables, &sink, &state, &metrics, first).await?
         }
@@ -567,6 +591,7 @@ async fn create_and_snapshot(
     }
     progress.snapshot_complete = true;
     progress.confirmed_lsn = Some(consistent_point);
+    progress.tables = Some(tables.iter().map(CatalogTable::qualified).collect());
     state.save(&progress).await?;
     repl.start().await?;
     Ok((repl, progress))

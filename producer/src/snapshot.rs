@@ -11,6 +11,10 @@
 //! Ordering: every snapshot row is acknowledged by Kafka before streaming
 //! starts, so a key's snapshot record always precedes its streamed ones.
 //!
+//! Tables added to the config after the slot was created get the same at
+//! the next start ([`added_tables`]), at a snapshot of their own taken
+//! before streaming resumes.
+//!
 //! Memory: a cursor fetches `producer.snapshot_fetch_rows` rows at a time,
 //! and at most `MAX_PENDING` records (of all tables) are left unacknowledged
 //! before the next fetch, whatever the table's size. Tables run in parallel up to `producer.snapshot_parallelism`.
@@ -18,6 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidemark_schemas::config::Config;
 use tidemark_schemas::{ChangeEvent, FORMAT_VERSION, Operation, Source};
 use tokio::sync::Semaphore;
 use tokio_postgres::SimpleQueryMessage;
@@ -57,6 +62,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot task failed: {0}")]
     Task(String),
+    #[error("snapshot of the tables added to the config: {0}")]
+    Export(String),
 }
 
 /// What a finished snapshot read.
@@ -255,4 +262,54 @@ fn snapshot_event(
         xid: None,
         commit_time: commit_time.to_owned(),
     })
+}
+
+/// Tables added to the config after the slot was created (not in the
+/// state record's `tables`): their existing rows, read at a snapshot a
+/// temporary slot exports at `S`, go to Kafka as snapshot events at
+/// version `S`, all before streaming resumes. So in each partition every
+/// change above `S` follows the snapshot event of its key (a later delete
+/// can never be overtaken by an older row), and a change at or below `S`
+/// streamed after it loses to it by version. The slot keeps the WAL
+/// meanwhile, as during the initial snapshot.
+pub async fn added_tables(
+    config: &Config,
+    conn: &ConnInfo,
+    added: &[CatalogTable],
+    sink: &Arc<Sink>,
+    metrics: &Arc<Metrics>,
+    timeline: u32,
+) -> Result<(), SnapshotError> {
+    let names: Vec<String> = added.iter().map(CatalogTable::qualified).collect();
+    if !config.producer.snapshot {
+        warn!(tables = ?names, "tables added to the config: producer.snapshot is off, so their existing rows are not sent (tidemark-replay backfill writes them into the index)");
+        return Ok(());
+    }
+    let slot = format!("{}_add_{}", config.producer.slot, std::process::id());
+    let snapshot = tidemark_postgres::export_snapshot(
+        conn,
+        &tidemark_postgres::Replication::of(config, "tidemark-producer"),
+        &slot,
+    )
+    .await
+    .map_err(|e| SnapshotError::Export(e.to_string()))?;
+    let point = Point {
+        lsn: snapshot.lsn,
+        timeline,
+    };
+    info!(tables = ?names, lsn = %point.lsn, "tables added to the config since the slot was created: snapshotting their existing rows before streaming resumes");
+    let stats = run(
+        conn,
+        added,
+        &snapshot.name,
+        point,
+        config.producer.snapshot_parallelism,
+        config.producer.snapshot_fetch_rows,
+        sink.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    drop(snapshot);
+    info!(tables = ?names, lsn = %point.lsn, ?stats, "added tables snapshotted");
+    Ok(())
 }

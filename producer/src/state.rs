@@ -103,6 +103,24 @@ impl StateStore {
     }
 
     /// Writes a record and waits until Kafka acknowledged it.
+    /// Before the publication changes: a record from before `tables` was
+    /// kept gets the publication's tables (`published`) as the tables Kafka
+    /// holds, saved, when a configured table is about to be added; so a
+    /// crash before that table is snapshotted leaves it missing from the
+    /// record, and it is snapshotted at the next start.
+    pub async fn keep_published(
+        &self,
+        progress: &mut SlotProgress,
+        configured: &[String],
+        published: &[String],
+    ) -> Result<(), SinkError> {
+        if progress.tables.is_none() && configured.iter().any(|t| !published.contains(t)) {
+            progress.tables = Some(published.to_vec());
+            self.save(progress).await?;
+        }
+        Ok(())
+    }
+
     pub async fn save(&self, progress: &SlotProgress) -> Result<(), SinkError> {
         let payload = serde_json::to_vec(progress).unwrap_or_default();
         let record = FutureRecord::to(&self.topic)
@@ -135,6 +153,22 @@ fn read_latest(
     Ok(latest.and_then(|payload| serde_json::from_slice::<SlotProgress>(&payload).ok()))
 }
 
+/// The configured `tables` whose rows Kafka does not hold: those missing
+/// from the record's `tables` (or, for a record from before it was kept,
+/// from the tables `published` before this start).
+pub fn added_tables(
+    progress: &SlotProgress,
+    tables: &[tidemark_postgres::CatalogTable],
+    published: &[String],
+) -> Vec<tidemark_postgres::CatalogTable> {
+    let known = progress.tables.as_deref().unwrap_or(published);
+    tables
+        .iter()
+        .filter(|t| !known.contains(&t.qualified()))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +184,7 @@ mod tests {
             database: Some("app".into()),
             timeline: Some(1),
             gap: None,
+            tables: None,
         }
     }
 

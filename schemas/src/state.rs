@@ -34,6 +34,13 @@ pub struct SlotProgress {
     /// The last gap in the history a new snapshot was taken over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gap: Option<HistoryGap>,
+    /// The tables (`schema.table`) whose rows Kafka holds: snapshotted,
+    /// with the slot or when they were added to the config later. A
+    /// configured table not listed is snapshotted at the next start.
+    /// Absent in records written before it was kept (the publication's
+    /// tables then stand for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<String>>,
 }
 
 /// A gap in the change history, as recorded when a new snapshot was taken
