@@ -1,8 +1,9 @@
 //! `backfill`: a table's existing rows (all of them, or those `--where`
-//! selects) into its index. For a table added to `[[tables]]` after the
-//! slot was created (the stream has it only from then on), an index
-//! emptied or recreated, a mapping changed: anything where the rows are
-//! right and the index must be made to hold them, without deleting it.
+//! selects) into its index: an index emptied or recreated, a mapping
+//! changed, documents someone deleted; anything where the rows are right
+//! and the index must be made to hold them, without stopping the pipeline.
+//! (A table added to the config gets its rows from the producer, which
+//! snapshots it at its next start: `tidemark_producer::snapshot`.)
 //!
 //! **Where the rows travel: straight into the index**, through window's
 //! source-mode engine ([`crate::window::run_table`]), the one engine of
@@ -11,14 +12,12 @@
 //! run verified at a fresh snapshot. A live change carries a higher LSN, so
 //! it wins in whichever order the two land, and a row deleted meanwhile
 //! does not come back: the guarantees `window` proves. Not into Kafka as
-//! snapshot events (Debezium's incremental snapshot): a snapshot event
-//! appended to a topic after a later delete of its key would be applied
-//! after that delete's tombstone is forgotten (`index.gc_deletes`) and
-//! resurrect the row, unless it is ordered against the stream, which only
-//! the producer can do (DBLog's watermarks in the replication stream).
-//! That is the producer's to build; until then the topic does not hold the
-//! backfilled rows (`history` and `window --mode log` start from their next
-//! change).
+//! snapshot events: appended to a topic while the producer streams, such
+//! an event could land after a later delete of its key and, applied once
+//! that delete's tombstone is forgotten (`index.gc_deletes`), resurrect
+//! the row; only the producer can order snapshot events against the
+//! stream. So the topic does not hold what a backfill wrote (`history` and
+//! `window --mode log` see such a row from its next change).
 //!
 //! **Which rows.** The keys are read first, through a cursor in one
 //! REPEATABLE READ, read-only transaction (so a `--where` cannot write),

@@ -92,8 +92,8 @@ enum Command {
         output: Format,
     },
     /// Writes a table's existing rows (or those --where selects) into its
-    /// index: for a table added to the config after the slot was created,
-    /// an emptied index, a changed mapping. Through window's source mode:
+    /// index: an emptied or recreated index, a changed mapping, documents
+    /// deleted by hand. Through window's source mode:
     /// rows read at an exported snapshot, written at its LSN as their
     /// version (live changes win, nothing deleted comes back), vanished
     /// rows deleted again, the run verified and recorded. Prints the
