@@ -22,8 +22,11 @@
 //!     change (the first batch's changes are not counted: their time is not
 //!     measured);
 //! (b) `tidemark-replay window --yes` in source mode: keys/s, whole command;
-//! (c) the same in log mode: events/s, whole command.
-//! After (b) and (c) the bench checks that all N documents hold the updated
+//! (c) the same in log mode: events/s, whole command;
+//! (d) `tidemark-replay backfill --table T --yes` of the whole table (the
+//!     same N rows, every one stale): rows/s, as a ratio to (b), whose
+//!     engine it shares, plus the reading of every key first.
+//! After (b), (c) and (d) the bench checks that all N documents hold the updated
 //! row. Every round's ratios are printed, then their medians. On this shared
 //! machine the baseline alone moves by 1.5x between rounds a minute apart,
 //! so one round's ratio says little; the rounds interleave (a), (b) and (c)
@@ -271,7 +274,9 @@ async fn main() {
     let to = jiff::Timestamp::now();
     let (from, to) = (from.to_string(), to.to_string());
 
-    let (mut source_ratios, mut log_ratios) = (Vec::new(), Vec::new());
+    let (mut source_ratios, mut log_ratios, mut backfill_ratios) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let qualified = format!("public.{table}");
     for round in 1..=rounds {
         p.seek_consumer_offsets(&table, &window_start);
         restore_stale(&p, &table).await;
@@ -308,23 +313,38 @@ async fn main() {
             rows,
             "log mode repaired every document"
         );
+        restore_stale(&p, &table).await;
+        let (backfill_secs, backfill_cpu) =
+            replay(&p, &["backfill", "--table", &qualified, "--yes"]);
+        assert_eq!(
+            updated(&p, &table).await as usize,
+            rows,
+            "backfill repaired every document"
+        );
         let source = rows as f64 / source_secs;
         let log = rows as f64 / log_secs;
+        let backfill = rows as f64 / backfill_secs;
         source_ratios.push(source / consumer);
         log_ratios.push(log / consumer);
+        backfill_ratios.push(backfill / source);
         println!(
             "round {round}: (a) consumer {consumer:>6.0} docs/s | (b) source {source:>6.0} keys/s ({source_secs:.1} s, {source_cpu:.2} CPU-s) = {:.2} | (c) log {log:>6.0} events/s ({log_secs:.1} s, {log_cpu:.2} CPU-s) = {:.2}",
             source / consumer,
             log / consumer
         );
         println!(
+            "         (d) backfill {backfill:>6.0} rows/s ({backfill_secs:.1} s, {backfill_cpu:.2} CPU-s) = {:.2} of (b)",
+            backfill / source
+        );
+        println!(
             "         servers: (a) {consumer_servers}, consumer {consumer_cpu:.2} (first batch {first_batch} changes) | (b) {source_servers} | (c) {log_servers}"
         );
     }
     println!(
-        "median of {rounds} rounds: (b)/(a) = {:.2}, (c)/(a) = {:.2}   (goal: both >= 0.8; whole commands against the consumer's steady rate)",
+        "median of {rounds} rounds: (b)/(a) = {:.2}, (c)/(a) = {:.2}   (goal: both >= 0.8; whole commands against the consumer's steady rate); (d)/(b) = {:.2}",
         median(&source_ratios),
-        median(&log_ratios)
+        median(&log_ratios),
+        median(&backfill_ratios)
     );
     if std::env::var_os("TIDEMARK_BENCH_KEEP").is_some() {
         p.stop_producer().await;
