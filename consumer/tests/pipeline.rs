@@ -630,3 +630,117 @@ async fn a_table_added_to_the_config_later_gets_its_existing_rows() {
     consumer.stop().await;
     p.cleanup(&[&first, &later]).await;
 }
+
+/// Schema changes converge without a manual command: after each DDL and
+/// updates of 5 of the 50 rows, the documents of the 45 rows not touched
+/// take the new shape too (the producer sends the table again at its next
+/// change, `on_schema_change = "backfill"`, the default).
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_converge_every_document() {
+    let mut p = Pipeline::new("c_schema").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, a text, b int", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'a ' || g, g FROM generate_series(1, 50) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&table, 90, &[]).await;
+
+    let steps = [
+        "ADD COLUMN c text DEFAULT 'x'",
+        "DROP COLUMN a",
+        "RENAME COLUMN b TO bb",
+        "ALTER COLUMN bb TYPE bigint",
+        "ADD COLUMN d int NOT NULL DEFAULT 7",
+    ];
+    for (i, ddl) in steps.iter().enumerate() {
+        p.pg.batch_execute(&format!(
+            "ALTER TABLE {table} {ddl};
+             UPDATE {table} SET c = 'step {i}' WHERE id BETWEEN {} AND {}",
+            i * 5 + 1,
+            i * 5 + 5
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{ddl}: {e}"));
+        let started = std::time::Instant::now();
+        let docs = p.wait_converged(&table, 60, &[]).await;
+        assert_eq!(docs.len(), 50, "after {ddl}");
+        println!(
+            "{ddl}: converged in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let docs = p.docs(&p.index(&table)).await;
+    let doc = &docs["50"];
+    assert_eq!(doc["c"], "x", "{doc}");
+    assert_eq!(doc["d"], 7, "{doc}");
+    assert!(doc.get("a").is_none() && doc.get("b").is_none(), "{doc}");
+    assert_eq!(doc["bb"], 50, "{doc}");
+
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}
+
+/// `on_schema_change = "stop"`: the producer stops at the table's first
+/// change after a DDL, naming the table and what to do, and sends nothing
+/// of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_change_stops_the_producer_when_told_to() {
+    let mut p = Pipeline::new("c_schema_stop").await;
+    let table = p.table("t");
+    p.create_table(
+        &table,
+        "id int PRIMARY KEY, a text",
+        "on_schema_change = \"stop\"",
+    )
+    .await;
+    p.pg.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'a')"))
+        .await
+        .expect("row");
+    let metrics = std::sync::Arc::new(tidemark_producer::metrics::Metrics::default());
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let producer = tokio::spawn(tidemark_producer::run::run(
+        p.config_as("producer"),
+        metrics.clone(),
+        shutdown,
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !metrics.streaming.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "not streaming");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = topic_record_count(&p.stack.kafka_brokers, &p.topic(&table));
+    p.pg.batch_execute(&format!(
+        "ALTER TABLE {table} ADD COLUMN b int; UPDATE {table} SET b = 1"
+    ))
+    .await
+    .expect("ddl");
+    let stopped = tokio::time::timeout(Duration::from_secs(60), producer)
+        .await
+        .expect("the producer did not stop")
+        .expect("producer task");
+    let error = stopped
+        .expect_err("the producer stopped with an error")
+        .to_string();
+    assert!(
+        error.contains(&format!("public.{table}")) && error.contains("on_schema_change"),
+        "{error}"
+    );
+    assert_eq!(
+        topic_record_count(&p.stack.kafka_brokers, &p.topic(&table)),
+        before,
+        "nothing of the changed table was sent"
+    );
+    assert!(
+        metrics.render().contains(&format!(
+            "tidemark_producer_schema_changes_total{{table=\"public.{table}\"}} 1"
+        )),
+        "{}",
+        metrics.render()
+    );
+    p.cleanup(&[&table]).await;
+}

@@ -24,6 +24,8 @@ pub struct Metrics {
     dead_letters: AtomicU64,
     /// Changes of published tables this pipeline does not capture.
     skipped: AtomicU64,
+    /// Schema changes seen, by `schema.table`.
+    schema_changes: Mutex<BTreeMap<String, u64>>,
     delivery_errors: AtomicU64,
     confirmed_lsn: AtomicU64,
     server_wal_end: AtomicU64,
@@ -59,6 +61,11 @@ impl Metrics {
     }
     pub fn skipped(&self) {
         self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn schema_change(&self, table: &str) {
+        if let Ok(mut changes) = self.schema_changes.lock() {
+            *changes.entry(table.to_owned()).or_default() += 1;
+        }
     }
     pub fn delivery_error(&self) {
         self.delivery_errors.fetch_add(1, Ordering::Relaxed);
@@ -99,6 +106,19 @@ impl Metrics {
                         );
                     }
                 }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tidemark_producer_schema_changes_total Changes of a table's shape seen (at its next change)."
+        );
+        let _ = writeln!(out, "# TYPE tidemark_producer_schema_changes_total counter");
+        if let Ok(changes) = self.schema_changes.lock() {
+            for (table, n) in changes.iter() {
+                let _ = writeln!(
+                    out,
+                    "tidemark_producer_schema_changes_total{{table=\"{table}\"}} {n}"
+                );
             }
         }
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: String| {

@@ -8,7 +8,7 @@
 //! 3. The slot: if it exists and our state record says its snapshot
 //!    finished, stream from it, after checking nothing else moved it past
 //!    our last confirmation, and after snapshotting the tables added to the
-//!    config since (`snapshot::added_tables`). If our record says a snapshot was interrupted,
+//!    config since (`snapshot::again`). If our record says a snapshot was interrupted,
 //!    drop the slot and start over. If it is missing, record "snapshot
 //!    started" first, then create it with an exported snapshot, read every
 //!    table at that snapshot, and record "snapshot complete".
@@ -422,6 +422,7 @@ async fn run_once(
                         timeline: None,
                         gap: None,
                         tables: None,
+                        shapes: Default::default(),
                     }
                 }
             };
@@ -433,8 +434,16 @@ async fn run_once(
             };
             let added = crate::state::added_tables(&progress, &tables, &published_before);
             if !added.is_empty() {
-                snapshot::added_tables(&config, &conn, &added, &sink, &metrics, server.timeline)
-                    .await?;
+                snapshot::again(
+                    &config,
+                    &conn,
+                    &added,
+                    &sink,
+                    &metrics,
+                    server.timeline,
+                    "added to the config since the slot was created",
+                )
+                .await?;
             }
             let now: Vec<String> = tables.iter().map(CatalogTable::qualified).collect();
             if progress.tables.as_ref() != Some(&now) {
@@ -459,11 +468,20 @@ async fn run_once(
                 timeline: Some(server.timeline),
                 gap,
                 tables: None,
+                shapes: Default::default(),
             };
             create_and_snapshot(&config, &conn, &tables, &sink, &state, &metrics, first).await?
         }
     };
 
+    let mut progress = progress;
+    for table in &tables {
+        // A table's first shape: the catalog's (its snapshot was read in it).
+        progress
+            .shapes
+            .entry(table.qualified())
+            .or_insert_with(|| crate::stream::catalog_shape(table));
+    }
     let by_oid: HashMap<u32, CatalogTable> = tables.into_iter().map(|t| (t.oid, t)).collect();
     let health = tokio::spawn(watch_health(
         conn.clone(),
@@ -474,6 +492,8 @@ async fn run_once(
     let stream = Stream {
         repl,
         sql,
+        config: config.clone(),
+        conn: conn.clone(),
         sink: sink.clone(),
         state,
         progress,

@@ -11,9 +11,10 @@
 //! Ordering: every snapshot row is acknowledged by Kafka before streaming
 //! starts, so a key's snapshot record always precedes its streamed ones.
 //!
-//! Tables added to the config after the slot was created get the same at
-//! the next start ([`added_tables`]), at a snapshot of their own taken
-//! before streaming resumes.
+//! Tables added to the config after the slot was created (at the next
+//! start) and tables whose shape changed (at their next change) get the
+//! same ([`again`]), at a snapshot of their own taken before the stream
+//! goes on.
 //!
 //! Memory: a cursor fetches `producer.snapshot_fetch_rows` rows at a time,
 //! and at most `MAX_PENDING` records (of all tables) are left unacknowledged
@@ -62,7 +63,7 @@ pub enum SnapshotError {
     },
     #[error("snapshot task failed: {0}")]
     Task(String),
-    #[error("snapshot of the tables added to the config: {0}")]
+    #[error("snapshot of tables while the slot exists: {0}")]
     Export(String),
 }
 
@@ -264,28 +265,30 @@ fn snapshot_event(
     })
 }
 
-/// Tables added to the config after the slot was created (not in the
-/// state record's `tables`): their existing rows, read at a snapshot a
-/// temporary slot exports at `S`, go to Kafka as snapshot events at
-/// version `S`, all before streaming resumes. So in each partition every
-/// change above `S` follows the snapshot event of its key (a later delete
-/// can never be overtaken by an older row), and a change at or below `S`
-/// streamed after it loses to it by version. The slot keeps the WAL
-/// meanwhile, as during the initial snapshot.
-pub async fn added_tables(
+/// Tables whose rows must be sent again while the slot exists: added to
+/// the config after the slot was created (not in the state record's
+/// `tables`, at start), or whose shape changed (`why` says which, for the
+/// log). Their rows, read at a snapshot a temporary slot exports at `S`, go
+/// to Kafka as snapshot events at version `S` before the stream goes on.
+/// So in each partition every change above `S` follows the snapshot event
+/// of its key (a later delete can never be overtaken by an older row), and
+/// a change at or below `S` streamed after it loses to it by version. The
+/// slot keeps the WAL meanwhile, as during the initial snapshot.
+pub async fn again(
     config: &Config,
     conn: &ConnInfo,
-    added: &[CatalogTable],
+    tables: &[CatalogTable],
     sink: &Arc<Sink>,
     metrics: &Arc<Metrics>,
     timeline: u32,
+    why: &str,
 ) -> Result<(), SnapshotError> {
-    let names: Vec<String> = added.iter().map(CatalogTable::qualified).collect();
+    let names: Vec<String> = tables.iter().map(CatalogTable::qualified).collect();
     if !config.producer.snapshot {
-        warn!(tables = ?names, "tables added to the config: producer.snapshot is off, so their existing rows are not sent (tidemark-replay backfill writes them into the index)");
+        warn!(tables = ?names, why, "producer.snapshot is off, so these rows are not sent again (tidemark-replay backfill writes them into the index)");
         return Ok(());
     }
-    let slot = format!("{}_add_{}", config.producer.slot, std::process::id());
+    let slot = format!("{}_again_{}", config.producer.slot, std::process::id());
     let snapshot = tidemark_postgres::export_snapshot(
         conn,
         &tidemark_postgres::Replication::of(config, "tidemark-producer"),
@@ -297,10 +300,10 @@ pub async fn added_tables(
         lsn: snapshot.lsn,
         timeline,
     };
-    info!(tables = ?names, lsn = %point.lsn, "tables added to the config since the slot was created: snapshotting their existing rows before streaming resumes");
+    info!(tables = ?names, lsn = %point.lsn, why, "snapshotting these tables' rows before the stream goes on");
     let stats = run(
         conn,
-        added,
+        tables,
         &snapshot.name,
         point,
         config.producer.snapshot_parallelism,
@@ -310,6 +313,6 @@ pub async fn added_tables(
     )
     .await?;
     drop(snapshot);
-    info!(tables = ?names, lsn = %point.lsn, ?stats, "added tables snapshotted");
+    info!(tables = ?names, lsn = %point.lsn, ?stats, why, "tables snapshotted again");
     Ok(())
 }

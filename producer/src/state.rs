@@ -185,6 +185,7 @@ mod tests {
             timeline: Some(1),
             gap: None,
             tables: None,
+            shapes: Default::default(),
         }
     }
 

@@ -18,6 +18,12 @@
 //!   publication may cover more than this pipeline captures (`FOR ALL
 //!   TABLES`, or one shared with another pipeline). They are counted in
 //!   `tidemark_producer_skipped_total`, never sent, never fatal.
+//! - A table's shape (column names and types) is compared at each of its
+//!   Relation messages with the last one kept in the state record: a
+//!   difference is a schema change, met as the table's `on_schema_change`
+//!   says (`backfill`: the table sent again at a new snapshot before the
+//!   stream goes on, see `snapshot::again`). The new shape is recorded with
+//!   the next confirmed position, so a crash before that meets it again.
 //! - A change that cannot be decoded or mapped goes to the dead-letter topic
 //!   (table, LSN, reason) and the stream goes on. A Kafka delivery failure is
 //!   fatal: nothing after it is confirmed, and the restart re-sends it.
@@ -37,8 +43,10 @@ use crate::changes::{Changes, PG_EPOCH_UNIX_MICROS};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::sink::{Sink, SinkError};
+use crate::snapshot;
 use crate::state::{SlotProgress, StateStore};
 use tidemark_postgres::{CatalogTable, SourceError, TypeResolver, describe_table};
+use tidemark_schemas::config::OnSchemaChange;
 
 /// How often confirmed progress is recorded and reported to PostgreSQL.
 /// Each confirmation costs one acknowledged write to the state topic.
@@ -58,20 +66,42 @@ pub enum StreamError {
     Source(#[from] SourceError),
     #[error("acknowledgement task failed: {0}")]
     Task(String),
+    #[error(
+        "table {table}: its key changed from ({old}) to ({new}); documents are named by the key, so \
+         the index would keep every old document beside a new one. Rebuild its index: stop the \
+         pipeline, delete the index, and start the producer with --resnapshot"
+    )]
+    KeyChanged {
+        table: String,
+        old: String,
+        new: String,
+    },
+    #[error(
+        "table {table}: its shape changed (a column added, dropped, renamed or retyped) and its \
+         on_schema_change is \"stop\". Check its mapping takes the new shape, then set \
+         on_schema_change = \"backfill\" (every row sent again) or \"ignore\" and restart"
+    )]
+    SchemaChanged { table: String },
 }
 
 /// Confirmable up to `lsn` once records `0..sent` are acknowledged.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Position {
     lsn: Lsn,
     sent: u64,
     commit_unix_micros: Option<i64>,
+    /// Table shapes to record once this position is confirmed (everything
+    /// before it, a snapshot sent for a schema change included, is in
+    /// Kafka): a crash before that sees the change again.
+    shapes: Vec<(String, String)>,
 }
 
 /// Everything the stream needs from the rest of the producer.
 pub struct Stream {
     pub repl: ReplicationClient,
     pub sql: Client,
+    pub config: tidemark_schemas::config::Config,
+    pub conn: tidemark_postgres::ConnInfo,
     pub sink: Arc<Sink>,
     pub state: Arc<StateStore>,
     pub progress: SlotProgress,
@@ -99,6 +129,8 @@ impl Stream {
         let Stream {
             mut repl,
             sql,
+            config,
+            conn,
             sink,
             state,
             progress,
@@ -107,6 +139,8 @@ impl Stream {
             mut tables,
             timeline,
         } = self;
+        let mut shapes = progress.shapes.clone();
+        let mut new_shapes: Vec<(String, String)> = Vec::new();
         let (steps, step_rx) = mpsc::channel::<Position>(ACK_QUEUE);
         let (confirm_tx, mut confirm_rx) =
             watch::channel(progress.confirmed_lsn.unwrap_or_default());
@@ -169,7 +203,7 @@ impl Stream {
                         changes.commit();
                         in_transaction = false;
                         last_position = Lsn(end_lsn.0);
-                        let step = Position { lsn: last_position, sent: sink.sent(), commit_unix_micros: Some(commit_unix_micros) };
+                        let step = Position { lsn: last_position, sent: sink.sent(), commit_unix_micros: Some(commit_unix_micros), shapes: std::mem::take(&mut new_shapes) };
                         send(&steps, step).await?;
                     }
                     ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -184,7 +218,7 @@ impl Stream {
                         metrics.server_wal_end(wal_end);
                         if !in_transaction && wal_end > last_position {
                             last_position = wal_end;
-                            send(&steps, Position { lsn: wal_end, sent: sink.sent(), commit_unix_micros: None }).await?;
+                            send(&steps, Position { lsn: wal_end, sent: sink.sent(), commit_unix_micros: None, shapes: Vec::new() }).await?;
                         }
                     }
                     ReplicationEvent::XLogData { wal_start, wal_end, data, .. } => {
@@ -230,6 +264,30 @@ impl Stream {
                                     key
                                 }
                             };
+                            let qualified = format!("{}.{}", relation.namespace, relation.name);
+                            let shape = shape_of(relation);
+                            match shapes.get(&qualified) {
+                                Some(old) if *old == shape => {}
+                                Some(old) => {
+                                    metrics.schema_change(&qualified);
+                                    let table = describe_table(&sql, &relation.namespace, &relation.name).await?;
+                                    let entry = config.tables.iter().find(|t| t.table == qualified);
+                                    let on_change = entry.map(|t| t.on_schema_change).unwrap_or_default();
+                                    schema_changed(&qualified, (old, &shape), (&key, &table.key), on_change)?;
+                                    tables.insert(relation.oid, table.clone());
+                                    if on_change == OnSchemaChange::Backfill {
+                                        snapshot::again(&config, &conn, &[table], &sink, &metrics, timeline, "its shape changed")
+                                            .await
+                                            .map_err(|e| StreamError::Task(e.to_string()))?;
+                                    }
+                                    shapes.insert(qualified.clone(), shape.clone());
+                                    new_shapes.push((qualified, shape));
+                                }
+                                None => {
+                                    shapes.insert(qualified.clone(), shape.clone());
+                                    new_shapes.push((qualified, shape));
+                                }
+                            }
                             if let Err(error) = changes.register(relation, mappings, &key) {
                                 warn!(%lsn, %error, "relation cannot be captured");
                             }
@@ -321,6 +379,63 @@ fn skip_uncaptured(message: Message, skipped: &HashSet<u32>) -> Option<Message> 
     }
 }
 
+/// A table's shape: each column's name and type, in order. From a
+/// Relation message ([`shape_of`]) or the catalog ([`catalog_shape`]), the
+/// same text for the same table.
+fn shape<'a>(columns: impl Iterator<Item = (&'a str, u32)>) -> String {
+    columns
+        .map(|(name, oid)| format!("{name}:{oid}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn shape_of(relation: &pgoutput::Relation) -> String {
+    shape(
+        relation
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.type_oid)),
+    )
+}
+
+/// The shape the catalog gives: the first one kept for a table (the
+/// snapshot was read in it), so its first streamed change after a DDL is
+/// seen as a change.
+pub fn catalog_shape(table: &CatalogTable) -> String {
+    shape(
+        table
+            .columns
+            .iter()
+            .map(|(name, oid)| (name.as_str(), *oid)),
+    )
+}
+
+/// The rule for a table whose shape changed (`old` to `new`, its key from
+/// `old_key` to `new_key`): logged, and an error when the producer must
+/// stop (the key changed: documents are named by it; or `on_schema_change
+/// = "stop"`).
+fn schema_changed(
+    table: &str,
+    (old, new): (&str, &str),
+    (old_key, new_key): (&[String], &[String]),
+    on_change: OnSchemaChange,
+) -> Result<(), StreamError> {
+    if old_key != new_key {
+        return Err(StreamError::KeyChanged {
+            table: table.to_owned(),
+            old: old_key.join(", "),
+            new: new_key.join(", "),
+        });
+    }
+    warn!(table, from = old, to = new, on_schema_change = ?on_change, "schema change: the table's shape differs from the last one seen");
+    if on_change == OnSchemaChange::Stop {
+        return Err(StreamError::SchemaChanged {
+            table: table.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 fn relation_name(changes: &Changes, message: &Message) -> Option<String> {
     let oid = match message {
         Message::Insert { relation, .. }
@@ -361,6 +476,7 @@ async fn acknowledge(
                         Some(last) if last.sent == position.sent => {
                             last.lsn = position.lsn;
                             last.commit_unix_micros = position.commit_unix_micros.or(last.commit_unix_micros);
+                            last.shapes.extend(position.shapes);
                         }
                         _ => waiting.push_back(position),
                     }
@@ -390,7 +506,9 @@ async fn acknowledge(
             if let Some(micros) = position.commit_unix_micros {
                 metrics.committed_at(micros);
             }
-            waiting.pop_front();
+            if let Some(position) = waiting.pop_front() {
+                progress.shapes.extend(position.shapes);
+            }
         }
         if safe > confirmed {
             progress.confirmed_lsn = Some(safe);

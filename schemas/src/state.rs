@@ -41,6 +41,12 @@ pub struct SlotProgress {
     /// tables then stand for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<Vec<String>>,
+    /// Each table's last shape as pgoutput described it (`schema.table` ->
+    /// its columns, see `tidemark-producer`'s `stream`): a Relation message
+    /// that differs is a schema change. Kept here so a reconnect, which
+    /// sends every Relation again, is not mistaken for one.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub shapes: std::collections::BTreeMap<String, String>,
 }
 
 /// A gap in the change history, as recorded when a new snapshot was taken

@@ -3,6 +3,20 @@
 use super::{ConfigError, Kafka, META_FIELD, invalid, is_index_name, is_topic_name};
 use serde::Deserialize;
 
+/// `[[tables]] on_schema_change`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSchemaChange {
+    /// Every row sent again at a new snapshot, so every document takes the
+    /// new shape (not only those whose row changes next).
+    #[default]
+    Backfill,
+    /// Logged and counted; documents take the new shape as their rows change.
+    Ignore,
+    /// The producer stops with an error naming the table and the change.
+    Stop,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Table {
@@ -37,6 +51,12 @@ pub struct Table {
     /// An `updated_at`-style column; audit dates drifted rows by it.
     #[serde(default)]
     pub audit_time_column: Option<String>,
+    /// What the producer does when the table's shape changes (a column
+    /// added, dropped, renamed or retyped), seen at its next change:
+    /// `backfill` (default) sends every row again in the new shape,
+    /// `ignore` only logs and counts it, `stop` stops the producer.
+    #[serde(default)]
+    pub on_schema_change: OnSchemaChange,
 }
 
 impl Table {
