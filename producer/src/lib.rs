@@ -16,7 +16,8 @@
 //!
 //! Modules: `pgoutput` (decoder), `changes` (messages to events),
 //! `snapshot`, `stream` (replication to Kafka with acknowledgement),
-//! `sink` (Kafka), `state` (progress record), `metrics`, `http`, `run`.
+//! `sink` (Kafka), `state` (progress record), `metrics`, `http`, `run`,
+//! `waits` (which errors are waited out).
 
 pub mod changes;
 pub mod http;
@@ -27,3 +28,4 @@ pub mod sink;
 pub mod snapshot;
 pub mod state;
 pub mod stream;
+mod waits;
