@@ -674,8 +674,11 @@ impl Pipeline {
         }
     }
 
-    /// The last event of every key in a table's topic (as of `expected`
-    /// records), by document id.
+    /// The event that decides each key's document in a table's topic (as
+    /// of `expected` records), by document id: the one with the highest
+    /// version, the later one of equals. That is the key's last event,
+    /// except after a table was sent again (a schema change): its snapshot
+    /// event then outranks the changes at or below its LSN streamed after it.
     pub fn last_events(&self, table: &str, expected: usize) -> BTreeMap<String, Record> {
         let records = read_topic(
             &self.stack.kafka_brokers,
@@ -683,10 +686,15 @@ impl Pipeline {
             Duration::from_secs(60),
             |r| r.len() >= expected,
         );
-        let mut last = BTreeMap::new();
+        let mut last: BTreeMap<String, Record> = BTreeMap::new();
         for r in records {
             if let Some(id) = r.event.key.get("id") {
-                last.insert(id.to_string(), r);
+                let newer = last
+                    .get(&id.to_string())
+                    .is_none_or(|kept| r.event.commit_lsn >= kept.event.commit_lsn);
+                if newer {
+                    last.insert(id.to_string(), r);
+                }
             }
         }
         last
@@ -772,7 +780,7 @@ pub fn writer(
     })
 }
 
-/// Every document's version is its row's last commit LSN.
+/// Every document's version is the highest commit LSN of its row's events.
 pub fn assert_versions(
     p: &Pipeline,
     table: &str,

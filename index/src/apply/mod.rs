@@ -172,8 +172,12 @@ impl Applier {
         if segment.is_empty() {
             return Ok(());
         }
-        // Collapse to the last write per document, carrying TOAST fields
-        // forward from earlier writes of the same document.
+        // Collapse to the newest write per document (the highest version,
+        // the later of equals), carrying TOAST fields forward from earlier
+        // writes of the same document. The newest is the last one, except
+        // after a table was sent again (a schema change): its snapshot
+        // events outrank the changes at or below their LSN that follow them,
+        // which OpenSearch would refuse as stale anyway.
         let mut last: HashMap<(String, String), usize> = HashMap::new();
         let mut slots: Vec<Option<(usize, Write)>> = Vec::with_capacity(segment.len());
         for (input, mut write) in segment {
@@ -181,6 +185,13 @@ impl Applier {
             let Some(doc) = write.document() else {
                 continue;
             };
+            if let Some(&prev) = last.get(&doc)
+                && let Some((_, prev_write)) = &slots[prev]
+                && prev_write.version() > write.version()
+            {
+                outcomes[input] = Outcome::Stale;
+                continue;
+            }
             if let Some(prev) = last.insert(doc, slots.len())
                 && let Some((prev_input, prev_write)) = slots[prev].take()
             {
