@@ -288,7 +288,12 @@ pub async fn again(
         warn!(tables = ?names, why, "producer.snapshot is off, so these rows are not sent again (tidemark-replay backfill writes them into the index)");
         return Ok(());
     }
-    let slot = format!("{}_again_{}", config.producer.slot, std::process::id());
+    // A name of its own each time: the temporary slot of the previous
+    // snapshot is dropped when its session ends, which the server may not
+    // have finished when the next change of shape comes.
+    static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let slot = format!("{}_again_{}_{n}", config.producer.slot, std::process::id());
     let snapshot = tidemark_postgres::export_snapshot(
         conn,
         &tidemark_postgres::Replication::of(config, "tidemark-producer"),

@@ -139,7 +139,10 @@ impl Watch {
             "gauge",
             "Drifted documents the table's last pass confirmed, by kind.",
         );
-        for (name, t) in tables.iter() {
+        // A table without a finished pass has no drift figure yet: absent,
+        // not 0 (a 0 before the first pass would say "clean").
+        let passed = || tables.iter().filter(|(_, t)| !t.last.is_empty());
+        for (name, t) in passed() {
             for (kind, n) in [
                 ("missing", t.drift.missing),
                 ("extra", t.drift.extra),
@@ -158,7 +161,7 @@ impl Watch {
             "gauge",
             "Age of the table's oldest drift with a time (0: none).",
         );
-        for (name, t) in tables.iter() {
+        for (name, t) in passed() {
             let age = t.first_drift_s.map_or(0.0, |s| (now - s).max(0.0));
             let _ = writeln!(
                 out,
@@ -287,6 +290,9 @@ mod tests {
         assert!(why.contains("public.a: the last pass failed: cannot reach PostgreSQL"));
         let text = w.render();
         assert!(text.contains("tidemark_audit_pass_failures_total{table=\"public.a\"} 1"));
-        assert!(text.contains("tidemark_audit_drift{table=\"public.a\",kind=\"stale\"} 0"));
+        assert!(
+            !text.contains("tidemark_audit_drift{table=\"public.a\""),
+            "no drift figure before a pass finished: {text}"
+        );
     }
 }
