@@ -1,7 +1,9 @@
 //! What every Tidemark binary does around its work: no transparent huge
 //! pages, structured logging to stderr, waiting for SIGTERM or Ctrl-C, and
 //! printing an error with its causes once each. [`Binary::main`] is the
-//! one `main` of all three binaries.
+//! one `main` of all three binaries; [`http`] their one health endpoint.
+
+pub mod http;
 
 use std::error::Error;
 use std::io::IsTerminal;

@@ -13,12 +13,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use tokio::sync::watch;
-
 use crate::audit::{Counts, TableReport};
 
 /// Which kind of pass.
@@ -241,36 +235,13 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    watch: Arc<Watch>,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(w): State<Arc<Watch>>| async move {
-                match w.readiness() {
-                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-                    Err(why) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: {why}\n"),
-                    ),
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(w): State<Arc<Watch>>| async move { w.render() }),
-        )
-        .with_state(watch);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await
+impl tidemark_process::http::Health for Watch {
+    fn readiness(&self) -> Result<(), String> {
+        Watch::readiness(self)
+    }
+    fn render(&self) -> String {
+        Watch::render(self)
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tidemark_postgres::ConnInfo;
+use tidemark_process::http::serve;
 use tidemark_replay::audit::{TableReport, Target, audit_table};
-use tidemark_replay::watch::{Pass, Watch, serve};
+use tidemark_replay::watch::{Pass, Watch};
 use tidemark_schemas::Row;
 use tidemark_schemas::config::Config;
 use tracing::{info, warn};
