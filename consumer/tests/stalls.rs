@@ -139,15 +139,27 @@ async fn a_strict_mapping_refusing_a_column_stalls_the_table_until_it_is_fixed()
     ))
     .await
     .expect("new column");
+    // The producer first sends the table again in its new shape (the
+    // default `on_schema_change`), which under CI's load takes a while.
+    let began = std::time::Instant::now();
     let seen = p
-        .watch_stall(&mut consumer, &index, "strict_mapping", 15)
+        .wait_stall(&mut consumer, &index, "strict_mapping", 120)
         .await;
+    eprintln!(
+        "stalled {:.1} s after the DDL",
+        began.elapsed().as_secs_f64()
+    );
     assert!(
         seen.unready,
         "/readyz never said strict_mapping:\n{}",
         consumer.log()
     );
     assert!(seen.gauge, "the blocked gauge never rose");
+    // And it stays stalled: nothing is skipped or dead-lettered meanwhile.
+    let still = p
+        .watch_stall(&mut consumer, &index, "strict_mapping", 5)
+        .await;
+    assert!(still.unready && still.gauge, "the stall ended by itself");
     assert_eq!(p.dead_letter_count(), 0, "{}", consumer.log());
     let docs = p.docs(&index).await;
     assert_eq!(docs.len(), 50, "nothing after the refused write is applied");

@@ -837,6 +837,26 @@ impl Pipeline {
         seen
     }
 
+    /// Polls the consumer every second until both `/readyz` and the blocked
+    /// gauge name `reason` on `index`, or `secs` pass: for a stall that
+    /// follows something slow (a schema change the producer first snapshots).
+    pub async fn wait_stall(
+        &self,
+        consumer: &mut ConsumerProcess,
+        index: &str,
+        reason: &str,
+        secs: u64,
+    ) -> Watched {
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut seen = Watched::default();
+        while Instant::now() < until && !(seen.unready && seen.gauge) {
+            let now = self.watch_stall(consumer, index, reason, 1).await;
+            seen.unready |= now.unready;
+            seen.gauge |= now.gauge;
+        }
+        seen
+    }
+
     /// Records in this pipeline's dead-letter topic.
     pub fn dead_letter_count(&self) -> i64 {
         topic_record_count(
