@@ -12,9 +12,10 @@
 //! (`tidemark-index`: mapping, bulk apply, answers), the one path the replay
 //! tools use too; this crate owns the Kafka side of the worker.
 //!
-//! Modules: `record` (what a record must be to be applied), `run` (Kafka
+//! Modules: `error` (`ConsumerError`: what stops it), `record` (what a record must be to be applied), `run` (Kafka
 //! group loop, offsets, dead letters), `metrics`, `http`.
 
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod record;

@@ -35,7 +35,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{
@@ -50,6 +49,7 @@ use tidemark_schemas::{ChangeEvent, DeadLetter, Origin, Stage};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::error::ConsumerError;
 use crate::metrics::Metrics;
 use crate::record::Topics;
 use tidemark_index::apply::{Applier, Outcome, lock};
@@ -63,7 +63,7 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn prepare(
     config: &Config,
     config_dir: &Path,
-) -> anyhow::Result<(Arc<Search>, Mappings)> {
+) -> Result<(Arc<Search>, Mappings), ConsumerError> {
     let search = Arc::new(Search::connect(config.opensearch()?)?);
     let info = search.info().await?;
     info!(
@@ -98,7 +98,7 @@ pub async fn prepare(
 /// next start).
 async fn pipeline_identity(
     config: &Config,
-) -> anyhow::Result<tidemark_schemas::identity::Identity> {
+) -> Result<tidemark_schemas::identity::Identity, ConsumerError> {
     let kafka = config.kafka.clone();
     let slot = config.producer.slot.clone();
     // Under the consumer group's name, which its ACLs already cover.
@@ -114,13 +114,12 @@ async fn pipeline_identity(
         )?;
         Ok::<_, rdkafka::error::KafkaError>((cluster, source))
     })
-    .await?
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "reading this pipeline's identity from Kafka (cluster id, state topic {}): {e}",
-            config.kafka.state_topic()
-        )
-    })?;
+    .await
+    .map_err(|e| ConsumerError::Task(format!("reading this pipeline's identity: {e}")))?
+    .map_err(ConsumerError::kafka(format!(
+        "reading this pipeline's identity from Kafka (cluster id, state topic {})",
+        config.kafka.state_topic()
+    )))?;
     if postgres_system.is_none() {
         warn!(slot = %config.producer.slot, state_topic = %config.kafka.state_topic(),
             "the producer has not recorded which PostgreSQL feeds this pipeline yet: indices are \
@@ -135,7 +134,7 @@ async fn pipeline_identity(
 }
 
 /// Fails with a how-to-fix error when no broker answers or takes us.
-async fn check_kafka(kafka: &tidemark_schemas::config::Kafka) -> anyhow::Result<()> {
+async fn check_kafka(kafka: &tidemark_schemas::config::Kafka) -> Result<(), ConsumerError> {
     tidemark_kafka::check(kafka, "tidemark-consumer", KAFKA_TIMEOUT).await?;
     Ok(())
 }
@@ -293,7 +292,7 @@ pub async fn run(
     mappings: Mappings,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), ConsumerError> {
     let checks = Topics::new(&config);
     let topics = checks.names();
     let handover = Arc::new(Handover::default());
@@ -315,11 +314,11 @@ pub async fn run(
             // Applying waits while OpenSearch is down; stay in the group that long.
             .set("max.poll.interval.ms", "900000")
             .create_with_context(context)
-            .context("cannot create the Kafka consumer")?;
+            .map_err(ConsumerError::kafka("cannot create the Kafka consumer"))?;
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topic_refs)
-        .context("cannot subscribe to the table topics")?;
+        .map_err(ConsumerError::kafka("cannot subscribe to the table topics"))?;
     info!(group = %config.consumer.group_id, topics = ?topics, "consuming");
     let dead_letters: FutureProducer =
         tidemark_kafka::client_config(&config.kafka, "tidemark-consumer-dead-letters")
@@ -327,7 +326,9 @@ pub async fn run(
             .set("acks", "all")
             .set("message.timeout.ms", "0")
             .create()
-            .context("cannot create the dead-letter producer")?;
+            .map_err(ConsumerError::kafka(
+                "cannot create the dead-letter producer",
+            ))?;
     let dead_letter_topic = config.kafka.dead_letter_topic();
     let applier = Applier::new(search.clone(), metrics.apply.clone())
         .with_fill_budget(config.consumer.batch_max_bytes);
@@ -353,7 +354,7 @@ pub async fn run(
     };
     // One batch is applied while the next is read and decoded; the next is
     // sent only when the one before it is done, so per-key order holds.
-    let mut in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Option<Done>>>> = None;
+    let mut in_flight: Option<tokio::task::JoinHandle<Result<Option<Done>, ConsumerError>>> = None;
     // Partitions paused while a full batch waits for the one in flight.
     let mut paused: Option<rdkafka::TopicPartitionList> = None;
     let result = loop {
@@ -517,9 +518,9 @@ struct Sinks {
 type Done = Vec<(String, i32, i64, Option<i64>)>;
 
 fn finished(
-    joined: Result<anyhow::Result<Option<Done>>, tokio::task::JoinError>,
-) -> anyhow::Result<Option<Done>> {
-    joined.map_err(|e| anyhow::anyhow!("batch task failed: {e}"))?
+    joined: Result<Result<Option<Done>, ConsumerError>, tokio::task::JoinError>,
+) -> Result<Option<Done>, ConsumerError> {
+    joined.map_err(|e| ConsumerError::Task(format!("batch task failed: {e}")))?
 }
 
 /// Stores the offsets of an applied batch; `None` (interrupted) stores
@@ -543,7 +544,7 @@ async fn apply_batch(
     records: Vec<Record>,
     sinks: Sinks,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<Option<Done>> {
+) -> Result<Option<Done>, ConsumerError> {
     let Sinks {
         applier,
         dead_letters,
@@ -631,7 +632,7 @@ async fn send_dead_letter(
     record: &Record,
     event: Option<&ChangeEvent>,
     reason: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), ConsumerError> {
     let letter = DeadLetter {
         origin: Some(Origin {
             topic: record.topic.clone(),
@@ -654,12 +655,10 @@ async fn send_dead_letter(
         .send(send, rdkafka::util::Timeout::Never)
         .await
         .map_err(|(e, _)| {
-            anyhow::anyhow!(
-                "cannot write to the dead-letter topic {topic} (record {}/{}/{}): {e}",
-                record.topic,
-                record.partition,
-                record.offset
-            )
+            ConsumerError::kafka(format!(
+                "cannot write to the dead-letter topic {topic} (record {}/{}/{})",
+                record.topic, record.partition, record.offset
+            ))(e)
         })?;
     Ok(())
 }

@@ -94,5 +94,5 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
     });
     let result = tidemark_consumer::run::run(config, search, mappings, metrics, shutdown).await;
     http.abort();
-    result
+    Ok(result?)
 }

@@ -132,7 +132,7 @@ impl ConsumerProcess {
 
 /// A consumer running inside the test process.
 pub struct InProcessConsumer {
-    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub handle: tokio::task::JoinHandle<Result<(), tidemark_consumer::error::ConsumerError>>,
     pub stop: watch::Sender<bool>,
     pub metrics: Arc<tidemark_consumer::metrics::Metrics>,
 }
