@@ -385,12 +385,19 @@ async fn run_once(
     };
 
     let mut progress = progress;
+    let mut first_shapes = false;
     for table in &tables {
         // A table's first shape: the catalog's (its snapshot was read in it).
-        progress
-            .shapes
-            .entry(table.qualified())
-            .or_insert_with(|| crate::stream::catalog_shape(table));
+        progress.shapes.entry(table.qualified()).or_insert_with(|| {
+            first_shapes = true;
+            crate::stream::catalog_shape(table)
+        });
+    }
+    if first_shapes {
+        // Recorded now, not at the next confirmation: a restart before one
+        // (a DDL's snapshot interrupted, say) would otherwise take the
+        // catalog's new shape as the first and miss the change.
+        state.save(&progress).await?;
     }
     let by_oid: HashMap<u32, CatalogTable> = tables.into_iter().map(|t| (t.oid, t)).collect();
     let health = tokio::spawn(watch_health(

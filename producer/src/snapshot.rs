@@ -64,7 +64,40 @@ pub enum SnapshotError {
     #[error("snapshot task failed: {0}")]
     Task(String),
     #[error("snapshot of tables while the slot exists: {0}")]
-    Export(String),
+    Export(#[from] tidemark_postgres::ExportError),
+}
+
+impl SnapshotError {
+    /// Whether PostgreSQL went away under the snapshot (its connection
+    /// lost, the server shutting down or not yet accepting connections):
+    /// an outage to wait out, after which the snapshot is taken again.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            SnapshotError::Export(tidemark_postgres::ExportError::Replication(e)) => {
+                e.is_transient()
+            }
+            SnapshotError::Query { source, .. }
+            | SnapshotError::Source {
+                source: SourceError::Query { source, .. },
+                ..
+            } => connection_lost(source),
+            SnapshotError::Source {
+                source: SourceError::Connect { .. },
+                ..
+            } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A connection closed under us, or the server shutting down or starting
+/// (SQLSTATE class 08, and 57P01-57P03), rather than a query it refused.
+fn connection_lost(error: &tokio_postgres::Error) -> bool {
+    let code = error.code().map(|c| c.code()).unwrap_or_default();
+    error.is_closed()
+        || code.starts_with("08")
+        || matches!(code, "57P01" | "57P02" | "57P03")
+        || std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>())
 }
 
 /// What a finished snapshot read.
@@ -299,8 +332,7 @@ pub async fn again(
         &tidemark_postgres::Replication::of(config, "tidemark-producer"),
         &slot,
     )
-    .await
-    .map_err(|e| SnapshotError::Export(e.to_string()))?;
+    .await?;
     let point = Point {
         lsn: snapshot.lsn,
         timeline,

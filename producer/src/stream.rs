@@ -66,6 +66,9 @@ pub enum StreamError {
     Source(#[from] SourceError),
     #[error("acknowledgement task failed: {0}")]
     Task(String),
+    /// A table sent again after its shape changed could not be read.
+    #[error(transparent)]
+    Snapshot(Box<crate::snapshot::SnapshotError>),
     #[error(
         "table {table}: its key changed from ({old}) to ({new}); documents are named by the key, so \
          the index would keep every old document beside a new one. Rebuild its index: stop the \
@@ -278,7 +281,7 @@ impl Stream {
                                     if on_change == OnSchemaChange::Backfill {
                                         snapshot::again(&config, &conn, &[table], &sink, &metrics, timeline, "its shape changed")
                                             .await
-                                            .map_err(|e| StreamError::Task(e.to_string()))?;
+                                            .map_err(|e| StreamError::Snapshot(Box::new(e)))?;
                                     }
                                     shapes.insert(qualified.clone(), shape.clone());
                                     new_shapes.push((qualified, shape));

@@ -29,6 +29,14 @@ pub(crate) async fn wait_reason(
                 "the replication connection to PostgreSQL broke ({e}); reconnecting"
             ))
         }
+        RunError::Snapshot(e) if e.is_outage() => Some(format!(
+            "PostgreSQL went away during a snapshot ({error}); reconnecting, then the snapshot \
+             is taken again"
+        )),
+        RunError::Stream(StreamError::Snapshot(e)) if e.is_outage() => Some(format!(
+            "PostgreSQL went away while a table was sent again after its shape changed \
+             ({error}); reconnecting, then it is sent again"
+        )),
         RunError::Source(SourceError::Connect { .. } | SourceError::Query { .. })
         | RunError::Stream(StreamError::Source(_))
         | RunError::Replication(_)

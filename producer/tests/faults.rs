@@ -748,3 +748,119 @@ async fn a_postgresql_restart_is_waited_out_and_streaming_resumes() {
     );
     h.stop(producer, 0);
 }
+
+/// A schema change's snapshot (the table sent again in its new shape)
+/// interrupted by PostgreSQL restarting is waited out like the stream is:
+/// the producer does not exit, and once the server is back the table is
+/// sent again in full. The snapshot is held at its start by a transaction
+/// left open (a new slot waits for every running transaction), so the
+/// restart always lands inside it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_during_a_schema_change_snapshot_is_waited_out() {
+    use tidemark_testkit::scratch::ScratchPostgres;
+    let h = Harness::new("pgddl").await;
+    let server = ScratchPostgres::primary(&[("wal_level", "logical")]);
+    let admin = support::pg(&server.url()).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             CREATE TABLE side (n int);
+             INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 200) g",
+        )
+        .await
+        .expect("tables");
+    let text = std::fs::read_to_string(h.config(&["t"], "")).expect("config");
+    let config = h.dir.join("scratch.toml");
+    std::fs::write(
+        &config,
+        text.replace(&h.stack.pg_replication_url, &server.url()),
+    )
+    .expect("config");
+    let mut producer = h.start(&config, 0);
+    h.wait_ready(&mut producer, 0).await;
+    let topic = h.topic("t");
+    h.read_until(&topic, |r| r.len() >= 200);
+
+    // A transaction with an xid stays open; then the shape changes.
+    let holder = support::pg(&server.url()).await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO side VALUES (1)")
+        .await
+        .expect("open transaction");
+    admin
+        .batch_execute(
+            "ALTER TABLE t ADD COLUMN c text DEFAULT 'x';
+             UPDATE t SET v = 'changed' WHERE id = 1",
+        )
+        .await
+        .expect("schema change");
+    // The producer sees the new shape (before the update, which follows
+    // the snapshot); the snapshot waits on `holder`.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = support::http_get(h.http_port, "/metrics")
+            .await
+            .unwrap_or_default();
+        if metrics.contains("tidemark_producer_schema_changes_total{table=\"public.t\"} 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no schema change seen:\n{metrics}\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !h.log(0).contains("tables snapshotted again"),
+        "the snapshot was not held:\n{}",
+        h.log(0)
+    );
+    drop((admin, holder));
+    let restart = tokio::task::spawn_blocking(move || {
+        server.restart(Duration::from_secs(4));
+        server
+    });
+    let mut saw_wait = false;
+    while !restart.is_finished() {
+        if let Some(answer) = support::http_get(h.http_port, "/readyz").await
+            && answer.starts_with("HTTP/1.1 503")
+            && answer.contains("reconnecting")
+        {
+            saw_wait = true;
+        }
+        assert!(
+            producer.try_wait().expect("try_wait").is_none(),
+            "the producer exited on the restart:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _server = restart.await.expect("restart");
+    assert!(
+        saw_wait,
+        "/readyz never said it was reconnecting:\n{}",
+        h.log(0)
+    );
+    // Every row is sent again with the new column.
+    let records = h.read_until(&topic, |r| {
+        (1..=200).all(|id| {
+            r.iter().any(|r| {
+                r.event.key["id"] == id
+                    && r.event
+                        .after
+                        .as_ref()
+                        .is_some_and(|a| a.get("c").is_some_and(|c| c == "x"))
+            })
+        })
+    });
+    assert!(records.len() >= 400, "{} records", records.len());
+    h.wait_ready(&mut producer, 0).await;
+    assert!(
+        producer.try_wait().expect("try_wait").is_none(),
+        "{}",
+        h.log(0)
+    );
+    h.stop(producer, 0);
+}
