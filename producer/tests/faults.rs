@@ -700,26 +700,7 @@ async fn a_postgresql_restart_is_waited_out_and_streaming_resumes() {
     drop(admin);
 
     // The server goes down for 6 s; /readyz is watched meanwhile.
-    let restart = tokio::task::spawn_blocking(move || {
-        server.restart(Duration::from_secs(6));
-        server
-    });
-    let mut saw_wait = false;
-    while !restart.is_finished() {
-        if let Some(answer) = support::http_get(h.http_port, "/readyz").await
-            && answer.starts_with("HTTP/1.1 503")
-            && answer.contains("reconnecting")
-        {
-            saw_wait = true;
-        }
-        assert!(
-            producer.try_wait().expect("try_wait").is_none(),
-            "the producer exited on the restart:\n{}",
-            h.log(0)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let server = restart.await.expect("restart");
+    let (server, saw_wait) = restart_watched(&h, &mut producer, server, 6).await;
     let admin = support::pg(&server.url()).await;
     admin
         .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(11, 20) g")
@@ -818,26 +799,7 @@ async fn a_postgresql_restart_during_a_schema_change_snapshot_is_waited_out() {
         h.log(0)
     );
     drop((admin, holder));
-    let restart = tokio::task::spawn_blocking(move || {
-        server.restart(Duration::from_secs(4));
-        server
-    });
-    let mut saw_wait = false;
-    while !restart.is_finished() {
-        if let Some(answer) = support::http_get(h.http_port, "/readyz").await
-            && answer.starts_with("HTTP/1.1 503")
-            && answer.contains("reconnecting")
-        {
-            saw_wait = true;
-        }
-        assert!(
-            producer.try_wait().expect("try_wait").is_none(),
-            "the producer exited on the restart:\n{}",
-            h.log(0)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let _server = restart.await.expect("restart");
+    let (_server, saw_wait) = restart_watched(&h, &mut producer, server, 4).await;
     assert!(
         saw_wait,
         "/readyz never said it was reconnecting:\n{}",
@@ -863,4 +825,35 @@ async fn a_postgresql_restart_during_a_schema_change_snapshot_is_waited_out() {
         h.log(0)
     );
     h.stop(producer, 0);
+}
+
+/// Restarts `server` (down for `down_secs`) while polling the producer:
+/// it must not exit; returns the server and whether `/readyz` said it was
+/// reconnecting meanwhile.
+async fn restart_watched(
+    h: &Harness,
+    producer: &mut support::Producer,
+    server: tidemark_testkit::scratch::ScratchPostgres,
+    down_secs: u64,
+) -> (tidemark_testkit::scratch::ScratchPostgres, bool) {
+    let restart = tokio::task::spawn_blocking(move || {
+        server.restart(Duration::from_secs(down_secs));
+        server
+    });
+    let mut saw_wait = false;
+    while !restart.is_finished() {
+        if let Some(answer) = support::http_get(h.http_port, "/readyz").await
+            && answer.starts_with("HTTP/1.1 503")
+            && answer.contains("reconnecting")
+        {
+            saw_wait = true;
+        }
+        assert!(
+            producer.try_wait().expect("try_wait").is_none(),
+            "the producer exited on the restart:\n{}",
+            h.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (restart.await.expect("restart"), saw_wait)
 }
