@@ -12,8 +12,9 @@
 //! (`tidemark-index`: mapping, bulk apply, answers), the one path the replay
 //! tools use too; this crate owns the Kafka side of the worker.
 //!
-//! Modules: `error` (`ConsumerError`: what stops it), `record` (what a record must be to be applied), `run` (Kafka
-//! group loop, offsets, dead letters), `metrics`, `http`.
+//! Modules: `error` (`ConsumerError`: what stops it), `record` (what a
+//! record must be to be applied), `run` (Kafka group loop, offsets, dead
+//! letters), `metrics`, `http`.
 
 pub mod error;
 pub mod http;

@@ -101,6 +101,18 @@ pub fn pg_text(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether `error` means the connection was lost (closed under us, or the
+/// server shutting down or not yet accepting: SQLSTATE class 08 and
+/// 57P01-57P03) rather than a query the server refused: an outage to wait
+/// out, not a mistake to report.
+pub fn connection_lost(error: &tokio_postgres::Error) -> bool {
+    let code = error.code().map(|c| c.code()).unwrap_or_default();
+    error.is_closed()
+        || code.starts_with("08")
+        || matches!(code, "57P01" | "57P02" | "57P03")
+        || std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>())
+}
+
 pub(crate) fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
     move |source| SourceError::Query { what, source }
 }

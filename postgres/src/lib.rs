@@ -31,6 +31,6 @@ pub mod values;
 
 pub use catalog::{CatalogTable, TypeResolver, describe_table, quote_ident, table_key};
 pub use conn::{ConnInfo, Replication, SESSION_OPTIONS};
-pub use error::{SourceError, pg_text};
+pub use error::{SourceError, connection_lost, pg_text};
 pub use export::{ExportError, ExportedSnapshot, export_snapshot, system_identifier};
 pub use rows::{Point, RowError, key_values, row_values};

@@ -80,7 +80,7 @@ impl SnapshotError {
             | SnapshotError::Source {
                 source: SourceError::Query { source, .. },
                 ..
-            } => connection_lost(source),
+            } => tidemark_postgres::connection_lost(source),
             SnapshotError::Source {
                 source: SourceError::Connect { .. },
                 ..
@@ -88,16 +88,6 @@ impl SnapshotError {
             _ => false,
         }
     }
-}
-
-/// A connection closed under us, or the server shutting down or starting
-/// (SQLSTATE class 08, and 57P01-57P03), rather than a query it refused.
-fn connection_lost(error: &tokio_postgres::Error) -> bool {
-    let code = error.code().map(|c| c.code()).unwrap_or_default();
-    error.is_closed()
-        || code.starts_with("08")
-        || matches!(code, "57P01" | "57P02" | "57P03")
-        || std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>())
 }
 
 /// What a finished snapshot read.

@@ -682,13 +682,7 @@ async fn a_postgresql_restart_is_waited_out_and_streaming_resumes() {
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await
         .expect("table");
-    let text = std::fs::read_to_string(h.config(&["t"], "")).expect("config");
-    let config = h.dir.join("scratch.toml");
-    std::fs::write(
-        &config,
-        text.replace(&h.stack.pg_replication_url, &server.url()),
-    )
-    .expect("config");
+    let config = h.config_at(&server.url(), &["t"]);
     let mut producer = h.start(&config, 0);
     h.wait_ready(&mut producer, 0).await;
     admin
@@ -750,13 +744,7 @@ async fn a_postgresql_restart_during_a_schema_change_snapshot_is_waited_out() {
         )
         .await
         .expect("tables");
-    let text = std::fs::read_to_string(h.config(&["t"], "")).expect("config");
-    let config = h.dir.join("scratch.toml");
-    std::fs::write(
-        &config,
-        text.replace(&h.stack.pg_replication_url, &server.url()),
-    )
-    .expect("config");
+    let config = h.config_at(&server.url(), &["t"]);
     let mut producer = h.start(&config, 0);
     h.wait_ready(&mut producer, 0).await;
     let topic = h.topic("t");

@@ -78,6 +78,16 @@ impl Harness {
         format!("{}.public.{table}", self.name)
     }
 
+    /// The config of [`Harness::config`] pointed at another server (a
+    /// scratch cluster a test may restart), as `scratch.toml`.
+    pub fn config_at(&self, url: &str, tables: &[&str]) -> PathBuf {
+        let text = std::fs::read_to_string(self.config(tables, "")).expect("config");
+        let path = self.dir.join("scratch.toml");
+        std::fs::write(&path, text.replace(&self.stack.pg_replication_url, url))
+            .expect("scratch config");
+        path
+    }
+
     /// Writes a config for `tables` (in schema public) and returns its path.
     /// `extra` is appended to the [producer] section.
     pub fn config(&self, tables: &[&str], extra: &str) -> PathBuf {
