@@ -29,9 +29,9 @@
 //! ([`in_publication`]). A row deleted between them is a key without a
 //! row at the snapshot: a versioned delete, as in `window`.
 
+use crate::error::{Context, Result};
 use std::time::Instant;
 
-use anyhow::Context;
 use tidemark_index::mapping::TableMapping;
 use tidemark_postgres::{key_values, quote_ident};
 use tidemark_schemas::config::Config;
@@ -52,7 +52,7 @@ pub async fn in_publication(
     client: &Client,
     config: &Config,
     mapping: &TableMapping,
-) -> anyhow::Result<bool> {
+) -> Result<bool> {
     let row = client
         .query_opt(
             "SELECT 1 FROM pg_publication_tables \
@@ -74,7 +74,7 @@ pub async fn table_keys(
     client: &mut Client,
     mapping: &TableMapping,
     filter: Option<&str>,
-) -> anyhow::Result<WindowKeys> {
+) -> Result<WindowKeys> {
     let name = mapping.qualified();
     let d = describe(client, &mapping.schema, &mapping.table).await?;
     let columns: Vec<String> = d
@@ -124,8 +124,13 @@ pub async fn table_keys(
             break;
         }
     }
-    tx.batch_execute("CLOSE tidemark_audit").await?;
-    tx.commit().await?;
+    tx.batch_execute("CLOSE tidemark_audit")
+        .await
+        .with_context(|| format!("table {name}: closing the key cursor"))?;
+    tx.commit()
+        .await
+        .with_context(|| format!("table {name}: ending the read's transaction"))?;
+
     progress.finish();
     info!(table = %name, keys = keys.count(), elapsed_ms = started.elapsed().as_millis() as u64, "backfill: keys read");
     keys.finish()

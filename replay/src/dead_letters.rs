@@ -11,6 +11,7 @@
 //! early as window does) to its end as of the start; memory holds the
 //! matching dead letters only.
 
+use crate::error::{Context, Result};
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
@@ -85,7 +86,7 @@ pub fn list(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     filter: &Filter,
-) -> anyhow::Result<Vec<DeadLetter>> {
+) -> Result<Vec<DeadLetter>> {
     let (consumer, partitions) =
         crate::window::open_scanner(kafka, topic, "tidemark-replay-dead-letters")?;
     let mut ends = std::collections::HashMap::new();
@@ -94,16 +95,26 @@ pub fn list(
         Some(since) => {
             let mut query = TopicPartitionList::new();
             for p in 0..partitions {
-                query.add_partition_offset(topic, p, Offset::Offset(since - 60_000))?;
+                query
+                    .add_partition_offset(topic, p, Offset::Offset(since - 60_000))
+                    .with_context(|| {
+                        format!("{topic} partition {p}: cannot ask for an offset by time")
+                    })?;
             }
-            Some(consumer.offsets_for_times(query, KAFKA_TIMEOUT)?)
+            Some(
+                consumer
+                    .offsets_for_times(query, KAFKA_TIMEOUT)
+                    .with_context(|| {
+                        format!("topic {topic}: cannot find the first offsets of --since")
+                    })?,
+            )
         }
         None => None,
     };
     for p in 0..partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
-            .map_err(|e| anyhow::anyhow!("{topic} partition {p}: cannot read offsets: {e}"))?;
+            .with_context(|| format!("{topic} partition {p}: cannot read offsets"))?;
         let start = match starts
             .as_ref()
             .and_then(|s| s.find_partition(topic, p))
@@ -114,7 +125,9 @@ pub fn list(
             _ => low,
         };
         if start < high {
-            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+            assignment
+                .add_partition_offset(topic, p, Offset::Offset(start))
+                .with_context(|| format!("{topic} partition {p} offset {start}: cannot assign"))?;
             ends.insert(p, high);
         }
     }
@@ -122,12 +135,15 @@ pub fn list(
     if ends.is_empty() {
         return Ok(out);
     }
-    consumer.assign(&assignment)?;
+    consumer
+        .assign(&assignment)
+        .with_context(|| format!("topic {topic}: cannot assign its partitions"))?;
+
     while !ends.is_empty() {
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
         };
-        let message = message.map_err(|e| anyhow::anyhow!("reading {topic}: {e}"))?;
+        let message = message.with_context(|| format!("reading {topic}"))?;
         let partition = message.partition();
         if ends
             .get(&partition)

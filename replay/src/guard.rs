@@ -16,6 +16,7 @@
 //!   `tidemark-runs` index (`tidemark_index::runs`) with who, where, when,
 //!   the arguments, the outcome and the counts.
 
+use crate::error::{ReplayError, Result};
 use serde_json::Value;
 use tidemark_index::identity::{Verdict, foreign, judge, stamp_of};
 use tidemark_index::runs::{self, RunRecord};
@@ -74,7 +75,7 @@ impl<'a> Guard<'a> {
         indices: &[&str],
         seen: &Identity,
         override_target: bool,
-    ) -> anyhow::Result<Result<String, String>> {
+    ) -> Result<Result<String, String>> {
         let mut lines = String::new();
         let mut problems = Vec::new();
         for index in indices {
@@ -120,7 +121,7 @@ impl<'a> Guard<'a> {
 
     /// Records the run with its outcome and results; the record is
     /// searchable when this returns.
-    pub async fn record(self, outcome: &str, results: Value) -> anyhow::Result<()> {
+    pub async fn record(self, outcome: &str, results: Value) -> Result<()> {
         self.write_record(outcome, results).await
     }
 
@@ -131,19 +132,19 @@ impl<'a> Guard<'a> {
         &self,
         target: &str,
         checked: Result<String, String>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let lines = checked.as_ref().map_or("", String::as_str);
         let separator = if target.ends_with('\n') { "" } else { "\n" };
         self.show_target(&format!("{target}{separator}{lines}"));
         if let Err(refusal) = checked {
             self.write_record("refused: not this pipeline's index", Value::Null)
                 .await?;
-            anyhow::bail!(refusal);
+            return Err(ReplayError::Refused(refusal));
         }
         Ok(())
     }
 
-    async fn write_record(&self, outcome: &str, results: Value) -> anyhow::Result<()> {
+    async fn write_record(&self, outcome: &str, results: Value) -> Result<()> {
         let (user, host) = runs::who();
         let record = RunRecord {
             command: self.command.clone(),

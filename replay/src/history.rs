@@ -8,6 +8,7 @@
 //! partition's end as it was when the command started. Memory holds the
 //! matching changes only.
 
+use crate::error::{Context, ReplayError, Result};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -148,14 +149,14 @@ pub fn read_history(
     source: &Source,
     key: &Row,
     since_ms: Option<i64>,
-) -> anyhow::Result<History> {
+) -> Result<History> {
     let (consumer, partitions) =
         crate::window::open_scanner(kafka, topic, "tidemark-replay-history")?;
     if partitions == 0 {
-        anyhow::bail!(
+        return Err(ReplayError::Refused(format!(
             "topic {topic} does not exist: is {} a captured table, and has the producer run?",
             source.qualified()
-        );
+        )));
     }
     let record_key = record_key(source, key);
     // A truncate reaches every partition with the table-only key.
@@ -163,13 +164,21 @@ pub fn read_history(
     let partition = partition_for(&record_key, partitions);
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
-        .map_err(|e| anyhow::anyhow!("{topic} partition {partition}: cannot read offsets: {e}"))?;
+        .with_context(|| format!("{topic} partition {partition}: cannot read offsets"))?;
     let mut first = low;
     if let Some(since) = since_ms {
         let mut query = TopicPartitionList::new();
         // Kafka timestamps are not monotonic: start a minute early.
-        query.add_partition_offset(topic, partition, Offset::Offset(since - 60_000))?;
-        let found = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
+        query
+            .add_partition_offset(topic, partition, Offset::Offset(since - 60_000))
+            .with_context(|| {
+                format!("{topic} partition {partition}: cannot ask for an offset by time")
+            })?;
+        let found = consumer
+            .offsets_for_times(query, KAFKA_TIMEOUT)
+            .with_context(|| {
+                format!("{topic} partition {partition}: cannot find the offset of --since")
+            })?;
         if let Some(element) = found.find_partition(topic, partition) {
             match element.offset() {
                 Offset::Offset(o) => first = o.max(low),
@@ -190,8 +199,13 @@ pub fn read_history(
         return Ok(history);
     }
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, partition, Offset::Offset(first))?;
-    consumer.assign(&assignment)?;
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(first))
+        .with_context(|| format!("{topic} partition {partition} offset {first}: cannot assign"))?;
+    consumer
+        .assign(&assignment)
+        .with_context(|| format!("{topic} partition {partition}: cannot assign it"))?;
+
     let total = (high - first) as u64;
     let terminal = std::io::stderr().is_terminal();
     let mut last_report = Instant::now();
@@ -201,9 +215,8 @@ pub fn read_history(
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
         };
-        let message = message.map_err(|e| {
-            anyhow::anyhow!("{topic} partition {partition} after offset {position}: {e}")
-        })?;
+        let message = message
+            .with_context(|| format!("{topic} partition {partition} after offset {position}"))?;
         position = message.offset() + 1;
         history.scanned += 1;
         if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 10 }) {
@@ -230,11 +243,8 @@ pub fn read_history(
             continue;
         }
         let payload = message.payload().unwrap_or_default();
-        let event = ChangeEvent::from_slice(payload).map_err(|e| {
-            anyhow::anyhow!(
-                "{topic} partition {partition} offset {}: {e}",
-                message.offset()
-            )
+        let event = ChangeEvent::from_slice(payload).with_context(|| {
+            format!("{topic} partition {partition} offset {}", message.offset())
         })?;
         if let Some(since) = since_ms
             && commit_ms(&event).is_some_and(|t| t < since)

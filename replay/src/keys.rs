@@ -7,6 +7,7 @@
 //! PostgreSQL catalog by the producer's key rule; integer and boolean columns become JSON numbers and
 //! booleans (as the producer maps them), everything else a string.
 
+use crate::error::{Cause, ReplayError, Result};
 use serde_json::{Map, Value};
 use tidemark_schemas::Row;
 use tokio_postgres::Client;
@@ -16,20 +17,18 @@ pub type KeyColumn = (String, String);
 
 /// The key columns of `schema.table`, in key order, by the one key rule
 /// the producer keys events by (`tidemark_postgres::catalog`).
-pub async fn primary_key(
-    client: &Client,
-    schema: &str,
-    table: &str,
-) -> anyhow::Result<Vec<KeyColumn>> {
+pub async fn primary_key(client: &Client, schema: &str, table: &str) -> Result<Vec<KeyColumn>> {
     use tidemark_postgres::SourceError;
     match tidemark_postgres::table_key(client, schema, table).await {
         Ok(key) => Ok(key),
-        Err(SourceError::NoSuchTable(_) | SourceError::NoKey(_)) => anyhow::bail!(
-            "table {schema}.{table} has no primary key (or does not exist); pass --key as JSON, e.g. '{{\"id\": 42}}'"
-        ),
-        Err(e) => Err(anyhow::anyhow!(
-            "table {schema}.{table}: cannot read its primary key: {e}"
-        )),
+        Err(SourceError::NoSuchTable(_) | SourceError::NoKey(_)) => {
+            Err(ReplayError::Refused(format!(
+                "table {schema}.{table} has no primary key (or does not exist); pass --key as JSON, e.g. '{{\"id\": 42}}'"
+            )))
+        }
+        Err(e) => Err(e.within(format!(
+            "table {schema}.{table}: cannot read its primary key"
+        ))),
     }
 }
 

@@ -12,6 +12,7 @@
 //! `backfill` (a table's rows into its index, through window's engine), `audit`
 //! (source against index) and `merge` (its key-ordered merge),
 //! `dead_letters` (list the dead-letter topic, gather keys to repair),
+//! `error` (the one error type, [`error::ReplayError`]),
 //! `guard` (what every writing command does: target, confirmation, run record),
 //! `history` (a row's changes from Kafka), `keys` (key
 //! arguments -> the producer's key object), `time` (RFC 3339 and relative
@@ -21,6 +22,7 @@
 pub mod audit;
 pub mod backfill;
 pub mod dead_letters;
+pub mod error;
 pub mod guard;
 pub mod history;
 pub mod keys;

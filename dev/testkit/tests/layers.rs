@@ -143,3 +143,56 @@ fn every_crate_depends_only_downward() {
         );
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// A stage crate links anyhow for its binary, so `cargo metadata` cannot
+/// tell its library apart: read the sources. Library code returns typed
+/// errors (thiserror); `anyhow` lives only in `src/bin/` and `main.rs`.
+#[test]
+fn libraries_return_typed_errors() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut offenders = Vec::new();
+    for stage in STAGES {
+        let src = root.join(stage.trim_start_matches("tidemark-")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        assert!(
+            !files.is_empty(),
+            "{stage}: no sources under {}",
+            src.display()
+        );
+        for file in files {
+            let relative = file.strip_prefix(&src).unwrap_or(&file);
+            if relative.starts_with("bin") || relative == std::path::Path::new("main.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).expect("a source file reads");
+            let uses = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .any(|l| l.contains("anyhow::") || l.contains("anyhow!"));
+            if uses {
+                offenders.push(format!("{stage}: src/{}", relative.display()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "library code uses anyhow (return the crate's error type instead):\n{}",
+        offenders.join("\n")
+    );
+}

@@ -2,9 +2,9 @@
 //! index's ids, both in order (`merge`); a subset audit (`--key`, sampled
 //! or repaired keys) looks each one up.
 
+use crate::error::{Context, ReplayError, Result};
 use std::time::Instant;
 
-use anyhow::Context;
 use serde_json::json;
 use tidemark_index::reads::{Fetch, IdScroll, doc_content_meta, doc_meta_searched};
 use tidemark_index::search::Search;
@@ -31,7 +31,7 @@ pub(crate) async fn merged_candidates(
     d: &Described,
     query: &str,
     report: &mut TableReport,
-) -> anyhow::Result<Vec<(String, Row)>> {
+) -> Result<Vec<(String, Row)>> {
     let mapping = target.mapping;
     let name = mapping.qualified();
     let started = Instant::now();
@@ -55,7 +55,9 @@ pub(crate) async fn merged_candidates(
     let docs = scroll
         .join_next()
         .await
-        .context("the index scroll task vanished")???;
+        .ok_or_else(|| ReplayError::Task("the index scroll task vanished".to_owned()))?
+        .context("the index scroll task failed")??;
+
     documents.finish();
     report.documents = docs.count();
     info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents read");
@@ -97,7 +99,10 @@ pub(crate) async fn merged_candidates(
     )
     .context("audit: merging rows and documents")?;
     if let Some(e) = bad_key {
-        anyhow::bail!("table {name}: a spilled key did not read back: {e}");
+        return Err(ReplayError::Record {
+            what: format!("table {name}: a spilled key did not read back"),
+            source: e.into(),
+        });
     }
     info!(table = %name, candidates = candidates.len(), elapsed_ms = started.elapsed().as_millis() as u64, "audit: merged");
     Ok(candidates)
@@ -114,7 +119,7 @@ pub(crate) async fn looked_up_candidates(
     d: &Described,
     query: &str,
     report: &mut TableReport,
-) -> anyhow::Result<Vec<(String, Row)>> {
+) -> Result<Vec<(String, Row)>> {
     let mapping = target.mapping;
     let name = mapping.qualified();
     let index = mapping.index.clone();
@@ -128,13 +133,17 @@ pub(crate) async fn looked_up_candidates(
     // are looked up: PostgreSQL and OpenSearch work at the same time.
     let read_chunk = || async {
         let mut chunk: Vec<(String, Row, Row)> = Vec::with_capacity(CHUNK);
-        for message in tx.simple_query(&fetch).await? {
+        let fetched = tx
+            .simple_query(&fetch)
+            .await
+            .with_context(|| format!("table {name}: reading the chosen rows"))?;
+        for message in fetched {
             if let SimpleQueryMessage::Row(row) = message {
                 let (key, after) = row_values(&d.table, &d.mappings, &d.key_index, &row)?;
                 chunk.push((mapping.doc_id(&key)?, key, after));
             }
         }
-        anyhow::Ok(chunk)
+        Ok::<_, ReplayError>(chunk)
     };
     let progress = Progress::new(&format!("{name}: rows"), "rows", None);
     let mut chunk = read_chunk().await?;
@@ -173,7 +182,9 @@ pub(crate) async fn looked_up_candidates(
         chunk = next?;
     }
     progress.finish();
-    tx.batch_execute("CLOSE tidemark_audit").await?;
+    tx.batch_execute("CLOSE tidemark_audit")
+        .await
+        .with_context(|| format!("table {name}: closing the row cursor"))?;
     info!(table = %name, rows = report.rows, elapsed_ms = started.elapsed().as_millis() as u64, "audit: rows pass done");
 
     // 2. Documents -> rows, in the same snapshot.
@@ -194,7 +205,7 @@ pub(crate) async fn looked_up_candidates(
         loop {
             let hits = scroll.next_page().await?;
             if hits.is_empty() {
-                return anyhow::Ok(());
+                return Ok::<_, ReplayError>(());
             }
             report.documents += hits.len() as u64;
             // Ids only (no source): the key comes back from the id, whose
@@ -221,7 +232,9 @@ pub(crate) async fn looked_up_candidates(
     .await;
     scroll.close().await;
     result?;
-    tx.commit().await?;
+    tx.commit()
+        .await
+        .with_context(|| format!("table {name}: ending the read's transaction"))?;
     info!(table = %name, documents = report.documents, elapsed_ms = started.elapsed().as_millis() as u64, "audit: documents pass done");
     Ok(candidates)
 }

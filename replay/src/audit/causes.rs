@@ -24,6 +24,7 @@
 //! is repaired by `window` over its commit time; the others by
 //! `audit --repair`, which re-reads the rows.
 
+use crate::error::{Context, Result};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -218,7 +219,7 @@ pub(crate) fn gather(
     kafka: &Kafka,
     mapping: &TableMapping,
     findings: &[Finding],
-) -> anyhow::Result<Vec<Evidence>> {
+) -> Result<Vec<Evidence>> {
     let started = Instant::now();
     let topic = kafka.table_topic(&mapping.schema, &mapping.table);
     let mut evidence = vec![Evidence::default(); findings.len()];
@@ -267,9 +268,19 @@ pub(crate) fn gather(
         Some(ms) => {
             let mut query = TopicPartitionList::new();
             for p in 0..partitions {
-                query.add_partition_offset(&topic, p, Offset::Offset(ms))?;
+                query
+                    .add_partition_offset(&topic, p, Offset::Offset(ms))
+                    .with_context(|| {
+                        format!("{topic} partition {p}: cannot ask for an offset by time")
+                    })?;
             }
-            Some(consumer.offsets_for_times(query, KAFKA_TIMEOUT)?)
+            Some(
+                consumer
+                    .offsets_for_times(query, KAFKA_TIMEOUT)
+                    .with_context(|| {
+                        format!("topic {topic}: cannot find the drift's first offsets")
+                    })?,
+            )
         }
         None => None,
     };
@@ -279,7 +290,7 @@ pub(crate) fn gather(
     for p in 0..partitions {
         let (low, high) = consumer
             .fetch_watermarks(&topic, p, KAFKA_TIMEOUT)
-            .map_err(|e| anyhow::anyhow!("{topic} partition {p}: cannot read offsets: {e}"))?;
+            .with_context(|| format!("{topic} partition {p}: cannot read offsets"))?;
         let start = match starts
             .as_ref()
             .and_then(|s| s.find_partition(&topic, p))
@@ -291,7 +302,9 @@ pub(crate) fn gather(
         };
         spans.insert(p, (low, start, high));
         if start < high {
-            assignment.add_partition_offset(&topic, p, Offset::Offset(start))?;
+            assignment
+                .add_partition_offset(&topic, p, Offset::Offset(start))
+                .with_context(|| format!("{topic} partition {p} offset {start}: cannot assign"))?;
         }
     }
     // The oldest record's commit time of each partition read from its low
@@ -315,13 +328,15 @@ pub(crate) fn gather(
         Some(total as u64),
     );
     if !open.is_empty() {
-        consumer.assign(&assignment)?;
+        consumer
+            .assign(&assignment)
+            .with_context(|| format!("topic {topic}: cannot assign its partitions"))?;
     }
     while !open.is_empty() {
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
         };
-        let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
+        let message = message.with_context(|| topic.to_string())?;
         let (partition, offset) = (message.partition(), message.offset());
         scanned += 1;
         progress.inc(1);
@@ -345,10 +360,10 @@ pub(crate) fn gather(
             continue;
         }
         let event = ChangeEvent::from_slice(message.payload().unwrap_or_default())
-            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+            .with_context(|| format!("{topic} partition {partition} offset {offset}"))?;
         let version = event
             .version()
-            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?
+            .with_context(|| format!("{topic} partition {partition} offset {offset}"))?
             .get();
         let ms = unix_millis(&event.commit_time).unwrap_or_default();
         match finding {

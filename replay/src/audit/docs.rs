@@ -2,6 +2,7 @@
 //! (`tidemark_index::reads`) and sorted on disk for the merge; reads by id
 //! and hash are `tidemark_index::reads` too.
 
+use crate::error::{Context, Result};
 use std::time::Instant;
 
 use opensearch::OpenSearch;
@@ -21,7 +22,7 @@ pub(crate) async fn sorted_documents(
     index: String,
     deep: bool,
     progress: Progress,
-) -> anyhow::Result<Sorter> {
+) -> Result<Sorter> {
     let started = Instant::now();
     let mut sorter = Sorter::default();
     let mut next_report = PROGRESS_EVERY;
@@ -52,7 +53,9 @@ pub(crate) async fn sorted_documents(
                     id: hit.id,
                     hash,
                     key: None,
-                })?;
+                })
+                .with_context(|| format!("index {index}: spilling its documents to disk"))?;
+
             }
             if sorter.count() >= next_report {
                 next_report += PROGRESS_EVERY;

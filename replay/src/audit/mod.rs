@@ -32,6 +32,7 @@
 //! (full merge or key look-ups), `causes`, `timeline`, `report` (text and
 //! HTML), this file (the comparison, one table's audit, its conclusion).
 
+use crate::error::{Context, ReplayError, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -285,7 +286,7 @@ pub async fn audit_table(
     search: &Search,
     target: &Target<'_>,
     recheck_after: Duration,
-) -> anyhow::Result<TableReport> {
+) -> Result<TableReport> {
     let mapping = target.mapping;
     let name = mapping.qualified();
     let index = mapping.index.clone();
@@ -320,9 +321,9 @@ pub async fn audit_table(
     }
     if let Some(since) = target.since {
         let Some(column) = target.time_column else {
-            anyhow::bail!(
+            return Err(ReplayError::Refused(format!(
                 "--since: table {name} has no audit_time_column in the config, so its rows cannot be chosen by time"
-            );
+            )));
         };
         query.push_str(&format!(
             " WHERE {} >= '{since}'::timestamptz",
@@ -384,12 +385,12 @@ pub async fn audit_table(
             let (kafka, owned, probes) = (kafka.clone(), mapping.clone(), findings.clone());
             Some(
                 tokio::task::spawn_blocking(move || gather(&kafka, &owned, &probes))
-                    .await?
-                    .map_err(|e| {
-                        e.context(format!(
-                            "table {name}: reading Kafka for the causes of its drift (--no-causes audits without)"
-                        ))
-                    })?,
+                    .await
+                    .with_context(|| format!("table {name}: the causes task failed"))?
+                    .with_context(|| format!(
+                        "table {name}: reading Kafka for the causes of its drift (--no-causes audits without)"
+                    ))?,
+
             )
         }
         Some(_) => Some(Vec::new()),

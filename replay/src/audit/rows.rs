@@ -2,10 +2,10 @@
 //! key chunks or in key order through a cursor, and the keys that have no
 //! row, all mapped exactly as the producer maps them.
 
+use crate::error::{Context, ReplayError, Result};
 use std::collections::HashMap;
 use std::time::Instant;
 
-use anyhow::Context;
 use serde_json::Value;
 use tidemark_index::mapping::{TableMapping, content_digest};
 use tidemark_postgres::values::Mapping;
@@ -28,11 +28,7 @@ pub(crate) struct Described {
     pub(crate) select: String,
 }
 
-pub(crate) async fn describe(
-    client: &Client,
-    schema: &str,
-    name: &str,
-) -> anyhow::Result<Described> {
+pub(crate) async fn describe(client: &Client, schema: &str, name: &str) -> Result<Described> {
     let table = describe_table(client, schema, name)
         .await
         .with_context(|| format!("table {schema}.{name}"))?;
@@ -50,7 +46,8 @@ pub(crate) async fn describe(
     for &i in &key_index {
         let row = client
             .query_one("SELECT $1::oid::regtype::text", &[&table.columns[i].1])
-            .await?;
+            .await
+            .with_context(|| format!("table {schema}.{name}: reading its column types"))?;
         key_types.push(row.get(0));
     }
     let select = format!(
@@ -94,7 +91,7 @@ pub(crate) async fn estimated_rows(client: &Client, d: &Described) -> Option<u64
 /// The average size, in bytes of text, of a row as `rows_by_keys` reads
 /// it, from up to 100 rows of the table (0 for an empty table): how many
 /// rows a chunk may hold.
-pub(crate) async fn sample_row_bytes(client: &Client, d: &Described) -> anyhow::Result<usize> {
+pub(crate) async fn sample_row_bytes(client: &Client, d: &Described) -> Result<usize> {
     let row = client
         .query_one(
             &format!(
@@ -177,7 +174,7 @@ pub(crate) async fn rows_by_keys(
     d: &Described,
     mapping: &TableMapping,
     keys: &[&Row],
-) -> anyhow::Result<HashMap<String, Row>> {
+) -> Result<HashMap<String, Row>> {
     let arrays = KeyArrays::new(d, keys);
     if arrays.included.is_empty() {
         return Ok(HashMap::new());
@@ -217,7 +214,7 @@ pub(crate) async fn keys_without_rows(
     client: &impl GenericClient,
     d: &Described,
     keys: &[&Row],
-) -> anyhow::Result<Vec<usize>> {
+) -> Result<Vec<usize>> {
     let arrays = KeyArrays::new(d, keys);
     let mut vanished = arrays.incomplete.clone();
     if arrays.included.is_empty() {
@@ -263,7 +260,7 @@ pub(crate) async fn sorted_rows(
     mapping: &TableMapping,
     query: &str,
     progress: &Progress,
-) -> anyhow::Result<Sorter> {
+) -> Result<Sorter> {
     let name = mapping.qualified();
     let started = Instant::now();
     let tx = open_cursor(client, &name, query).await?;
@@ -293,14 +290,19 @@ pub(crate) async fn sorted_rows(
                 for message in &chunk {
                     if let SimpleQueryMessage::Row(row) = message {
                         let (key, after) = row_values(&d.table, &d.mappings, &d.key_index, row)?;
-                        sorter.push(Entry {
-                            id: mapping.doc_id(&key)?,
-                            hash: Some(content_digest(&mapping.fields(&after))),
-                            key: Some(serde_json::to_string(&key)?),
-                        })?;
+                        sorter
+                            .push(Entry {
+                                id: mapping.doc_id(&key)?,
+                                hash: Some(content_digest(&mapping.fields(&after))),
+                                key: Some(
+                                    serde_json::to_string(&key)
+                                        .context("encoding a key for the spill file")?,
+                                ),
+                            })
+                            .context("spilling the table's rows to disk")?;
                     }
                 }
-                anyhow::Ok(())
+                Ok::<_, ReplayError>(())
             }
         );
         mapped?;
@@ -314,8 +316,12 @@ pub(crate) async fn sorted_rows(
         }
         chunk = next.with_context(|| format!("table {name}: reading rows"))?;
     }
-    tx.batch_execute("CLOSE tidemark_audit").await?;
-    tx.commit().await?;
+    tx.batch_execute("CLOSE tidemark_audit")
+        .await
+        .with_context(|| format!("table {name}: closing the row cursor"))?;
+    tx.commit()
+        .await
+        .with_context(|| format!("table {name}: ending the read's transaction"))?;
     Ok(sorter)
 }
 
@@ -325,10 +331,15 @@ pub(crate) async fn open_cursor<'c>(
     client: &'c mut Client,
     name: &str,
     query: &str,
-) -> anyhow::Result<tokio_postgres::Transaction<'c>> {
-    let tx = client.transaction().await?;
+) -> Result<tokio_postgres::Transaction<'c>> {
+    let tx = client
+        .transaction()
+        .await
+        .with_context(|| format!("table {name}: cannot begin a transaction"))?;
     tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await?;
+        .await
+        .with_context(|| format!("table {name}: cannot begin a repeatable read"))?;
+
     tx.batch_execute(&format!(
         "DECLARE tidemark_audit NO SCROLL CURSOR FOR {query}"
     ))

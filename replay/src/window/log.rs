@@ -1,9 +1,8 @@
 //! Log mode: the window's last change of each key, taken from Kafka
 //! itself (no PostgreSQL), written at its own commit version.
 
+use crate::error::{Context, Result};
 use std::time::Duration;
-
-use anyhow::Context;
 
 use rdkafka::Message;
 use serde::Serialize;
@@ -65,7 +64,7 @@ pub(crate) fn sighting_id(id: &str, partition: i32, offset: i64) -> String {
 
 /// Folds the sorted sightings of every key into one entry per key changed
 /// in the window (see [`LogWindow::keys`]).
-pub(crate) fn fold_sightings(sightings: Sorter) -> anyhow::Result<Distinct> {
+pub(crate) fn fold_sightings(sightings: Sorter) -> Result<Distinct> {
     /// The key being folded: its id, last in-window payload, first newer change.
     struct Current {
         id: String,
@@ -88,13 +87,16 @@ pub(crate) fn fold_sightings(sightings: Sorter) -> anyhow::Result<Distinct> {
     }
     let mut out = Sorter::default();
     let mut current: Option<Current> = None;
-    for sighting in sightings.finish()? {
-        let sighting = sighting?;
+    let sorted = sightings
+        .finish()
+        .context("sorting the window's changes on disk")?;
+    for sighting in sorted {
+        let sighting = sighting.context("reading the window's changes back from disk")?;
         let Some((id, position)) = sighting.id.rsplit_once('\u{0}') else {
             continue;
         };
         if current.as_ref().is_none_or(|c| c.id != id) {
-            flush(current.take(), &mut out)?;
+            flush(current.take(), &mut out).context("spilling the window's changes to disk")?;
             current = Some(Current {
                 id: id.to_owned(),
                 last: None,
@@ -121,8 +123,9 @@ pub(crate) fn fold_sightings(sightings: Sorter) -> anyhow::Result<Distinct> {
             None => {}
         }
     }
-    flush(current, &mut out)?;
-    Ok(out.finish_distinct()?)
+    flush(current, &mut out).context("spilling the window's changes to disk")?;
+    out.finish_distinct()
+        .context("sorting the window's changes on disk")
 }
 
 /// Reads every partition of the table's topic from the window's start to
@@ -135,7 +138,7 @@ pub fn collect_log(
     start: Start,
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
-) -> anyhow::Result<LogWindow> {
+) -> Result<LogWindow> {
     let from_ms = start.from_ms;
     let (opened, shortfalls) = open_window(kafka, topic, mapping, start)?;
     let Some((consumer, mut open)) = opened else {
@@ -153,7 +156,7 @@ pub fn collect_log(
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
         };
-        let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
+        let message = message.with_context(|| topic.to_string())?;
         let (partition, offset) = (message.partition(), message.offset());
         let Some(&end) = open.get(&partition) else {
             continue;
@@ -167,7 +170,7 @@ pub fn collect_log(
             continue;
         }
         let event = EventHead::from_slice(message.payload().unwrap_or_default())
-            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+            .with_context(|| format!("{topic} partition {partition} offset {offset}"))?;
         let Some(at) = tidemark_schemas::commit_time::unix_millis(&event.commit_time) else {
             continue;
         };
@@ -183,23 +186,24 @@ pub fn collect_log(
         }
         let id = mapping
             .doc_id(&event.key)
-            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+            .with_context(|| format!("{topic} partition {partition} offset {offset}"))?;
         // Every sighting from the window's start on; the fold keeps each
         // key's last change inside the window and its first after it.
         let payload = if at <= to_ms {
             found.events += 1;
-            let text = std::str::from_utf8(message.payload().unwrap_or_default()).map_err(|e| {
-                anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}")
-            })?;
+            let text = std::str::from_utf8(message.payload().unwrap_or_default())
+                .with_context(|| format!("{topic} partition {partition} offset {offset}"))?;
             Some(text.to_owned())
         } else {
             None
         };
-        sightings.push(Entry {
-            id: sighting_id(&id, partition, offset),
-            hash: None,
-            key: payload,
-        })?;
+        sightings
+            .push(Entry {
+                id: sighting_id(&id, partition, offset),
+                hash: None,
+                key: payload,
+            })
+            .context("spilling the window's changes to disk")?;
     }
     close_in_background(consumer);
     found.keys = Some(fold_sightings(sightings)?);
@@ -214,7 +218,7 @@ pub async fn run_log(
     mapping: &TableMapping,
     mappings: &tidemark_index::mapping::Mappings,
     found: &LogWindow,
-) -> anyhow::Result<LogResult> {
+) -> Result<LogResult> {
     let mut result = LogResult {
         table: mapping.qualified(),
         index: mapping.index.clone(),
@@ -231,7 +235,10 @@ pub async fn run_log(
     let mut writes = Vec::with_capacity(CHUNK);
     let mut bytes = 0usize;
     let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &found.keys {
-        Some(keys) => Box::new(keys.read()?),
+        Some(keys) => Box::new(
+            keys.read()
+                .context("reading the window's changes back from disk")?,
+        ),
         None => Box::new(std::iter::empty()),
     };
     for entry in entries {
@@ -248,8 +255,9 @@ pub async fn run_log(
             continue;
         }
         let event = ChangeEvent::from_slice(payload.as_bytes())
-            .map_err(|e| anyhow::anyhow!("{}: document {id}: {e}", mapping.qualified()))?;
-        let write = mappings.write(&event).map_err(|e| anyhow::anyhow!("{e}"))?;
+            .with_context(|| format!("{}: document {id}", mapping.qualified()))?;
+        let write = mappings.write(&event)?;
+
         result.to_apply += 1;
         if job.write {
             bytes += payload.len();
@@ -270,14 +278,14 @@ pub(crate) async fn apply_log_chunk(
     mapping: &TableMapping,
     writes: Vec<Write>,
     result: &mut LogResult,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
     let (_keep, never) = watch::channel(false);
     let outcomes = apply_distinct(job.applier, writes, &never)
         .await
-        .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+        .with_context(|| mapping.qualified())?;
     for outcome in outcomes {
         match outcome {
             Outcome::Applied(_) | Outcome::Superseded => result.applied += 1,

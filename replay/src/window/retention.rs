@@ -14,6 +14,7 @@
 //! Kafka's timestamps are commit times (see `scan`), so "committed after
 //! `--from`" is read off the oldest record's timestamp.
 
+use crate::error::{Context, ReplayError, Result};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -81,7 +82,7 @@ pub(crate) fn check(
     topic: &str,
     partitions: &[(i32, i64, i64, Option<i64>)],
     from_ms: i64,
-) -> anyhow::Result<Vec<Shortfall>> {
+) -> Result<Vec<Shortfall>> {
     let suspects: Vec<(i32, i64, i64)> = partitions
         .iter()
         .filter_map(|&(p, low, high, start)| suspect(low, high, start).map(|l| (p, l, high)))
@@ -94,7 +95,9 @@ pub(crate) fn check(
     let mut to_read = TopicPartitionList::new();
     for &(p, low, high) in &suspects {
         if low < high {
-            to_read.add_partition_offset(topic, p, Offset::Offset(low))?;
+            to_read
+                .add_partition_offset(topic, p, Offset::Offset(low))
+                .with_context(|| format!("{topic} partition {p} offset {low}: cannot assign"))?;
             continue;
         }
         let retention_ms = *retention.get_or_insert_with(|| retention_ms(kafka, topic));
@@ -115,21 +118,24 @@ pub(crate) fn check(
         }
     }
     if to_read.count() > 0 {
-        consumer.assign(&to_read)?;
+        consumer
+            .assign(&to_read)
+            .with_context(|| format!("topic {topic}: cannot assign its oldest records"))?;
         let mut waiting: Vec<i32> = (0..to_read.count())
             .filter_map(|i| to_read.elements().get(i).map(|e| e.partition()))
             .collect();
         let deadline = std::time::Instant::now() + KAFKA_TIMEOUT;
         while !waiting.is_empty() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "topic {topic}: the oldest records of partitions {waiting:?} did not arrive in {} s",
-                KAFKA_TIMEOUT.as_secs()
-            );
+            if std::time::Instant::now() >= deadline {
+                return Err(ReplayError::Timeout(format!(
+                    "topic {topic}: the oldest records of partitions {waiting:?} did not arrive in {} s",
+                    KAFKA_TIMEOUT.as_secs()
+                )));
+            }
             let Some(message) = consumer.poll(Duration::from_millis(500)) else {
                 continue;
             };
-            let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
+            let message = message.with_context(|| topic.to_string())?;
             let p = message.partition();
             if !waiting.contains(&p) {
                 continue;
@@ -150,7 +156,9 @@ pub(crate) fn check(
                 });
             }
         }
-        consumer.unassign()?;
+        consumer
+            .unassign()
+            .with_context(|| format!("topic {topic}: cannot unassign"))?;
     }
     short.sort_by_key(|s| s.partition);
     Ok(short)

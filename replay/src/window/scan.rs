@@ -2,10 +2,10 @@
 //! `offsets_for_times(from - 60 s)` to its end as of the start, the
 //! distinct keys (sorted on disk) handed out in chunks.
 
+use crate::error::{Context, ReplayError, Result};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tidemark_index::mapping::TableMapping;
@@ -68,8 +68,10 @@ impl std::fmt::Debug for KeySet {
 }
 
 impl KeySet {
-    pub fn push(&mut self, id: String, key: &Row) -> anyhow::Result<()> {
-        self.sorter.push(key_entry(id, key)?)?;
+    pub fn push(&mut self, id: String, key: &Row) -> Result<()> {
+        self.sorter
+            .push(key_entry(id, key)?)
+            .context("spilling the window's keys to disk")?;
         Ok(())
     }
 
@@ -78,9 +80,13 @@ impl KeySet {
         self.sorter.count()
     }
 
-    pub fn finish(self) -> anyhow::Result<WindowKeys> {
+    pub fn finish(self) -> Result<WindowKeys> {
         Ok(WindowKeys {
-            keys: Some(self.sorter.finish_distinct()?),
+            keys: Some(
+                self.sorter
+                    .finish_distinct()
+                    .context("sorting the window's keys on disk")?,
+            ),
             ..WindowKeys::default()
         })
     }
@@ -88,9 +94,7 @@ impl KeySet {
 
 impl WindowKeys {
     /// The given (document id, key) pairs (e.g. drift an audit found).
-    pub fn from_keys<'a>(
-        keys: impl IntoIterator<Item = &'a (String, Row)>,
-    ) -> anyhow::Result<WindowKeys> {
+    pub fn from_keys<'a>(keys: impl IntoIterator<Item = &'a (String, Row)>) -> Result<WindowKeys> {
         let mut set = KeySet::default();
         for (id, key) in keys {
             set.push(id.clone(), key)?;
@@ -108,9 +112,12 @@ impl WindowKeys {
     }
 
     /// The keys in document id order, in chunks growing to `CHUNK`.
-    pub(crate) fn chunks(&self) -> anyhow::Result<KeyChunks> {
+    pub(crate) fn chunks(&self) -> Result<KeyChunks> {
         let entries: Box<dyn Iterator<Item = std::io::Result<Entry>> + Send> = match &self.keys {
-            Some(keys) => Box::new(keys.read()?),
+            Some(keys) => Box::new(
+                keys.read()
+                    .context("reading the window's keys back from disk")?,
+            ),
             None => Box::new(std::iter::empty()),
         };
         Ok(KeyChunks {
@@ -122,11 +129,11 @@ impl WindowKeys {
 }
 
 /// A key as a sort entry: its document id, and the key as JSON.
-pub(crate) fn key_entry(id: String, key: &Row) -> anyhow::Result<Entry> {
+pub(crate) fn key_entry(id: String, key: &Row) -> Result<Entry> {
     Ok(Entry {
         id,
         hash: None,
-        key: Some(serde_json::to_string(key)?),
+        key: Some(serde_json::to_string(key).context("encoding a key for the spill file")?),
     })
 }
 
@@ -146,7 +153,7 @@ pub(crate) const FIRST_CHUNK: usize = CHUNK / 8;
 
 impl KeyChunks {
     /// The next chunk of (document id, key) pairs; empty at the end.
-    pub(crate) fn next_chunk(&mut self) -> anyhow::Result<Vec<(String, Row)>> {
+    pub(crate) fn next_chunk(&mut self) -> Result<Vec<(String, Row)>> {
         let size = self.size.min(self.cap);
         self.size = (self.size * 2).min(CHUNK);
         let mut chunk = Vec::with_capacity(size);
@@ -174,16 +181,19 @@ pub(crate) fn open_scanner(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
     group: &str,
-) -> anyhow::Result<(BaseConsumer, i32)> {
-    let consumer: BaseConsumer = scanner_config(kafka, group).create()?;
+) -> Result<(BaseConsumer, i32)> {
+    let consumer: BaseConsumer = scanner_config(kafka, group)
+        .create()
+        .with_context(|| format!("topic {topic}: cannot create a Kafka client"))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach Kafka at {}: {e}. Check kafka.brokers",
+        .with_context(|| {
+            format!(
+                "cannot reach Kafka at {}. Check kafka.brokers",
                 kafka.brokers
             )
         })?;
+
     let partitions = metadata
         .topics()
         .first()
@@ -216,26 +226,32 @@ pub(crate) fn open_window(
     topic: &str,
     mapping: &TableMapping,
     start: Start,
-) -> anyhow::Result<(Option<Opened>, Vec<Shortfall>)> {
+) -> Result<(Option<Opened>, Vec<Shortfall>)> {
     let from_ms = start.from_ms;
     let (consumer, partitions) = open_scanner(kafka, topic, "tidemark-replay-window")?;
     if partitions == 0 {
-        anyhow::bail!(
+        return Err(ReplayError::Refused(format!(
             "topic {topic} does not exist: has the producer run for {}?",
             mapping.qualified()
-        );
+        )));
     }
     let mut query = TopicPartitionList::new();
     for p in 0..partitions {
-        query.add_partition_offset(topic, p, Offset::Offset(from_ms - 60_000))?;
+        query
+            .add_partition_offset(topic, p, Offset::Offset(from_ms - 60_000))
+            .with_context(|| format!("{topic} partition {p}: cannot ask for an offset by time"))?;
     }
     tracing::debug!(topic, partitions, "window: topic metadata read");
-    let starts = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;
+    let starts = consumer
+        .offsets_for_times(query, KAFKA_TIMEOUT)
+        .with_context(|| format!("topic {topic}: cannot find the window's first offsets"))?;
     let mut assignment = TopicPartitionList::new();
     let mut open: HashMap<i32, i64> = HashMap::new();
     let mut held = Vec::new();
     for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
+            .with_context(|| format!("{topic} partition {p}: cannot read offsets"))?;
         let first = match starts.find_partition(topic, p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
@@ -243,7 +259,9 @@ pub(crate) fn open_window(
         held.push((p, low, high, first));
         let start = first.map_or(high, |o| o.max(low));
         if start < high {
-            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+            assignment
+                .add_partition_offset(topic, p, Offset::Offset(start))
+                .with_context(|| format!("{topic} partition {p} offset {start}: cannot assign"))?;
             open.insert(p, high);
         }
     }
@@ -251,7 +269,10 @@ pub(crate) fn open_window(
     let shortfalls = retention::check(&consumer, kafka, topic, &held, from_ms)?;
     if !shortfalls.is_empty() {
         if !start.allow_partial {
-            anyhow::bail!(retention::refusal(&mapping.qualified(), &shortfalls));
+            return Err(ReplayError::Refused(retention::refusal(
+                &mapping.qualified(),
+                &shortfalls,
+            )));
         }
         for s in &shortfalls {
             tracing::warn!(
@@ -266,7 +287,9 @@ pub(crate) fn open_window(
     if open.is_empty() {
         return Ok((None, shortfalls));
     }
-    consumer.assign(&assignment)?;
+    consumer
+        .assign(&assignment)
+        .with_context(|| format!("topic {topic}: cannot assign the window's partitions"))?;
     Ok((Some((consumer, open)), shortfalls))
 }
 
@@ -285,7 +308,7 @@ pub fn collect_keys(
     start: Start,
     to_ms: i64,
     only: Option<&[Vec<u8>]>,
-) -> anyhow::Result<WindowKeys> {
+) -> Result<WindowKeys> {
     let from_ms = start.from_ms;
     let (opened, shortfalls) = open_window(kafka, topic, mapping, start)?;
     let Some((consumer, mut open)) = opened else {
@@ -306,7 +329,7 @@ pub fn collect_keys(
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
         };
-        let message = message.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?;
+        let message = message.with_context(|| topic.to_string())?;
         let partition = message.partition();
         let offset = message.offset();
         scanned += 1;
@@ -338,7 +361,7 @@ pub fn collect_keys(
             continue;
         }
         let event = EventHead::from_slice(message.payload().unwrap_or_default())
-            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
+            .with_context(|| format!("{topic} partition {partition} offset {offset}"))?;
         let Some(at) = tidemark_schemas::commit_time::unix_millis(&event.commit_time) else {
             continue;
         };
@@ -352,11 +375,16 @@ pub fn collect_keys(
         }
         let id = mapping
             .doc_id(&event.key)
-            .map_err(|e| anyhow::anyhow!("{topic} partition {partition} offset {offset}: {e}"))?;
-        keys.push(key_entry(id, &event.key)?)?;
+            .with_context(|| format!("{topic} partition {partition} offset {offset}"))?;
+        keys.push(key_entry(id, &event.key)?)
+            .context("spilling the window's keys to disk")?;
     }
     close_in_background(consumer);
-    found.keys = Some(keys.finish_distinct()?);
+    found.keys = Some(
+        keys.finish_distinct()
+            .context("sorting the window's keys on disk")?,
+    );
+
     info!(
         topic,
         scanned,

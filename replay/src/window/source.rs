@@ -2,6 +2,7 @@
 //! at an exported snapshot and written at its version through the index
 //! layer's apply path, vanished keys re-checked (see the parent module).
 
+use crate::error::{Context, ReplayError, Result};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -73,28 +74,39 @@ pub(crate) async fn plan(
     commit_time: &str,
     write: bool,
     by_content: bool,
-) -> anyhow::Result<Vec<Planned>> {
+) -> Result<Vec<Planned>> {
     let started = Instant::now();
     let version = Version::of_snapshot(at.timeline, at.lsn)?;
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
     let read = async {
-        let tx = client.transaction().await?;
+        let tx = client.transaction().await.with_context(|| {
+            format!("table {}: cannot begin a transaction", d.table.qualified())
+        })?;
+
         tx.batch_execute(&format!(
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
             snapshot.replace('\'', "''")
         ))
-        .await?;
+        .await
+        .with_context(|| format!("table {}: cannot read at snapshot {snapshot}", d.table.qualified()))?;
         let rows = rows_by_keys(&tx, d, mapping, &key_rows).await?;
-        tx.commit().await?;
-        anyhow::Ok(rows)
+        tx.commit().await.with_context(|| {
+            format!(
+                "table {}: cannot end the snapshot's transaction",
+                d.table.qualified()
+            )
+        })?;
+
+        Ok::<_, ReplayError>(rows)
     };
     // Documents as of the refresh at the start of the run (see `run_table`).
     let (mut rows, docs) = if by_content {
         // Judged by what each document holds, not by the hash it says it
         // holds (`audit --deep` found writes that bypassed Tidemark): read
         // realtime, with sources.
-        let lookup = async { anyhow::Ok(doc_content_meta(search, &mapping.index, &ids).await?) };
+        let lookup =
+            async { Ok::<_, ReplayError>(doc_content_meta(search, &mapping.index, &ids).await?) };
         let (rows, docs) = tokio::try_join!(read, lookup)?;
         (documents(mapping, rows), docs)
     } else if write {
@@ -105,7 +117,9 @@ pub(crate) async fn plan(
     } else {
         // The rows and the documents of the chunk are asked for at once.
         let lookup = async {
-            anyhow::Ok(doc_meta_searched(search, &mapping.index, &ids, false, None).await?)
+            Ok::<_, ReplayError>(
+                doc_meta_searched(search, &mapping.index, &ids, false, None).await?,
+            )
         };
         let (rows, mut docs) = tokio::try_join!(read, lookup)?;
         // A key whose row is gone is deleted only if its document exists;
@@ -231,7 +245,7 @@ pub async fn run_table(
     job: &Job<'_>,
     mapping: &TableMapping,
     found: &WindowKeys,
-) -> anyhow::Result<TableResult> {
+) -> Result<TableResult> {
     let total = found.len();
     let mut result = TableResult {
         table: mapping.qualified(),
@@ -359,8 +373,7 @@ pub async fn run_table(
             // any later insert by version).
             let mut written = Vec::new();
             if let Some(outcomes) = applied {
-                let outcomes =
-                    outcomes.map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+                let outcomes = outcomes.with_context(|| mapping.qualified())?;
                 let mut unknown = Vec::new();
                 for ((id, delete, key), outcome) in sent.into_iter().zip(outcomes) {
                     match class_of(&outcome) {
@@ -411,7 +424,7 @@ pub async fn run_table(
         progress.finish();
         drop(to_recheck);
         info!(table = %mapping.qualified(), keys = total, elapsed_ms = started.elapsed().as_millis() as u64, "window: keys written");
-        anyhow::Ok(result)
+        Ok::<_, ReplayError>(result)
     };
     let (mut result, deleted_again) = tokio::try_join!(writes_done, recheck)?;
     drop(snapshot);
@@ -461,7 +474,7 @@ pub(crate) async fn recheck_written(
     mapping: &TableMapping,
     at: tidemark_postgres::Point,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<(String, Row)>>,
-) -> anyhow::Result<u64> {
+) -> Result<u64> {
     let version = Version::of_snapshot(at.timeline, at.lsn)?.superseding();
     let (_keep, never) = watch::channel(false);
     let mut client: Option<Client> = None;
@@ -493,7 +506,7 @@ pub(crate) async fn recheck_written(
             job.applier
                 .apply(deletes, &never)
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", mapping.qualified()))?;
+                .with_context(|| mapping.qualified())?;
         }
         tracing::debug!(table = %mapping.qualified(), keys = keys.len(),
             recheck_ms = started.elapsed().as_millis() as u64, "window: written keys re-checked");
@@ -511,7 +524,7 @@ pub(crate) async fn apply_distinct(
     applier: &Applier,
     mut writes: Vec<Write>,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Vec<Outcome>> {
+) -> Result<Vec<Outcome>> {
     let spawn = |writes: Vec<Write>| {
         let applier = applier.clone();
         let stop = stop.clone();
@@ -525,12 +538,10 @@ pub(crate) async fn apply_distinct(
     };
     let mut outcomes = Vec::new();
     for half in halves {
-        let applied = half
-            .await
-            .map_err(|e| anyhow::anyhow!("apply task failed: {e}"))?;
-        outcomes.extend(
-            applied.map_err(|_| anyhow::anyhow!("interrupted while OpenSearch was failing"))?,
-        );
+        let applied = half.await.context("apply task failed")?;
+        outcomes.extend(applied.map_err(|_| {
+            ReplayError::Interrupted("interrupted while OpenSearch was failing".to_owned())
+        })?);
     }
     Ok(outcomes)
 }

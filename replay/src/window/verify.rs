@@ -17,6 +17,7 @@
 //! The fingerprints of the rows at `V` are kept per key as two 64-bit
 //! hashes (16 bytes a key), not as rows.
 
+use crate::error::{ReplayError, Result};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -104,11 +105,11 @@ async fn look(
     mapping: &TableMapping,
     keys: &[(String, Row)],
     read: Read,
-) -> anyhow::Result<Vec<(Option<Kind>, Option<String>)>> {
+) -> Result<Vec<(Option<Kind>, Option<String>)>> {
     let key_rows: Vec<&Row> = keys.iter().map(|(_, k)| k).collect();
     let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
     let documents = async {
-        anyhow::Ok(match read {
+        Ok::<_, ReplayError>(match read {
             Read::Searched => doc_meta_searched(search, &mapping.index, &ids, false, None).await?,
             Read::Realtime => doc_meta(search, &mapping.index, &ids).await?,
             Read::Content => doc_content_meta(search, &mapping.index, &ids).await?,
@@ -133,10 +134,10 @@ pub(crate) async fn verify(
     search: &Search,
     d: &Described,
     mapping: &TableMapping,
-    keys: impl Iterator<Item = anyhow::Result<Vec<(String, Row)>>>,
+    keys: impl Iterator<Item = Result<Vec<(String, Row)>>>,
     wrote: &AtSnapshot,
     by_content: bool,
-) -> anyhow::Result<Verified> {
+) -> Result<Verified> {
     let started = Instant::now();
     let mut verdict = Verified::default();
     let mut differ: Vec<(String, Row)> = Vec::new();

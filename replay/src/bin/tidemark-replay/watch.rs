@@ -170,7 +170,7 @@ async fn one_pass(
     let mut client = ConnInfo::from_config(config)?
         .connect("tidemark-audit-watch")
         .await?;
-    audit_table(&mut client, &search, target, recheck_after).await
+    Ok(audit_table(&mut client, &search, target, recheck_after).await?)
 }
 
 /// Repairs the drift seen for longer than `after`, table by table.

@@ -181,7 +181,7 @@ pub async fn window(
                     .map(|r| log_results.push(r)),
             };
             if let Err(e) = done {
-                failure = Some(tidemark_process::report(e.as_ref()));
+                failure = Some(tidemark_process::report(&e));
                 break;
             }
         }
