@@ -99,7 +99,27 @@ pub fn recorded_source(
     slot: &str,
     timeout: Duration,
 ) -> Result<(Option<String>, Option<String>), KafkaError> {
+    Ok(
+        match recorded_progress(kafka, client_id, group, slot, timeout)? {
+            Some(progress) => (progress.system_id, progress.database),
+            None => (None, None),
+        },
+    )
+}
+
+/// The producer's latest record for `slot` in the state topic (see
+/// `tidemark_schemas::state`); `None` when the topic or the slot's record
+/// does not exist yet (the producer has not run) or does not parse.
+/// `group` as for [`recorded_source`]. Blocks.
+pub fn recorded_progress(
+    kafka: &tidemark_schemas::config::Kafka,
+    client_id: &str,
+    group: &str,
+    slot: &str,
+    timeout: Duration,
+) -> Result<Option<tidemark_schemas::state::SlotProgress>, KafkaError> {
     let topic = kafka.state_topic();
+
     let mut config = crate::client_config(kafka, client_id);
     config.set("group.id", group);
     let probe: BaseConsumer = config.create()?;
@@ -110,15 +130,10 @@ pub fn recorded_source(
         .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
     drop(probe);
     if !exists {
-        return Ok((None, None));
+        return Ok(None);
     }
     let Some(payload) = latest_record(config, &topic, slot, timeout)? else {
-        return Ok((None, None));
+        return Ok(None);
     };
-    Ok(
-        match serde_json::from_slice::<tidemark_schemas::state::SlotProgress>(&payload) {
-            Ok(progress) => (progress.system_id, progress.database),
-            Err(_) => (None, None),
-        },
-    )
+    Ok(serde_json::from_slice(&payload).ok())
 }

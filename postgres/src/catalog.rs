@@ -194,7 +194,7 @@ impl TypeResolver {
         for oid in chain.iter().rev() {
             let mapping = match (Mapping::builtin(*oid), entries.get(oid)) {
                 (Some(m), _) => m,
-                (None, Some(entry)) => Mapping::from_catalog(entry, |o| {
+                (None, Some(entry)) => crate::values::catalog_mapping(entry, |o| {
                     resolved.get(&o).cloned().or_else(|| Mapping::builtin(o))
                 }),
                 (None, None) => Mapping::Text,

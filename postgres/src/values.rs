@@ -27,89 +27,19 @@
 use base64::Engine;
 use serde_json::{Number, Value};
 
-/// How one column's text becomes JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mapping {
-    Bool,
-    Integer,
-    Float,
-    Numeric,
-    Bytea,
-    Json,
-    Timestamp,
-    TimestampTz,
-    /// PostgreSQL's text output, unchanged.
-    Text,
-    Array(Box<Mapping>),
-}
+pub use tidemark_schemas::values::Mapping;
 
-impl Mapping {
-    /// The mapping of a built-in type, by OID; `None` for types that need a
-    /// catalog look-up (enums, domains, arrays of those, extension types).
-    pub fn builtin(oid: u32) -> Option<Mapping> {
-        use Mapping::*;
-        let scalar = match oid {
-            16 => Bool,
-            20 | 21 | 23 | 26 => Integer,
-            700 | 701 => Float,
-            1700 => Numeric,
-            17 => Bytea,
-            114 | 3802 => Json,
-            1114 => Timestamp,
-            1184 => TimestampTz,
-            // text, varchar, bpchar, char, name, uuid, date, time, timetz,
-            // interval, inet, cidr, macaddr, money, xml, bit, varbit.
-            25 | 1043 | 1042 | 18 | 19 | 2950 | 1082 | 1083 | 1266 | 1186 | 869 | 650 | 829
-            | 790 | 142 | 1560 | 1562 => Text,
-            _ => return Self::builtin_array(oid).map(|elem| Array(Box::new(elem))),
-        };
-        Some(scalar)
-    }
-
-    fn builtin_array(oid: u32) -> Option<Mapping> {
-        let element = match oid {
-            1000 => 16,
-            1005 => 21,
-            1007 => 23,
-            1016 => 20,
-            1028 => 26,
-            1021 => 700,
-            1022 => 701,
-            1231 => 1700,
-            1001 => 17,
-            199 => 114,
-            3807 => 3802,
-            1115 => 1114,
-            1185 => 1184,
-            1009 => 25,
-            1015 => 1043,
-            1014 => 1042,
-            1002 => 18,
-            1003 => 19,
-            2951 => 2950,
-            1182 => 1082,
-            1183 => 1083,
-            1270 => 1266,
-            1187 => 1186,
-            1041 => 869,
-            651 => 650,
-            _ => return None,
-        };
-        Self::builtin(element)
-    }
-
-    /// The mapping of a type described by its `pg_type` row: enums are their
-    /// labels, domains map as their base type, arrays as arrays of their
-    /// element, and anything else uses the text fallback.
-    pub fn from_catalog(entry: &TypeEntry, resolve: impl Fn(u32) -> Option<Mapping>) -> Mapping {
-        match entry.typtype {
-            b'e' => Mapping::Text,
-            b'd' => resolve(entry.base_type).unwrap_or(Mapping::Text),
-            _ if entry.category == b'A' && entry.element != 0 => {
-                Mapping::Array(Box::new(resolve(entry.element).unwrap_or(Mapping::Text)))
-            }
-            _ => Mapping::Text,
+/// The mapping of a type described by its `pg_type` row: enums are their
+/// labels, domains map as their base type, arrays as arrays of their
+/// element, and anything else uses the text fallback.
+pub fn catalog_mapping(entry: &TypeEntry, resolve: impl Fn(u32) -> Option<Mapping>) -> Mapping {
+    match entry.typtype {
+        b'e' => Mapping::Text,
+        b'd' => resolve(entry.base_type).unwrap_or(Mapping::Text),
+        _ if entry.category == b'A' && entry.element != 0 => {
+            Mapping::Array(Box::new(resolve(entry.element).unwrap_or(Mapping::Text)))
         }
+        _ => Mapping::Text,
     }
 }
 
@@ -426,19 +356,19 @@ mod tests {
             base_type,
         };
         assert_eq!(
-            Mapping::from_catalog(&entry(b'e', b'E', 0, 0), resolve),
+            catalog_mapping(&entry(b'e', b'E', 0, 0), resolve),
             Mapping::Text
         );
         assert_eq!(
-            Mapping::from_catalog(&entry(b'd', b'N', 0, 23), resolve),
+            catalog_mapping(&entry(b'd', b'N', 0, 23), resolve),
             Mapping::Integer
         );
         assert_eq!(
-            Mapping::from_catalog(&entry(b'b', b'A', 23, 0), resolve),
+            catalog_mapping(&entry(b'b', b'A', 23, 0), resolve),
             Mapping::Array(Box::new(Mapping::Integer))
         );
         assert_eq!(
-            Mapping::from_catalog(&entry(b'r', b'R', 0, 0), resolve),
+            catalog_mapping(&entry(b'r', b'R', 0, 0), resolve),
             Mapping::Text
         );
     }

@@ -344,6 +344,9 @@ async fn run_once(
             };
             let added = crate::state::added_tables(&progress, &tables, &published_before);
             if !added.is_empty() {
+                if add_first_shapes(&mut progress, &added) {
+                    state.save(&progress).await?;
+                }
                 snapshot::again(
                     &config,
                     &conn,
@@ -368,7 +371,7 @@ async fn run_once(
             if !config.producer.create_slot {
                 return Err(SourceError::NoSlot { slot }.into());
             }
-            let first = SlotProgress {
+            let mut first = SlotProgress {
                 slot: slot.clone(),
                 snapshot_complete: false,
                 snapshot_lsn: None,
@@ -380,20 +383,13 @@ async fn run_once(
                 tables: None,
                 shapes: Default::default(),
             };
+            add_first_shapes(&mut first, &tables);
             create_and_snapshot(&config, &conn, &tables, &sink, &state, &metrics, first).await?
         }
     };
 
     let mut progress = progress;
-    let mut first_shapes = false;
-    for table in &tables {
-        // A table's first shape: the catalog's (its snapshot was read in it).
-        progress.shapes.entry(table.qualified()).or_insert_with(|| {
-            first_shapes = true;
-            crate::stream::catalog_shape(table)
-        });
-    }
-    if first_shapes {
+    if add_first_shapes(&mut progress, &tables) {
         // Recorded now, not at the next confirmation: a restart before one
         // (a DDL's snapshot interrupted, say) would otherwise take the
         // catalog's new shape as the first and miss the change.
@@ -453,6 +449,22 @@ async fn released_slot_state(
 /// The replication session of this producer's slot.
 fn replication_config(conn: &ConnInfo, config: &Config) -> ReplicationConfig {
     conn.replication(&Replication::of(config, "tidemark-producer"))
+}
+
+/// Records in `progress` the catalog's shape of each of `tables` it lacks
+/// (a table's first shape: its snapshot is read in it); whether any was
+/// added. Called before a table's first row is sent, so its first streamed
+/// change after a DDL is seen as a change, and the consumer types the
+/// table's new index from these columns (`tidemark_index::derive`).
+fn add_first_shapes(progress: &mut SlotProgress, tables: &[CatalogTable]) -> bool {
+    let mut added = false;
+    for table in tables {
+        progress.shapes.entry(table.qualified()).or_insert_with(|| {
+            added = true;
+            crate::stream::catalog_shape(table)
+        });
+    }
+    added
 }
 
 async fn create_and_snapshot(

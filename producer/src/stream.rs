@@ -382,15 +382,11 @@ fn skip_uncaptured(message: Message, skipped: &HashSet<u32>) -> Option<Message> 
     }
 }
 
-/// A table's shape: each column's name and type, in order. From a
-/// Relation message ([`shape_of`]) or the catalog ([`catalog_shape`]), the
-/// same text for the same table.
-fn shape<'a>(columns: impl Iterator<Item = (&'a str, u32)>) -> String {
-    columns
-        .map(|(name, oid)| format!("{name}:{oid}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
+// A table's shape: each column's name and type, in order
+// (`tidemark_schemas::state::shape_text`). From a Relation message
+// (`shape_of`) or the catalog (`catalog_shape`), the same text for the
+// same table.
+use tidemark_schemas::state::shape_text as shape;
 
 fn shape_of(relation: &pgoutput::Relation) -> String {
     shape(

@@ -13,6 +13,7 @@ pub mod identity;
 mod lsn;
 pub mod partition;
 pub mod state;
+pub mod values;
 mod version;
 
 pub use dead_letter::{DeadLetter, Origin, Stage};

@@ -42,9 +42,12 @@ pub struct SlotProgress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<Vec<String>>,
     /// Each table's last shape as pgoutput described it (`schema.table` ->
-    /// its columns, see `tidemark-producer`'s `stream`): a Relation message
-    /// that differs is a schema change. Kept here so a reconnect, which
-    /// sends every Relation again, is not mistaken for one.
+    /// its columns, [`shape_text`]): a Relation message that differs is a
+    /// schema change. Kept here so a reconnect, which sends every Relation
+    /// again, is not mistaken for one. A table's first shape is recorded
+    /// before its first row is sent, so the consumer can map its index from
+    /// the column types (`tidemark_index::derive`) before the first document.
+
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub shapes: std::collections::BTreeMap<String, String>,
 }
@@ -63,4 +66,57 @@ pub struct HistoryGap {
     pub resnapshot_lsn: Option<Lsn>,
     /// When the new snapshot was started (RFC 3339).
     pub at: String,
+}
+
+/// A table's shape as [`SlotProgress::shapes`] keeps it: each column's name
+/// and type OID, in order, `name:oid` joined by `,`. The one place the
+/// format is written.
+pub fn shape_text<'a>(columns: impl Iterator<Item = (&'a str, u32)>) -> String {
+    columns
+        .map(|(name, oid)| format!("{name}:{oid}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The columns (name, type OID) of a shape made by [`shape_text`]; `None`
+/// when the text is not one. A column name may hold `:` or `,` (quoted
+/// identifiers): each entry is split at its last `:`, and a `,` inside a
+/// name leaves a piece without one, which joins the next.
+pub fn shape_columns(shape: &str) -> Option<Vec<(String, u32)>> {
+    if shape.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut columns = Vec::new();
+    let mut pending = String::new();
+    for piece in shape.split(',') {
+        if !pending.is_empty() {
+            pending.push(',');
+        }
+        pending.push_str(piece);
+        if let Some((name, oid)) = pending.rsplit_once(':')
+            && let Ok(oid) = oid.parse::<u32>()
+        {
+            columns.push((name.to_owned(), oid));
+            pending.clear();
+        }
+    }
+    pending.is_empty().then_some(columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shape_reads_back_as_its_columns() {
+        let columns = [("id", 23), ("odd:name", 25), ("a,b", 3802), ("price", 1700)];
+        let text = shape_text(columns.iter().map(|(n, o)| (*n, *o)));
+        assert_eq!(text, "id:23,odd:name:25,a,b:3802,price:1700");
+        let back = shape_columns(&text).expect("a shape");
+        let expected: Vec<(String, u32)> =
+            columns.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+        assert_eq!(back, expected);
+        assert_eq!(shape_columns(""), Some(Vec::new()));
+        assert_eq!(shape_columns("id:x"), None);
+    }
 }
