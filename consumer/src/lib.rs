@@ -18,6 +18,7 @@
 
 pub mod error;
 pub mod http;
+pub mod indices;
 pub mod metrics;
 pub mod record;
 pub mod run;

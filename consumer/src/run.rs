@@ -45,25 +45,28 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 
 use tidemark_schemas::config::Config;
+use tidemark_schemas::state::SlotProgress;
 use tidemark_schemas::{ChangeEvent, DeadLetter, Origin, Stage};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::error::ConsumerError;
+use crate::indices::{Tables, read_progress};
 use crate::metrics::Metrics;
 use crate::record::Topics;
 use tidemark_index::apply::{Applier, Outcome, lock};
-use tidemark_index::mapping::{Mappings, Write};
+use tidemark_index::mapping::Write;
 use tidemark_index::search::Search;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Checks everything the consumer needs, fails with how to fix it, and
-/// creates missing indices. Returns the OpenSearch handle.
+/// creates missing indices (`indices`). Returns the OpenSearch handle and
+/// the tables.
 pub async fn prepare(
     config: &Config,
     config_dir: &Path,
-) -> Result<(Arc<Search>, Mappings), ConsumerError> {
+) -> Result<(Arc<Search>, Arc<Tables>), ConsumerError> {
     let search = Arc::new(Search::connect(config.opensearch()?)?);
     let info = search.info().await?;
     info!(
@@ -76,19 +79,9 @@ pub async fn prepare(
     check_kafka(&config.kafka).await?;
     let kafka = &config.kafka;
     info!(brokers = %kafka.brokers, security = %tidemark_kafka::describe(kafka), "Kafka reachable");
-    let identity = pipeline_identity(config).await?;
-    let mappings = Mappings::new(config);
-    for table in &config.tables {
-        let (schema, name) = table.parts();
-        let Some(mapping) = mappings.get(schema, name) else {
-            continue;
-        };
-        search.ensure_index(mapping, table, config_dir).await?;
-        // The wrong-target guard: this consumer stamps the index it writes,
-        // and refuses one another pipeline stamped.
-        tidemark_index::identity::claim(&search, &mapping.index, &identity).await?;
-    }
-    Ok((search, mappings))
+    let (identity, progress) = pipeline_identity(config).await?;
+    let tables = Tables::prepare(&search, config, config_dir, identity, progress.as_ref()).await?;
+    Ok((search, Arc::new(tables)))
 }
 
 /// This pipeline's identity as the consumer can know it: Kafka's cluster
@@ -98,39 +91,33 @@ pub async fn prepare(
 /// next start).
 async fn pipeline_identity(
     config: &Config,
-) -> Result<tidemark_schemas::identity::Identity, ConsumerError> {
-    let kafka = config.kafka.clone();
-    let slot = config.producer.slot.clone();
-    // Under the consumer group's name, which its ACLs already cover.
-    let group = format!("{}.identity", config.consumer.group_id);
-    let (cluster, (postgres_system, database)) = tokio::task::spawn_blocking(move || {
-        let cluster = tidemark_kafka::cluster_id(&kafka, "tidemark-consumer", KAFKA_TIMEOUT)?;
-        let source = tidemark_kafka::recorded_source(
-            &kafka,
-            "tidemark-consumer",
-            &group,
-            &slot,
-            KAFKA_TIMEOUT,
-        )?;
-        Ok::<_, rdkafka::error::KafkaError>((cluster, source))
+) -> Result<(tidemark_schemas::identity::Identity, Option<SlotProgress>), ConsumerError> {
+    let owned = config.clone();
+    let (cluster, progress) = tokio::task::spawn_blocking(move || {
+        let cluster = tidemark_kafka::cluster_id(&owned.kafka, "tidemark-consumer", KAFKA_TIMEOUT)
+            .map_err(ConsumerError::kafka(
+                "reading this pipeline's identity from Kafka (cluster id)",
+            ))?;
+        Ok::<_, ConsumerError>((cluster, read_progress(&owned)?))
     })
     .await
-    .map_err(|e| ConsumerError::Task(format!("reading this pipeline's identity: {e}")))?
-    .map_err(ConsumerError::kafka(format!(
-        "reading this pipeline's identity from Kafka (cluster id, state topic {})",
-        config.kafka.state_topic()
-    )))?;
+    .map_err(|e| ConsumerError::Task(format!("reading this pipeline's identity: {e}")))??;
+    let (postgres_system, database) = match &progress {
+        Some(p) => (p.system_id.clone(), p.database.clone()),
+        None => (None, None),
+    };
     if postgres_system.is_none() {
         warn!(slot = %config.producer.slot, state_topic = %config.kafka.state_topic(),
             "the producer has not recorded which PostgreSQL feeds this pipeline yet: indices are \
              stamped without it, and the next start completes their stamps");
     }
-    Ok(tidemark_schemas::identity::Identity {
+    let identity = tidemark_schemas::identity::Identity {
         postgres_system,
         database,
         kafka_cluster: cluster,
         topic_prefix: config.kafka.topic_prefix.clone(),
-    })
+    };
+    Ok((identity, progress))
 }
 
 /// Fails with a how-to-fix error when no broker answers or takes us.
@@ -289,7 +276,7 @@ struct Record {
 pub async fn run(
     config: Config,
     search: Arc<Search>,
-    mappings: Mappings,
+    tables: Arc<Tables>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConsumerError> {
@@ -348,6 +335,8 @@ pub async fn run(
     let mut stop = shutdown.clone();
     let sinks = Sinks {
         applier,
+        search: search.clone(),
+        tables: tables.clone(),
         dead_letters,
         dead_letter_topic,
         metrics: metrics.clone(),
@@ -410,7 +399,9 @@ pub async fn run(
                     Ok(event) => {
                         let write = checks
                             .check(message.topic(), message.key(), &event)
-                            .and_then(|()| mappings.write(&event).map_err(|e| e.to_string()));
+                            .and_then(|()| {
+                                tables.mappings.write(&event).map_err(|e| e.to_string())
+                            });
                         (Some(event), write)
                     }
                 };
@@ -508,6 +499,8 @@ pub async fn run(
 #[derive(Clone)]
 struct Sinks {
     applier: Applier,
+    search: Arc<Search>,
+    tables: Arc<Tables>,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
     metrics: Arc<Metrics>,
@@ -547,6 +540,8 @@ async fn apply_batch(
 ) -> Result<Option<Done>, ConsumerError> {
     let Sinks {
         applier,
+        search,
+        tables,
         dead_letters,
         dead_letter_topic,
         metrics,
@@ -567,6 +562,12 @@ async fn apply_batch(
             }
             Err(_) => write_of.push(None),
         }
+    }
+    // A table's index not created yet: now, from the columns its producer
+    // recorded before this first change.
+    if !tables.ready_for(&search, &writes, &stop).await? {
+        info!("stopped while creating an index; offsets of the unfinished batch are not stored");
+        return Ok(None);
     }
     let outcomes = match applier.apply(writes, &stop).await {
         Ok(outcomes) => outcomes,

@@ -210,6 +210,152 @@ async fn every_type_reaches_the_index_as_the_producer_sent_it() {
     let _ = p.pg.batch_execute(&format!("DROP TYPE {mood}")).await;
 }
 
+/// The field types of a new index come from the table's PostgreSQL
+/// column types, as the producer recorded them (tidemark_index::derive): no
+/// mappings file, and values OpenSearch's dynamic mapping refuses index.
+/// The consumer starts before the producer has recorded anything, so the
+/// index is created at the table's first change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_index_is_typed_from_the_column_types() {
+    let mut p = Pipeline::new("c_derive").await;
+    let table = p.table("typed");
+    p.create_table(
+        &table,
+        "id int PRIMARY KEY, f8 double precision, num numeric, t text, raw bytea, u uuid,
+         d date, tstz timestamptz, jb jsonb, ints int[], iv interval",
+        "",
+    )
+    .await;
+    // Dynamic mapping would make f8 and jb.n longs and jb.mixed a long
+    // from the first row, then refuse the second: NaN, a 30-digit integer,
+    // "a" in a numeric array. infinity is no date either.
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES
+         (1, 1.5, 19.90, 'one', '\\x00ff', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2026-11-22',
+          '2026-11-22 10:15:00.123456+00', '{{\"n\": 1, \"mixed\": [1, 2]}}', '{{1,2}}', '1 day')"
+    ))
+    .await
+    .expect("snapshot row");
+    let mut consumer = p.start_consumer();
+    consumer.wait_ready().await;
+    let index = p.index(&table);
+    p.start_producer().await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} VALUES
+         (2, 'NaN', 'NaN', 'two', '\\x01', 'b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', 'infinity',
+          'infinity', '{{\"n\": 123456789012345678901234567890, \"mixed\": [1, \"a\", {{\"x\": true}}]}}',
+          '{{3,NULL}}', '2 hours')"
+    ))
+    .await
+    .expect("streamed row");
+    let records = support::read_topic(
+        &p.stack.kafka_brokers,
+        &p.topic(&table),
+        Duration::from_secs(60),
+        |r| r.len() >= 2,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let docs = loop {
+        let docs = p.docs(&index).await;
+        if docs.len() >= 2 {
+            break docs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} docs in {index}:\n{}",
+            docs.len(),
+            consumer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for record in &records {
+        let id = record.event.key["id"].to_string();
+        let mut doc = docs[&id].clone();
+        doc.as_object_mut().expect("doc").remove("_tidemark");
+        doc.as_object_mut().expect("doc").remove("_version");
+        assert_eq!(doc, record.raw["after"], "document {id}");
+    }
+    assert_eq!(
+        consumer
+            .counter("tidemark_consumer_dead_letters_total")
+            .await,
+        0.0,
+        "{}",
+        consumer.log()
+    );
+    let response =
+        p.os.indices()
+            .get_mapping(opensearch::indices::IndicesGetMappingParts::Index(&[
+                &index,
+            ]))
+            .send()
+            .await
+            .expect("mapping");
+    let mapping: Value = response.json().await.expect("mapping JSON");
+    let fields = &mapping[&index]["mappings"]["properties"];
+    let kind = |field: &str| {
+        fields[field]["type"]
+            .as_str()
+            .unwrap_or("unmapped")
+            .to_owned()
+    };
+    assert_eq!(kind("id"), "long");
+    assert_eq!(kind("f8"), "double");
+    assert_eq!(kind("num"), "keyword");
+    assert_eq!(kind("t"), "text");
+    assert_eq!(fields["t"]["fields"]["keyword"]["type"], "keyword");
+    assert_eq!(kind("raw"), "binary");
+    assert_eq!(kind("u"), "keyword");
+    assert_eq!(kind("d"), "date");
+    assert_eq!(kind("tstz"), "date");
+    assert_eq!(kind("jb"), "flat_object");
+    assert_eq!(kind("ints"), "long");
+    assert!(
+        consumer
+            .log()
+            .contains("its index is created at its first change"),
+        "the consumer started before the producer recorded the columns:\n{}",
+        consumer.log()
+    );
+    // --print-mappings shows what a new index would get, from Kafka alone.
+    let config = p.dir.join("print-mappings.toml");
+    std::fs::write(&config, p.config_text(support::free_port(), "")).expect("config");
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_tidemark-consumer"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-mappings")
+        .env_remove("TIDEMARK_KAFKA_BROKERS")
+        .env_remove("TIDEMARK_OPENSEARCH_URL")
+        .output()
+        .expect("tidemark-consumer --print-mappings");
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&printed.stdout).expect("JSON on stdout");
+    let entry = printed
+        .as_array()
+        .and_then(|tables| tables.iter().find(|t| t["index"] == index.as_str()))
+        .unwrap_or_else(|| panic!("{index} not printed: {printed:#}"));
+    assert_eq!(entry["columns"], "recorded by the producer");
+    let printed_fields = entry["mappings"]["properties"]
+        .as_object()
+        .expect("printed properties");
+    assert_eq!(printed_fields.len(), 11, "{printed_fields:#?}");
+    for (field, printed) in printed_fields {
+        if field != "_tidemark" {
+            assert_eq!(
+                &fields[field], printed,
+                "field {field}: printed and created differ"
+            );
+        }
+    }
+
+    consumer.stop();
+    p.cleanup(&[&table]).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redelivered_old_event_changes_nothing() {
     let mut p = Pipeline::new("c_redeliver").await;

@@ -5,6 +5,8 @@
 //! - `mapping`: table -> index, document id, fields, the `_tidemark`
 //!   metadata, and the one version a write carries (built through
 //!   `tidemark_schemas::Version`);
+//! - `derive`: a new index's field types, from its table's column types as
+//!   the producer recorded them;
 //! - `search`: the connection and every request Tidemark makes (bulk, reads
 //!   by id and hash, scrolls, index checks);
 //! - `answer`: what each OpenSearch answer means (applied, stale, a bad
@@ -25,10 +27,11 @@
 //! refused, unreachable) is waited for, never reported as a bad record.
 //!
 //! It depends only on `tidemark-schemas`; it knows nothing of Kafka or
-//! PostgreSQL.
+//! PostgreSQL (their types reach it only as `tidemark_schemas::values`).
 
 pub mod answer;
 pub mod apply;
+pub mod derive;
 pub mod error;
 pub mod identity;
 pub mod mapping;

@@ -186,66 +186,50 @@ impl Search {
         matches!(self.client.ping().send().await, Ok(r) if r.status_code().is_success())
     }
 
-    /// Creates the table's index if it is missing (with the configured
-    /// settings and mappings plus `_tidemark`), else makes sure `_tidemark`
-    /// is mapped as Tidemark needs. An error names the table and index.
-    pub async fn ensure_index(
-        &self,
-        mapping: &TableMapping,
-        table: &config::Table,
-        config_dir: &Path,
-    ) -> Result<(), IndexError> {
-        let index = &mapping.index;
-        let what = || format!("table {} (index {index})", mapping.qualified());
-        let exists = self
+    /// Whether `index` (or an alias of that name) exists.
+    pub async fn index_exists(&self, index: &str) -> Result<bool, IndexError> {
+        let status = self
             .client
             .indices()
             .exists(IndicesExistsParts::Index(&[index]))
             .send()
             .await
             .map_err(|e| IndexError::Unreachable {
-                what: format!("{}: cannot reach OpenSearch at {}: {e}", what(), self.url),
+                what: format!(
+                    "index {index}: cannot reach OpenSearch at {}: {e}",
+                    self.url
+                ),
                 source: e,
             })?
             .status_code();
-        if exists == StatusCode::NOT_FOUND {
-            let mut mappings = match &table.mappings_file {
-                Some(file) => {
-                    let path = config_dir.join(file);
-                    let text = std::fs::read_to_string(&path).map_err(failed(|| {
-                        format!("{}: cannot read mappings_file {}", what(), path.display())
-                    }))?;
-                    let value: Value = serde_json::from_str(&text).map_err(failed(|| {
-                        format!("{}: mappings_file {} is not JSON", what(), path.display())
-                    }))?;
-                    // Accept either {"mappings": {...}} or the mappings object itself.
-                    match value.get("mappings") {
-                        Some(inner) => inner.clone(),
-                        None => value,
-                    }
-                }
-                None => json!({}),
-            };
-            let Some(object) = mappings.as_object_mut() else {
-                return Err(IndexError::Refused(format!(
-                    "{}: mappings_file must hold a JSON object",
-                    what()
-                )));
-            };
-            let properties = object.entry("properties").or_insert_with(|| json!({}));
-            let Some(properties) = properties.as_object_mut() else {
-                return Err(IndexError::Refused(format!(
-                    "{}: mappings_file: \"properties\" must be an object",
-                    what()
-                )));
-            };
-            if properties.contains_key(META_FIELD) {
-                return Err(IndexError::Refused(format!(
-                    "{}: mappings_file maps {META_FIELD}, which Tidemark reserves for its metadata; remove it",
-                    what()
-                )));
-            }
-            properties.insert(META_FIELD.to_owned(), meta_mapping());
+        match status {
+            StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            s => Err(IndexError::Refused(format!(
+                "index {index}: OpenSearch answered {s} to an index lookup"
+            ))),
+        }
+    }
+
+    /// Creates the table's index if it is missing (with the configured
+    /// settings, the mappings of [`new_index_mappings`], and
+    /// `_tidemark`), else makes sure `_tidemark` is mapped as Tidemark
+    /// needs. `columns` are the table's (name, type OID), as the producer
+    /// recorded them, where known. An error names the table and index.
+    pub async fn ensure_index(
+        &self,
+        mapping: &TableMapping,
+        table: &config::Table,
+        config_dir: &Path,
+        columns: Option<&[(String, u32)]>,
+    ) -> Result<(), IndexError> {
+        let index = &mapping.index;
+        let what = || format!("table {} (index {index})", mapping.qualified());
+        if !self.index_exists(index).await? {
+            let mappings = new_index_mappings(mapping, table, config_dir, columns)?;
+            let fields = mappings["properties"]
+                .as_object()
+                .map_or(0, |p| p.len() - 1);
             let mut body = json!({ "mappings": mappings });
             if let Some(settings) = &table.index_settings {
                 body["settings"] = serde_json::to_value(settings)
@@ -265,7 +249,14 @@ impl Search {
             let status = response.status_code();
             let text = response.text().await.unwrap_or_default();
             if status.is_success() {
-                info!(table = %mapping.qualified(), index = %index, "created index");
+                info!(
+                    table = %mapping.qualified(),
+                    index = %index,
+                    typed_fields = fields,
+                    columns_known = columns.is_some(),
+                    "created index"
+                );
+
                 self.remember_uuid(index)
                     .await
                     .unanswered(|| format!("{}: cannot read the index's uuid", what()))?;
@@ -280,11 +271,6 @@ impl Search {
                     truncate(&text)
                 )));
             }
-        } else if !exists.is_success() {
-            return Err(IndexError::Refused(format!(
-                "{}: OpenSearch answered {exists} to an index lookup",
-                what()
-            )));
         }
         // The index exists: `_tidemark.version` must be a long, or version
         // guards and truncates would not work.
@@ -605,6 +591,60 @@ pub fn truncate(text: &str) -> String {
         end -= 1;
     }
     format!("{}...", &text[..end])
+}
+
+/// The mappings a new index for the table is created with: the
+/// `mappings_file` (if any), each field it leaves out typed from `columns`
+/// (name, type OID; `derive`), plus `_tidemark`.
+pub fn new_index_mappings(
+    mapping: &TableMapping,
+    table: &config::Table,
+    config_dir: &Path,
+    columns: Option<&[(String, u32)]>,
+) -> Result<Value, IndexError> {
+    let index = &mapping.index;
+    let what = || format!("table {} (index {index})", mapping.qualified());
+    let mut mappings = match &table.mappings_file {
+        Some(file) => {
+            let path = config_dir.join(file);
+            let text = std::fs::read_to_string(&path).map_err(failed(|| {
+                format!("{}: cannot read mappings_file {}", what(), path.display())
+            }))?;
+            let value: Value = serde_json::from_str(&text).map_err(failed(|| {
+                format!("{}: mappings_file {} is not JSON", what(), path.display())
+            }))?;
+            // Accept either {"mappings": {...}} or the mappings object itself.
+            match value.get("mappings") {
+                Some(inner) => inner.clone(),
+                None => value,
+            }
+        }
+        None => json!({}),
+    };
+    let Some(object) = mappings.as_object_mut() else {
+        return Err(IndexError::Refused(format!(
+            "{}: mappings_file must hold a JSON object",
+            what()
+        )));
+    };
+    let properties = object.entry("properties").or_insert_with(|| json!({}));
+    let Some(properties) = properties.as_object_mut() else {
+        return Err(IndexError::Refused(format!(
+            "{}: mappings_file: \"properties\" must be an object",
+            what()
+        )));
+    };
+    if properties.contains_key(META_FIELD) {
+        return Err(IndexError::Refused(format!(
+            "{}: mappings_file maps {META_FIELD}, which Tidemark reserves for its metadata; remove it",
+            what()
+        )));
+    }
+    for (field, derived) in crate::derive::properties(table, mapping, columns) {
+        properties.entry(field).or_insert(derived);
+    }
+    properties.insert(META_FIELD.to_owned(), meta_mapping());
+    Ok(mappings)
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ async fn main() {
     let mappings = Mappings::new(&config);
     let mapping = mappings.get("public", &table).expect("mapping");
     search
-        .ensure_index(mapping, &config.tables[0], &dir)
+        .ensure_index(mapping, &config.tables[0], &dir, None)
         .await
         .expect("index");
     let stats = ApplyStats::default();

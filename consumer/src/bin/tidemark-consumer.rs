@@ -43,6 +43,11 @@ struct Args {
     /// exit without consuming.
     #[arg(long)]
     check: bool,
+    /// Print, as JSON, the mappings each table's index would be created
+    /// with (typed from the columns the producer recorded in the state
+    /// topic), then exit. Reads Kafka only; creates nothing.
+    #[arg(long)]
+    print_mappings: bool,
 }
 
 fn main() -> ExitCode {
@@ -67,7 +72,18 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
         .parent()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
+    if args.print_mappings {
+        let owned = config.clone();
+        let progress =
+            tokio::task::spawn_blocking(move || tidemark_consumer::indices::read_progress(&owned))
+                .await??;
+        let printed =
+            tidemark_consumer::indices::print_mappings(&config, &config_dir, progress.as_ref())?;
+        println!("{printed:#}");
+        return Ok(());
+    }
     let (search, mappings) = tidemark_consumer::run::prepare(&config, &config_dir).await?;
+
     if args.check {
         println!("config, OpenSearch and Kafka are ready for tidemark-consumer");
         return Ok(());

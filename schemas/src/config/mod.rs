@@ -329,6 +329,20 @@ mod tests {
                 "tables[0].rename.a:",
             ),
             (
+                MINIMAL.to_owned() + "mapping = { columns = { a = \"keyword\" } }\n",
+                "tables[0].mapping.columns.a: must be an OpenSearch field mapping with a type",
+            ),
+            (
+                MINIMAL.to_owned()
+                    + "exclude = [\"a\"]\nmapping = { columns = { a = { type = \"keyword\" } } }\n",
+                "tables[0].mapping.columns.a: column \"a\" is not in the document",
+            ),
+            (
+                MINIMAL.to_owned()
+                    + "mapping = { numeric = \"scaled_float\", scaling_factor = 0 }\n",
+                "tables[0].mapping.scaling_factor: 0: must be a positive number",
+            ),
+            (
                 MINIMAL.to_owned() + "exclude = [\"a\"]\nrename = { a = \"b\" }\n",
                 "tables[0].rename.a: column \"a\" is not in the document",
             ),

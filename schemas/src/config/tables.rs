@@ -57,6 +57,82 @@ pub struct Table {
     /// `ignore` only logs and counts it, `stop` stops the producer.
     #[serde(default)]
     pub on_schema_change: OnSchemaChange,
+    /// The field types of an index the consumer creates: derived from the
+    /// column types (default), with choices for `numeric` and `json`
+    /// columns and per-column mappings.
+    #[serde(default)]
+    pub mapping: FieldTypes,
+}
+
+/// `[[tables]] mapping = { ... }`: how the consumer types a new index's
+/// fields (see `tidemark_index::derive` for the table of types). Applies
+/// when it creates the index; an existing index keeps its mapping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldTypes {
+    /// Derive each field's type from its column's PostgreSQL type, as the
+    /// producer recorded it (default true); `false` leaves every field not
+    /// in `columns` or the `mappings_file` to OpenSearch's dynamic mapping.
+    #[serde(default = "yes")]
+    pub derive: bool,
+    /// `numeric` columns: `keyword` (default: exact, as the producer sends
+    /// them), `scaled_float` (searchable by range, `scaling_factor` decimal
+    /// places kept) or `double` (approximate).
+    #[serde(default)]
+    pub numeric: NumericMapping,
+    /// `scaled_float`'s `scaling_factor` (default 100: cents).
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+    /// `json`/`jsonb` columns: `flat_object` (default: searchable, takes any
+    /// numbers and mixed arrays, but needs an object at the top),
+    /// `disabled` (kept in `_source` only, takes any JSON) or `dynamic`
+    /// (OpenSearch guesses from the first document).
+    #[serde(default)]
+    pub json: JsonMapping,
+    /// Column name -> its OpenSearch mapping, replacing the derived one,
+    /// e.g. `{ price = { type = "scaled_float", scaling_factor = 100 } }`.
+    #[serde(default)]
+    pub columns: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for FieldTypes {
+    fn default() -> Self {
+        FieldTypes {
+            derive: true,
+            numeric: NumericMapping::default(),
+            scaling_factor: default_scaling_factor(),
+            json: JsonMapping::default(),
+            columns: Default::default(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_scaling_factor() -> f64 {
+    100.0
+}
+
+/// `mapping.numeric`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NumericMapping {
+    #[default]
+    Keyword,
+    ScaledFloat,
+    Double,
+}
+
+/// `mapping.json`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JsonMapping {
+    #[default]
+    FlatObject,
+    Disabled,
+    Dynamic,
 }
 
 impl Table {
@@ -80,6 +156,15 @@ impl Table {
 }
 
 impl Table {
+    /// Whether `column` goes into the document (include/exclude).
+    fn in_document(&self, column: &str) -> bool {
+        !self.exclude.iter().any(|c| c == column)
+            && self
+                .include
+                .as_ref()
+                .is_none_or(|inc| inc.iter().any(|c| c == column))
+    }
+
     fn validate_mapping(&self, i: usize, kafka: &Kafka) -> Result<(), ConfigError> {
         let index = self.index_name(kafka);
         if !is_index_name(&index) {
@@ -126,12 +211,32 @@ impl Table {
                     format!("{field:?} is also the new name of column {other:?}"),
                 ));
             }
-            if self.exclude.contains(column)
-                || self
-                    .include
-                    .as_ref()
-                    .is_some_and(|inc| !inc.contains(column))
-            {
+            if !self.in_document(column) {
+                return Err(invalid(
+                    name,
+                    format!("column {column:?} is not in the document (see include/exclude)"),
+                ));
+            }
+        }
+        let types = &self.mapping;
+        if !(types.scaling_factor.is_finite() && types.scaling_factor > 0.0) {
+            return Err(invalid(
+                format!("tables[{i}].mapping.scaling_factor"),
+                format!(
+                    "{}: must be a positive number, e.g. 100",
+                    types.scaling_factor
+                ),
+            ));
+        }
+        for (column, value) in &types.columns {
+            let name = format!("tables[{i}].mapping.columns.{column}");
+            if !value.get("type").is_some_and(|t| t.is_string()) {
+                return Err(invalid(
+                    name,
+                    "must be an OpenSearch field mapping with a type, e.g. { type = \"keyword\" }",
+                ));
+            }
+            if !self.in_document(column) {
                 return Err(invalid(
                     name,
                     format!("column {column:?} is not in the document (see include/exclude)"),
@@ -139,6 +244,7 @@ impl Table {
             }
         }
         // A kept, unrenamed column whose name a rename also produces would
+
         // make two values for one field.
         let kept = |c: &String| !self.exclude.contains(c) && !self.rename.contains_key(c);
         if let Some(include) = &self.include {
