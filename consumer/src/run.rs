@@ -295,6 +295,18 @@ pub async fn run(
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "1000")
+            .set(
+                "queued.max.messages.kbytes",
+                config.consumer.fetch_queue_kbytes.to_string(),
+            )
+            // One fetch answer is held whole before it is queued: bound it
+            // by the same budget (librdkafka's default is 50 MiB).
+            .set(
+                "fetch.max.bytes",
+                (config.consumer.fetch_queue_kbytes * 1024)
+                    .max(1_048_576)
+                    .to_string(),
+            )
             // A dead member's partitions move on after 10 s, not 45.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "2000")
@@ -396,12 +408,17 @@ pub async fn run(
                 batch_bytes += payload.len();
                 let (event, write) = match ChangeEvent::from_slice(payload) {
                     Err(e) => (None, Err(e.to_string())),
-                    Ok(event) => {
+                    Ok(mut event) => {
                         let write = checks
                             .check(message.topic(), message.key(), &event)
                             .and_then(|()| {
                                 tables.mappings.write(&event).map_err(|e| e.to_string())
                             });
+                        // The write holds the row now; the event stays for
+                        // what metrics and a dead letter name (table, key,
+                        // op, LSN), without a second copy of the row.
+                        event.before = None;
+                        event.after = None;
                         (Some(event), write)
                     }
                 };
@@ -534,7 +551,7 @@ fn store_offsets(consumer: &StreamConsumer<GroupContext>, metrics: &Metrics, don
 /// positions to store, `None` when stopped while OpenSearch was failing, or
 /// an error when the dead-letter topic cannot be written.
 async fn apply_batch(
-    records: Vec<Record>,
+    mut records: Vec<Record>,
     sinks: Sinks,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<Done>, ConsumerError> {
@@ -554,13 +571,16 @@ async fn apply_batch(
     }
     let mut writes = Vec::new();
     let mut write_of = Vec::with_capacity(records.len());
-    for record in &records {
-        match &record.write {
-            Ok(write) => {
+    for record in &mut records {
+        if record.write.is_ok() {
+            // Moved, not copied: the record keeps only why it failed, if so.
+            let taken = std::mem::replace(&mut record.write, Err(String::new()));
+            if let Ok(write) = taken {
                 write_of.push(Some(writes.len()));
-                writes.push(write.clone());
+                writes.push(write);
             }
-            Err(_) => write_of.push(None),
+        } else {
+            write_of.push(None);
         }
     }
     // A table's index not created yet: now, from the columns its producer

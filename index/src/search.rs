@@ -465,6 +465,15 @@ impl Search {
         let response = self
             .client
             .bulk(BulkParts::None)
+            // Only what the answer is judged by: a bulk answer otherwise
+            // repeats index, id, version, shards and sequence numbers per
+            // item, several times the bytes to hold and parse.
+            .filter_path(&[
+                "errors",
+                "items.*.status",
+                "items.*.result",
+                "items.*.error",
+            ])
             .body(vec![body])
             .send()
             .await

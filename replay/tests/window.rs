@@ -157,12 +157,23 @@ async fn indexed_table(
     index_settings: &str,
     seed: impl Fn(&str) -> String,
 ) -> (Pipeline, String) {
+    indexed_table_with(name, columns, index_settings, "", seed).await
+}
+
+/// [`indexed_table`], with `extra` TOML for the table's entry.
+async fn indexed_table_with(
+    name: &str,
+    columns: &str,
+    index_settings: &str,
+    extra: &str,
+    seed: impl Fn(&str) -> String,
+) -> (Pipeline, String) {
     let mut p = Pipeline::new(name).await;
     let table = p.table("t");
     p.create_table(
         &table,
         columns,
-        &format!("index_settings = {{ {index_settings} }}"),
+        &format!("index_settings = {{ {index_settings} }}\n{extra}"),
     )
     .await;
     p.pg.batch_execute(&seed(&table))
@@ -493,10 +504,13 @@ async fn window_repairs_a_lost_burst_exactly_and_safely() {
 /// other keys of the window are repaired and verified clean.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_write_fails_the_run_and_names_its_key() {
-    let (mut p, table) = indexed_table(
+    // Dynamic mapping for j (not the derived flat_object, which takes any
+    // value): the first documents map j.a as a number, so text is refused.
+    let (mut p, table) = indexed_table_with(
         "r_window_refused",
         "id int PRIMARY KEY, j jsonb",
         "number_of_shards = 1, number_of_replicas = 0",
+        "mapping = { json = \"dynamic\" }",
         |table| {
             format!(
                 "INSERT INTO {table} SELECT g, jsonb_build_object('a', g) FROM generate_series(1, 10) g"

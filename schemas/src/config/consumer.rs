@@ -54,7 +54,11 @@ pub struct Consumer {
     /// the partitions.
     #[serde(default = "default_group_id")]
     pub group_id: String,
-    /// A bulk request is sent when its body reaches this size...
+    /// A bulk request is sent when its body reaches this size... It is the
+    /// consumer's largest memory cost: the batch being applied and the one
+    /// being read each hold their decoded writes (about 29 MB of peak RSS
+    /// per MiB in the `pair_memory` bench, README).
+
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
     /// ...or when its first record has waited this long.
@@ -66,6 +70,13 @@ pub struct Consumer {
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[serde(default = "default_consumer_http_listen")]
     pub http_listen: String,
+    /// Records fetched ahead of the batch being built, at most this many
+    /// KiB (librdkafka's `queued.max.messages.kbytes`): memory the consumer
+    /// holds for records it has not applied yet. librdkafka's own default,
+    /// 65536, costs up to 64 MiB; a few bulk requests' worth keeps the
+    /// batches full.
+    #[serde(default = "default_fetch_queue_kbytes")]
+    pub fetch_queue_kbytes: usize,
 }
 
 impl Default for Consumer {
@@ -76,6 +87,7 @@ impl Default for Consumer {
             batch_max_wait_ms: DEFAULT_BATCH_MAX_WAIT_MS,
             ready_max_lag_secs: DEFAULT_READY_MAX_LAG_SECS,
             http_listen: default_consumer_http_listen(),
+            fetch_queue_kbytes: DEFAULT_FETCH_QUEUE_KBYTES,
         }
     }
 }
@@ -85,6 +97,11 @@ pub const DEFAULT_BATCH_MAX_BYTES: usize = 5 * 1024 * 1024;
 /// Default longest wait before a partial bulk is sent; with OpenSearch's 1 s
 /// refresh this keeps commit-to-searchable well under 2 s.
 pub const DEFAULT_BATCH_MAX_WAIT_MS: u64 = 200;
+/// Default pre-fetch bound: two default bulk requests' worth.
+pub const DEFAULT_FETCH_QUEUE_KBYTES: usize = 2 * DEFAULT_BATCH_MAX_BYTES / 1024;
+pub(crate) fn default_fetch_queue_kbytes() -> usize {
+    DEFAULT_FETCH_QUEUE_KBYTES
+}
 /// Default lag after which the consumer reports itself not ready.
 pub const DEFAULT_READY_MAX_LAG_SECS: u64 = 300;
 pub(crate) fn default_request_timeout_secs() -> u64 {
@@ -171,6 +188,13 @@ impl Consumer {
         if self.batch_max_wait_ms == 0 {
             return Err(invalid("consumer.batch_max_wait_ms", "must be at least 1"));
         }
+        if !(1..=2_097_151).contains(&self.fetch_queue_kbytes) {
+            return Err(invalid(
+                "consumer.fetch_queue_kbytes",
+                "must be between 1 and 2097151 (KiB), e.g. 10240",
+            ));
+        }
+
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "consumer.http_listen",
