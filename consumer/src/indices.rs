@@ -17,7 +17,9 @@
 //!   does; a refusal (a bad `mappings_file`, a field type OpenSearch does
 //!   not know) stops the consumer with the table named.
 //! - Every index the consumer writes is claimed with this pipeline's stamp
-//!   (`tidemark_index::identity`) before its first write.
+//!   (`tidemark_index::identity`) before its first write; the stamp and the
+//!   columns come from one read of the producer's record
+//!   ([`pipeline_identity`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -73,6 +75,42 @@ pub fn read_progress(config: &Config) -> Result<Option<SlotProgress>, ConsumerEr
         "reading the producer's record from the state topic {}",
         config.kafka.state_topic()
     )))
+}
+
+/// This pipeline's identity as the consumer can know it: Kafka's cluster
+/// id and the topic prefix, and the PostgreSQL system and database the
+/// producer recorded for `producer.slot` in the state topic (unknown until
+/// the producer first ran: the indices' stamps are then completed at the
+/// next start).
+pub(crate) async fn pipeline_identity(
+    config: &Config,
+) -> Result<(tidemark_schemas::identity::Identity, Option<SlotProgress>), ConsumerError> {
+    let owned = config.clone();
+    let (cluster, progress) = tokio::task::spawn_blocking(move || {
+        let cluster = tidemark_kafka::cluster_id(&owned.kafka, "tidemark-consumer", KAFKA_TIMEOUT)
+            .map_err(ConsumerError::kafka(
+                "reading this pipeline's identity from Kafka (cluster id)",
+            ))?;
+        Ok::<_, ConsumerError>((cluster, read_progress(&owned)?))
+    })
+    .await
+    .map_err(|e| ConsumerError::Task(format!("reading this pipeline's identity: {e}")))??;
+    let (postgres_system, database) = match &progress {
+        Some(p) => (p.system_id.clone(), p.database.clone()),
+        None => (None, None),
+    };
+    if postgres_system.is_none() {
+        warn!(slot = %config.producer.slot, state_topic = %config.kafka.state_topic(),
+            "the producer has not recorded which PostgreSQL feeds this pipeline yet: indices are \
+             stamped without it, and the next start completes their stamps");
+    }
+    let identity = tidemark_schemas::identity::Identity {
+        postgres_system,
+        database,
+        kafka_cluster: cluster,
+        topic_prefix: config.kafka.topic_prefix.clone(),
+    };
+    Ok((identity, progress))
 }
 
 impl Tables {

@@ -45,13 +45,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 
 use tidemark_schemas::config::Config;
-use tidemark_schemas::state::SlotProgress;
 use tidemark_schemas::{ChangeEvent, DeadLetter, Origin, Stage};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::error::ConsumerError;
-use crate::indices::{Tables, read_progress};
+use crate::indices::{Tables, pipeline_identity};
 use crate::metrics::Metrics;
 use crate::record::Topics;
 use tidemark_index::apply::{Applier, Outcome, lock};
@@ -82,42 +81,6 @@ pub async fn prepare(
     let (identity, progress) = pipeline_identity(config).await?;
     let tables = Tables::prepare(&search, config, config_dir, identity, progress.as_ref()).await?;
     Ok((search, Arc::new(tables)))
-}
-
-/// This pipeline's identity as the consumer can know it: Kafka's cluster
-/// id and the topic prefix, and the PostgreSQL system and database the
-/// producer recorded for `producer.slot` in the state topic (unknown until
-/// the producer first ran: the indices' stamps are then completed at the
-/// next start).
-async fn pipeline_identity(
-    config: &Config,
-) -> Result<(tidemark_schemas::identity::Identity, Option<SlotProgress>), ConsumerError> {
-    let owned = config.clone();
-    let (cluster, progress) = tokio::task::spawn_blocking(move || {
-        let cluster = tidemark_kafka::cluster_id(&owned.kafka, "tidemark-consumer", KAFKA_TIMEOUT)
-            .map_err(ConsumerError::kafka(
-                "reading this pipeline's identity from Kafka (cluster id)",
-            ))?;
-        Ok::<_, ConsumerError>((cluster, read_progress(&owned)?))
-    })
-    .await
-    .map_err(|e| ConsumerError::Task(format!("reading this pipeline's identity: {e}")))??;
-    let (postgres_system, database) = match &progress {
-        Some(p) => (p.system_id.clone(), p.database.clone()),
-        None => (None, None),
-    };
-    if postgres_system.is_none() {
-        warn!(slot = %config.producer.slot, state_topic = %config.kafka.state_topic(),
-            "the producer has not recorded which PostgreSQL feeds this pipeline yet: indices are \
-             stamped without it, and the next start completes their stamps");
-    }
-    let identity = tidemark_schemas::identity::Identity {
-        postgres_system,
-        database,
-        kafka_cluster: cluster,
-        topic_prefix: config.kafka.topic_prefix.clone(),
-    };
-    Ok((identity, progress))
 }
 
 /// Fails with a how-to-fix error when no broker answers or takes us.
