@@ -105,17 +105,7 @@ fn free_port() -> u16 {
     tidemark_testkit::ports::free()
 }
 
-/// Sum of a metric's samples from the consumer's /metrics.
-async fn metric(port: u16, name: &str) -> f64 {
-    let Some(text) = tidemark_testkit::topics::http_get(port, "/metrics").await else {
-        return 0.0;
-    };
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use tidemark_testkit::topics::metric_sum as metric;
 
 /// The event of row `i` of a synthetic table: ~200 B of row data.
 fn event(table: &str, i: u64, lsn: u64) -> ChangeEvent {

@@ -38,16 +38,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-async fn metric(port: u16, name: &str) -> f64 {
-    let Some(text) = tidemark_testkit::topics::http_get(port, "/metrics").await else {
-        return 0.0;
-    };
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use tidemark_testkit::topics::metric_sum as metric;
 
 fn stop(mut child: Child) {
     let _ = Command::new("kill")

@@ -178,3 +178,16 @@ pub fn read_raw(brokers: &str, topic: &str, count: usize) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// The sum of a metric's samples (every label set) on the `/metrics` of
+/// the process listening on `port`; 0 when it does not answer.
+pub async fn metric_sum(port: u16, name: &str) -> f64 {
+    let Some(text) = http_get(port, "/metrics").await else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
