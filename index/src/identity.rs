@@ -51,7 +51,7 @@ pub fn judge(stamp: Option<&Identity>, seen: &Identity) -> Verdict {
 }
 
 /// The index's `_meta` object (empty if none).
-async fn meta(search: &Search, index: &str) -> Result<Map<String, Value>, IndexError> {
+pub async fn meta(search: &Search, index: &str) -> Result<Map<String, Value>, IndexError> {
     let response = search
         .client()
         .indices()

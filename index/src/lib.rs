@@ -9,7 +9,10 @@
 //!   the producer recorded them;
 //! - `search`: the connection and every request Tidemark makes (bulk, reads
 //!   by id and hash, scrolls, index checks);
+//! - `alias`: an index name that stands for an alias, the mark a reindex
+//!   puts on the index it fills, and the atomic alias move;
 //! - `answer`: what each OpenSearch answer means (applied, stale, a bad
+
 //!   record, or wait), decided in one place;
 //! - `apply`: bulk writes with `external_gte` versions, TOAST fills, and
 //!   waiting out whatever cannot be written now;
@@ -29,6 +32,7 @@
 //! It depends only on `tidemark-schemas`; it knows nothing of Kafka or
 //! PostgreSQL (their types reach it only as `tidemark_schemas::values`).
 
+pub mod alias;
 pub mod answer;
 pub mod apply;
 pub mod derive;
@@ -39,3 +43,6 @@ pub mod reads;
 pub mod runs;
 pub mod search;
 mod tls;
+
+/// The HTTP types of the client crate, for requests `Search::call` sends.
+pub use opensearch::http;

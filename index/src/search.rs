@@ -89,6 +89,8 @@ pub struct Search {
     /// writes that found it were applied to the stray index, so their
     /// retries answer `updated` and would otherwise pass unchecked.
     replaced: Mutex<HashMap<String, Stall>>,
+    /// The reindex marks read per index name (`crate::alias`).
+    pub(crate) marks: Mutex<crate::alias::MarkCache>,
 }
 
 /// Whether a get-mapping answer lacks a field of [`meta_mapping`] under
@@ -135,6 +137,7 @@ impl Search {
             url: tidemark_schemas::config::redact_url(&config.url),
             uuids: Mutex::default(),
             replaced: Mutex::default(),
+            marks: Mutex::default(),
         })
     }
 
@@ -322,9 +325,9 @@ impl Search {
         Ok(())
     }
 
-    /// The uuid of `index` (of the index behind it, for an alias), `None`
-    /// when there is none.
-    async fn index_uuid(&self, index: &str) -> Result<Option<String>, SearchError> {
+    /// The name and uuid of `index` (of the index behind it, for an
+    /// alias), `None` when there is none.
+    async fn index_uuid(&self, index: &str) -> Result<Option<(String, String)>, SearchError> {
         let response = self
             .client
             .indices()
@@ -346,21 +349,28 @@ impl Search {
             .map_err(|e| SearchError::Transport(format!("unreadable settings answer: {e}")))?;
         Ok(answer
             .as_object()
-            .and_then(|m| m.values().next())
-            .and_then(|i| i["settings"]["index.uuid"].as_str())
-            .map(str::to_owned))
+            .and_then(|m| m.iter().next())
+            .and_then(|(name, i)| {
+                i["settings"]["index.uuid"]
+                    .as_str()
+                    .map(|uuid| (name.clone(), uuid.to_owned()))
+            }))
     }
 
-    /// Remembers the uuid `index` has now, as the one this process writes.
+    /// Remembers the uuid the index behind `index` has now, as the one this
+    /// process writes.
     async fn remember_uuid(&self, index: &str) -> Result<(), SearchError> {
-        if let Some(uuid) = self.index_uuid(index).await? {
-            crate::apply::lock(&self.uuids).insert(index.to_owned(), uuid);
+        if let Some((name, uuid)) = self.index_uuid(index).await? {
+            crate::apply::lock(&self.uuids).insert(name, uuid);
         }
         Ok(())
     }
 
-    /// `Ok` while `index` is still the index this process first saw; a
-    /// stall when it was deleted and created again (or cannot be checked).
+    /// `Ok` while the index behind `index` is still the one this process
+    /// first saw under its name; a stall when it was deleted and created
+    /// again (or cannot be checked). The uuids are kept per concrete index,
+    /// so an alias moved to another index (a reindex's swap) is not a
+    /// replacement.
     pub async fn same_index(&self, index: &str) -> Result<(), Stall> {
         if let Some(stall) = self.found_replaced(index) {
             return Err(stall);
@@ -379,13 +389,14 @@ impl Search {
             }
         };
         let mut uuids = crate::apply::lock(&self.uuids);
-        let (Some(now), Some(known)) = (now.as_ref(), uuids.get(index)) else {
-            if let Some(now) = now {
-                uuids.insert(index.to_owned(), now);
-            }
+        let Some((name, now)) = now else {
             return Ok(());
         };
-        if now == known {
+        let Some(known) = uuids.get(&name) else {
+            uuids.insert(name, now);
+            return Ok(());
+        };
+        if &now == known {
             return Ok(());
         }
         let stall = Stall {

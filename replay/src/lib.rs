@@ -9,7 +9,9 @@
 //! target and counts first and needs `--dry-run` or an explicit confirmation.
 //!
 //! Modules: `window` (repair a time window, source and log mode),
-//! `backfill` (a table's rows into its index, through window's engine), `audit`
+//! `backfill` (a table's rows into its index, through window's engine),
+//! `reindex` (a table's index rebuilt behind its name), `audit`
+
 //! (source against index) and `merge` (its key-ordered merge),
 //! `dead_letters` (list the dead-letter topic, gather keys to repair),
 //! `error` (the one error type, [`error::ReplayError`]),
@@ -28,6 +30,7 @@ pub mod history;
 pub mod keys;
 pub mod merge;
 pub mod progress;
+pub mod reindex;
 pub mod time;
 pub mod watch;
 pub mod window;

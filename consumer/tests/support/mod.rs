@@ -255,6 +255,17 @@ impl Pipeline {
         self.add_table(table, mapping);
     }
 
+    /// Rewrites the tables' TOML (`from` -> `to`), e.g. a table's
+    /// settings changed before a reindex; configs written afterwards
+    /// carry it.
+    pub fn edit_tables(&mut self, from: &str, to: &str) {
+        assert!(
+            self.tables_toml.contains(from),
+            "{from:?} not in the tables"
+        );
+        self.tables_toml = self.tables_toml.replace(from, to);
+    }
+
     /// Adds a table of schema public to the config only (it lives
     /// elsewhere, e.g. in a scratch cluster).
     pub fn add_table(&mut self, table: &str, mapping: &str) {

@@ -68,7 +68,33 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
     Bytes::from(out)
 }
 
+/// `lines` (made by [`bulk_lines`] for `write`) aimed at `index` instead:
+/// the same document at the same version, for an index a reindex fills
+/// (`crate::alias`).
+pub(crate) fn retarget(lines: &Bytes, write: &Write, index: &str) -> Bytes {
+    let (id, version) = match write {
+        Write::Index { id, version, .. } => (id, version),
+        Write::Delete { id, version, .. } => (id, version),
+        Write::Truncate { .. } => return Bytes::new(),
+    };
+    let target = Target::new(index, id, version.get());
+    let action = match write {
+        Write::Index { .. } => Action::Index(target),
+        _ => Action::Delete(target),
+    };
+    let mut out = Vec::with_capacity(lines.len() + index.len());
+    let _ = serde_json::to_writer(&mut out, &action);
+    out.push(b'\n');
+    let rest = lines
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(&[][..], |n| &lines[n + 1..]);
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}
+
 /// A bulk action line, `{"index": {...}}` or `{"delete": {...}}`.
+
 #[derive(Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Action<'a> {

@@ -108,6 +108,9 @@ struct Prepared {
     input: usize,
     index: usize,
     lines: Bytes,
+    /// A copy for an index a reindex fills (`crate::alias`): its answer
+    /// never decides the write's outcome, but it is waited for like any.
+    shadow: bool,
 }
 
 impl Applier {
@@ -154,6 +157,12 @@ impl Applier {
                 self.apply_segment(std::mem::take(&mut segment), &mut outcomes, stop)
                     .await?;
                 self.truncate(index, *version, stop).await?;
+                let marked = self
+                    .retry(index, stop, || self.search.marked(index))
+                    .await?;
+                for shadow in &marked {
+                    self.truncate(shadow, *version, stop).await?;
+                }
                 outcomes[i] = Outcome::Applied(Effect::Other);
             } else {
                 segment.push((i, write));
@@ -212,23 +221,53 @@ impl Applier {
                     .fill_toast_from_index(&mut survivors[start..], stop)
                     .await?;
             let part = &mut survivors[start..end];
-            let prepared: Vec<Prepared> = part
+            let mut prepared: Vec<Prepared> = part
                 .iter()
-                .map(|(input, write)| {
-                    let index = match indices.iter().position(|i| i == write.index()) {
-                        Some(n) => n,
-                        None => {
-                            indices.push(write.index().to_owned());
-                            indices.len() - 1
-                        }
-                    };
-                    Prepared {
-                        input: *input,
-                        index,
-                        lines: bulk_lines(write, &self.stats),
-                    }
+                .map(|(input, write)| Prepared {
+                    input: *input,
+                    index: position(&mut indices, write.index()),
+                    lines: bulk_lines(write, &self.stats),
+                    shadow: false,
                 })
                 .collect();
+            // Each write also goes to the indices a reindex of its index is
+            // filling, read at most `alias::MARKS_MAX_AGE` ago: the rule
+            // `crate::alias` promises.
+            let mut marks: Vec<(usize, Vec<usize>)> = Vec::new();
+            let written: Vec<usize> = {
+                let mut seen: Vec<usize> = prepared.iter().map(|p| p.index).collect();
+                seen.sort_unstable();
+                seen.dedup();
+                seen
+            };
+            for at in written {
+                let name = indices[at].clone();
+                let marked = self
+                    .retry(&name, stop, || self.search.marked(&name))
+                    .await?;
+                if !marked.is_empty() {
+                    let shadows = marked.iter().map(|m| position(&mut indices, m)).collect();
+                    marks.push((at, shadows));
+                }
+            }
+            if !marks.is_empty() {
+                let mut copies = Vec::new();
+                for (p, (_, write)) in prepared.iter().zip(part.iter()) {
+                    let Some((_, shadows)) = marks.iter().find(|(at, _)| *at == p.index) else {
+                        continue;
+                    };
+                    for &shadow in shadows {
+                        copies.push(Prepared {
+                            input: p.input,
+                            index: shadow,
+                            lines: retarget(&p.lines, write, &indices[shadow]),
+                            shadow: true,
+                        });
+                    }
+                }
+                prepared.extend(copies);
+            }
+
             // The lines hold the documents now; the fields can go.
             for (_, write) in part.iter_mut() {
                 if let Write::Index { fields, .. } = write {
@@ -376,7 +415,11 @@ impl Applier {
                         }
                         Request::BadRecord(reason) => {
                             for p in pending.drain(..) {
-                                outcomes[p.input] = Outcome::Rejected(reason.clone());
+                                if p.shadow {
+                                    shadow_refused(&indices[p.index], &reason);
+                                } else {
+                                    outcomes[p.input] = Outcome::Rejected(reason.clone());
+                                }
                             }
                         }
                         Request::Wait(stall) => {
@@ -443,6 +486,12 @@ impl Applier {
                         continue;
                     }
                 };
+                if p.shadow {
+                    if let Outcome::Rejected(reason) = &outcome {
+                        shadow_refused(index, reason);
+                    }
+                    continue;
+                }
                 outcomes[p.input] = outcome;
             }
             for index in indices {
@@ -531,6 +580,29 @@ impl Applier {
             _ = stop.wait_for(|s| *s) => Err(Interrupted),
         }
     }
+}
+
+/// The position of `index` in `indices`, added if it is not there (a batch
+/// mostly writes one index or a few: a linear search is cheap).
+fn position(indices: &mut Vec<String>, index: &str) -> usize {
+    match indices.iter().position(|i| i == index) {
+        Some(n) => n,
+        None => {
+            indices.push(index.to_owned());
+            indices.len() - 1
+        }
+    }
+}
+
+/// A copy for an index a reindex fills was refused: its mapping differs
+/// from the live index's. The write's outcome is the live index's; the
+/// reindex's audit of the new index reports the document before any swap.
+fn shadow_refused(index: &str, reason: &str) {
+    tracing::warn!(
+        index,
+        reason,
+        "the index a reindex fills refused a write; the reindex's audit will report it"
+    );
 }
 
 /// Moves TOAST values the later write lacks from the earlier write.
@@ -657,6 +729,29 @@ mod tests {
         assert_eq!(
             String::from_utf8(bulk_lines(&delete, &stats).to_vec()).expect("utf8"),
             "{\"delete\":{\"_id\":\"7\",\"_index\":\"i\",\"version\":5,\"version_type\":\"external_gte\"}}\n"
+        );
+    }
+
+    #[test]
+    fn a_copy_for_a_reindex_differs_only_in_its_index() {
+        let stats = ApplyStats::default();
+        let write = index_write("7", 0x1_0000_0000, json!({"title": "a"}), &[]);
+        let lines = bulk_lines(&write, &stats);
+        let copy = String::from_utf8(bulk::retarget(&lines, &write, "i-2").to_vec()).expect("utf8");
+        let original = String::from_utf8(lines.to_vec()).expect("utf8");
+        assert_eq!(
+            copy,
+            original.replacen("\"_index\":\"i\"", "\"_index\":\"i-2\"", 1)
+        );
+        let delete = Write::Delete {
+            index: "i".into(),
+            id: "7".into(),
+            version: Version::of_commit(1, Lsn(5)).expect("a version"),
+        };
+        let lines = bulk_lines(&delete, &stats);
+        assert_eq!(
+            String::from_utf8(bulk::retarget(&lines, &delete, "i-2").to_vec()).expect("utf8"),
+            "{\"delete\":{\"_id\":\"7\",\"_index\":\"i-2\",\"version\":5,\"version_type\":\"external_gte\"}}\n"
         );
     }
 }

@@ -10,6 +10,7 @@ use tidemark_replay::{history, keys, time};
 
 mod audit;
 mod backfill;
+mod reindex;
 mod repair;
 mod watch;
 mod window;
@@ -119,6 +120,33 @@ enum Command {
         /// pipeline's stamp, or none).
         #[arg(long)]
         target_override: bool,
+    },
+    /// Rebuilds a table's index behind its name, with the mapping and
+    /// settings the config gives now, while searches and writes go on: a
+    /// new index <index>-<n>, marked so every writer writes there too,
+    /// filled by backfill at a snapshot, audited, then the name moved to
+    /// it in one _aliases call (a concrete index is adopted: copied to
+    /// <index>-0, its name made an alias). The old index is kept,
+    /// write-blocked. Without --yes a dry run. Exit 0 swapped, 1 a dry
+    /// run, 2 error (nothing swapped).
+    Reindex {
+        /// The table (schema.table, of the config's [[tables]]).
+        #[arg(long)]
+        table: String,
+        /// Write nothing; say what would be done (the default without --yes).
+        #[arg(long)]
+        dry_run: bool,
+        /// Reindex: the confirmation that the printed target is the right one.
+        #[arg(long)]
+        yes: bool,
+        /// Write even to an index that is not this pipeline's.
+        #[arg(long)]
+        target_override: bool,
+        /// Go back to the index the last reindex replaced (kept,
+        /// write-blocked): it is filled again, audited and swapped in the
+        /// same way, so nothing written since is lost.
+        #[arg(long)]
+        rollback: bool,
     },
     /// Lists recorded replay runs, newest first.
     Runs {
@@ -375,6 +403,27 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 filter.as_deref(),
                 yes && !dry_run,
                 target_override,
+            )
+            .await
+        }
+        Command::Reindex {
+            table,
+            dry_run,
+            yes,
+            target_override,
+            rollback,
+        } => {
+            let dir = path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            reindex::reindex(
+                &config,
+                &dir,
+                &table,
+                yes && !dry_run,
+                target_override,
+                rollback,
             )
             .await
         }

@@ -127,12 +127,6 @@ pub async fn repair_sets(
     what: &str,
     by_content: bool,
 ) -> anyhow::Result<ExitCode> {
-    use tidemark_replay::window;
-    let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
-        config.opensearch()?,
-    )?);
-    let guard = Guard::start(&search, command, write);
-    let cluster = search.info().await?;
     let mappings = tidemark_index::mapping::Mappings::new(config);
     let targets: Vec<(
         &tidemark_index::mapping::TableMapping,
@@ -145,6 +139,38 @@ pub async fn repair_sets(
             Some((mappings.get(schema, name)?, keys))
         })
         .collect();
+    repair_into(
+        config,
+        &targets,
+        write,
+        target_override,
+        command,
+        what,
+        by_content,
+    )
+    .await
+}
+
+/// [`repair_sets`] with each table's index given (a reindex writes to the
+/// index it fills, not to the configured name).
+pub async fn repair_into(
+    config: &Config,
+    targets: &[(
+        &tidemark_index::mapping::TableMapping,
+        &tidemark_replay::window::WindowKeys,
+    )],
+    write: bool,
+    target_override: bool,
+    command: &str,
+    what: &str,
+    by_content: bool,
+) -> anyhow::Result<ExitCode> {
+    use tidemark_replay::window;
+    let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
+        config.opensearch()?,
+    )?);
+    let guard = Guard::start(&search, command, write);
+    let cluster = search.info().await?;
     // The wrong-target guard needs what this process sees of the pipeline.
     let conn = tidemark_postgres::ConnInfo::from_config(config)?;
     let client = conn.connect("tidemark-replay").await?;
@@ -184,6 +210,7 @@ pub async fn repair_sets(
     for (mapping, keys) in targets {
         results.push(window::run_table(&job, mapping, keys).await?);
     }
+
     // The engine verified its writes (a real run); what it did not repair
     // still differs.
     let still: u64 = results.iter().map(|r| r.unrepaired()).sum();
