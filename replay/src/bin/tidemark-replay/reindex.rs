@@ -72,7 +72,7 @@ pub async fn reindex(
             },
             plan.next,
             match &entry.index_settings {
-                Some(s) => format!(", settings {s}"),
+                Some(s) => format!(", settings {}", serde_json::json!(s)),
                 None => String::new(),
             }
         );
@@ -128,21 +128,25 @@ pub async fn reindex(
         println!("{table}: {} rows to fill {} with", keys.len(), plan.next);
         keys
     };
-    let filled = repair_into(
-        config,
-        &[(&into, &keys)],
-        true,
-        target_override,
-        "reindex",
-        "rows",
-        false,
-    )
-    .await?;
     let abandon = format!(
         "{} stays marked (writers keep writing there); run reindex again once it is fixed, or \
          abandon it with DELETE /{}",
         plan.next, plan.next
     );
+    let filled = if keys.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        repair_into(
+            config,
+            &[(&into, &keys)],
+            true,
+            target_override,
+            "reindex",
+            "rows",
+            false,
+        )
+        .await?
+    };
     if filled != ExitCode::SUCCESS {
         anyhow::bail!(
             "the fill of {} did not verify: not swapped; {abandon}",
