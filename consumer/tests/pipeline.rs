@@ -831,6 +831,98 @@ async fn schema_changes_converge_every_document() {
     p.cleanup(&[&table]).await;
 }
 
+/// The same DDLs with writes running all along: an updater and an inserter
+/// on the columns no DDL touches, so changes race every shape change (a
+/// change committed just before, during and after each `ALTER`). The
+/// documents still end equal to their rows, and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_converge_with_writes_running_throughout() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut p = Pipeline::new("c_schema_live").await;
+    let table = p.table("t");
+    p.create_table(&table, "id int PRIMARY KEY, a text, b int, n int", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'a ' || g, g, 0 FROM generate_series(1, 500) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&table, 90, &[]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (url, table, stop, done) = (
+            p.stack.pg_url.clone(),
+            table.clone(),
+            stop.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            let (pg, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(connection);
+            let mut i: i32 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                pg.execute(
+                    &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
+                    &[&((i * 37) % 500 + 1)],
+                )
+                .await
+                .expect("update");
+                if i % 5 == 0 {
+                    pg.execute(
+                        &format!("INSERT INTO {table} (id, n) VALUES ($1, 0)"),
+                        &[&(10_000 + i)],
+                    )
+                    .await
+                    .expect("insert");
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let steps = [
+        "ADD COLUMN c text DEFAULT 'x'",
+        "DROP COLUMN a",
+        "RENAME COLUMN b TO bb",
+        "ALTER COLUMN bb TYPE bigint",
+        "ADD COLUMN d int NOT NULL DEFAULT 7",
+    ];
+    for ddl in steps {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        p.pg.batch_execute(&format!("ALTER TABLE {table} {ddl}"))
+            .await
+            .unwrap_or_else(|e| panic!("{ddl}: {e}"));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    let writes = done.load(Ordering::Relaxed);
+    assert!(writes >= 200, "only {writes} write rounds ran");
+    let started = std::time::Instant::now();
+    let docs = p.wait_converged(&table, 60, &[]).await;
+    println!(
+        "{writes} write rounds through {} DDLs; converged {:.1} s after the last write",
+        steps.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let doc = &docs["1"];
+    assert_eq!(doc["c"], "x", "{doc}");
+    assert_eq!(doc["d"], 7, "{doc}");
+    assert!(doc.get("a").is_none() && doc.get("b").is_none(), "{doc}");
+    assert_eq!(p.dead_letter_count(), 0, "nothing dead-lettered");
+
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}
+
 /// `on_schema_change = "stop"`: the producer stops at the table's first
 /// change after a DDL, naming the table and what to do, and sends nothing
 /// of it.
