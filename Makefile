@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: demo demo-stop test lint soak stack-up stack-down stack-status
+.PHONY: demo demo-stop test lint soak cluster-test stack-up stack-down stack-status
 
 ## demo: start the local stack and run the demo pipeline (see dev/demo).
 demo:
@@ -20,6 +20,13 @@ test: stack-up
 ## each server once, then audit (minutes; not part of `test`). See dev/soak.
 soak:
 	dev/soak
+
+## cluster-test: the broker-failure test at full length: the leader broker
+## of a busy partition of a three-node Kafka cluster (which the test starts)
+## killed with SIGKILL and restarted 5 times under load (about 2 minutes;
+## `make test` runs it with one kill).
+cluster-test: stack-up
+	eval "$$(dev/stack env)" && TIDEMARK_CLUSTER_KILLS=5 cargo test --locked -p tidemark-replay --test cluster -- --nocapture
 
 ## lint: formatting and clippy, as CI checks them.
 lint:

@@ -34,6 +34,8 @@ pub struct Pipeline {
     tables_toml: String,
     /// More lines for the config's `[producer]` section.
     pub producer_extra: String,
+    /// More lines for the config's `[kafka]` section.
+    pub kafka_extra: String,
     /// The PostgreSQL the pipeline captures, when not the stack's (a
     /// scratch cluster).
     pub source_url: Option<String>,
@@ -221,6 +223,7 @@ impl Pipeline {
             name,
             tables_toml: String::new(),
             producer_extra: String::new(),
+            kafka_extra: String::new(),
             source_url: None,
             secured_kafka: None,
             opensearch_login: BTreeMap::new(),
@@ -315,7 +318,7 @@ impl Pipeline {
     /// The config text as `stage` (`producer`, `consumer`, `replay`) uses it.
     pub fn config_text_as(&self, stage: &str, consumer_port: u16, consumer_extra: &str) -> String {
         format!(
-            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n{}\
+            "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\n{}{}\
              [opensearch]\nurl = \"{}\"\n{}\
              [producer]\nslot = \"{}\"\npublication = \"{}\"\n{}\n\
              [consumer]\ngroup_id = \"{}\"\nbatch_max_wait_ms = 100\nhttp_listen = \"127.0.0.1:{consumer_port}\"\n{consumer_extra}\n{}",
@@ -327,6 +330,7 @@ impl Pipeline {
                 .map_or(&self.stack.kafka_brokers, |(brokers, _)| brokers),
             self.name,
             self.kafka_security(stage),
+            self.kafka_extra,
             self.opensearch_url,
             self.opensearch_login
                 .get(stage)

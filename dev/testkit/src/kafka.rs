@@ -123,3 +123,75 @@ impl Drop for ScratchKafka {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A scratch Kafka cluster of three KRaft nodes (`dev/stack
+/// kafka-cluster-up`: replication factor 3, `min.insync.replicas` 2), for
+/// the tests that kill brokers. Plaintext. Dropping it stops every node.
+#[derive(Debug)]
+pub struct ScratchKafkaCluster {
+    pub dir: PathBuf,
+    /// Node 1's port; node i listens on `port + 2(i-1)`, its controller
+    /// on the port after.
+    pub port: u16,
+}
+
+impl ScratchKafkaCluster {
+    pub const NODES: i32 = 3;
+
+    /// Starts the cluster and waits until every node answers.
+    pub fn start() -> ScratchKafkaCluster {
+        let dir = PathBuf::from("/var/tmp").join(unique_name("tidemark_scratch_kafka_cluster"));
+        std::fs::create_dir_all(&dir).expect("scratch Kafka cluster dir");
+        let port = crate::ports::free_run(2 * Self::NODES as u16);
+        let cluster = ScratchKafkaCluster { dir, port };
+        assert!(
+            cluster.stack(&["kafka-cluster-up"]).success(),
+            "scratch Kafka cluster did not start; see {}/kafka-*/kafka.log",
+            cluster.dir.display()
+        );
+        cluster
+    }
+
+    /// Every node's address, for `bootstrap.servers`.
+    pub fn brokers(&self) -> String {
+        (1..=Self::NODES)
+            .map(|i| format!("127.0.0.1:{}", self.port + 2 * (i as u16 - 1)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// kill -9 node `id` (Kafka's `node.id`, 1-based), as a crash would.
+    pub fn kill(&self, id: i32) {
+        assert!(
+            self.stack(&["kafka-node-kill", &id.to_string()]).success(),
+            "could not kill node {id}"
+        );
+    }
+
+    /// Starts node `id` again and waits until it answers.
+    pub fn start_node(&self, id: i32) {
+        assert!(
+            self.stack(&["kafka-node-up", &id.to_string()]).success(),
+            "node {id} did not start again; see {}/kafka-{id}/kafka.log",
+            self.dir.display()
+        );
+    }
+
+    fn stack(&self, args: &[&str]) -> std::process::ExitStatus {
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../stack"))
+            .args(args)
+            .env("TIDEMARK_STACK_DIR", &self.dir)
+            .env("TIDEMARK_STACK_KAFKA_PORT", self.port.to_string())
+            .env("TIDEMARK_STACK_KAFKA_NODES", Self::NODES.to_string())
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("run dev/stack")
+    }
+}
+
+impl Drop for ScratchKafkaCluster {
+    fn drop(&mut self) {
+        let _ = self.stack(&["kafka-cluster-down"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -31,6 +31,15 @@ pub fn free_pair() -> u16 {
     pick(2)
 }
 
+/// A free loopback port `p` with `p + 1 .. p + count` free too (a Kafka
+/// cluster's brokers and controllers).
+///
+/// # Panics
+/// When no such run is free after many tries.
+pub fn free_run(count: u16) -> u16 {
+    pick(count)
+}
+
 fn pick(count: u16) -> u16 {
     let high = ephemeral_low().saturating_sub(count).max(LOW + 1000);
     let span = u64::from(high - LOW);
