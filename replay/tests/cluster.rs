@@ -2,7 +2,8 @@
 //! `min.insync.replicas` 2) that the test starts itself: the leader broker
 //! of a busy partition is killed with SIGKILL under steady load and
 //! started again, `TIDEMARK_CLUSTER_KILLS` times (1 in `make test`, 5 in
-//! `make cluster-test`). The producer and consumer keep running; at the end
+//! `make cluster-test`), then the leader of partition 0 is stopped with
+//! SIGSTOP for 15 s and continued. The producer and consumer keep running; at the end
 //! every document equals its row, the audit is clean and nothing was
 //! dead-lettered.
 
@@ -135,7 +136,26 @@ async fn killing_the_leader_broker_under_load_loses_nothing() {
             done.load(Ordering::Relaxed) - before
         );
     }
+    // A stall rather than a crash: the leader of partition 0 stopped
+    // (SIGSTOP) for longer than the controller's broker session timeout
+    // (`broker.session.timeout.ms`, 9 s), so it is fenced and its
+    // partitions move, then continued (SIGCONT).
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let brokers = cluster.brokers();
+    let topic_name = topic.clone();
+    let (node, _) = tokio::task::spawn_blocking(move || leader(&brokers, &topic_name, 0))
+        .await
+        .expect("leader");
+    let before = done.load(Ordering::Relaxed);
+    tokio::task::block_in_place(|| cluster.pause(node, true));
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    tokio::task::block_in_place(|| cluster.pause(node, false));
+    println!(
+        "stall: node {node} (leader of {topic}/0) stopped for 15 s and continued; {} write \
+         rounds meanwhile",
+        done.load(Ordering::Relaxed) - before
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.expect("writer").expect("live writes");
     let writes = done.load(Ordering::Relaxed);
@@ -151,7 +171,7 @@ async fn killing_the_leader_broker_under_load_loses_nothing() {
     let dead = p.dead_letter_count();
     assert_eq!(dead, 0, "nothing dead-lettered");
     println!(
-        "{kills} kills of the leader broker survived in {:.0} s: {writes} write rounds, {} \
+        "{kills} kills of the leader broker and a 15 s stall survived in {:.0} s: {writes} write rounds, {} \
          documents, converged {:.1} s after the last write, {dead} dead letters, audit clean",
         started.elapsed().as_secs_f64(),
         docs.len(),

@@ -177,6 +177,19 @@ impl ScratchKafkaCluster {
         );
     }
 
+    /// SIGSTOP node `id` (a stall, not a crash), or SIGCONT it.
+    pub fn pause(&self, id: i32, paused: bool) {
+        let command = if paused {
+            "kafka-node-pause"
+        } else {
+            "kafka-node-resume"
+        };
+        assert!(
+            self.stack(&[command, &id.to_string()]).success(),
+            "{command} {id} failed"
+        );
+    }
+
     fn stack(&self, args: &[&str]) -> std::process::ExitStatus {
         Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../stack"))
             .args(args)
