@@ -9,7 +9,11 @@
 //! - A reindex marks the index it fills (`<index>-<n>`) with the alias
 //!   [`mark`]`(index)`. Every write made through `apply::Applier` (the
 //!   consumer's and replay's) to `index` is also made, at the same version,
-//!   to each index so marked, with marks read at most [`MARKS_MAX_AGE`]
+//!   through the mark (with `require_alias`: a copy whose mark is gone, the
+//!   reindex swapped or abandoned, is dropped and never creates an index of
+//!   that name; a delete, which cannot require an alias, goes to the index
+//!   behind the mark, which is why a reindex is abandoned by removing its
+//!   mark before deleting the index: [`MARK_SETTLE`] apart), with marks read at most [`MARKS_MAX_AGE`]
 //!   before the bulk that carries the write is built. So once a mark has
 //!   been in place for longer than that, every change committed after
 //!   reaches the marked index: a change is consumed after it is committed,

@@ -152,6 +152,15 @@ pub fn item(status: u16, result: Option<&str>, error: Option<&Value>) -> Item {
     })
 }
 
+/// Whether a write's copy for a reindex (`crate::alias`), sent to the mark
+/// alias with `require_alias`, found the mark gone: the reindex swapped or
+/// was abandoned since the marks were read, so the copy is not needed.
+pub fn mark_gone(status: u16, error: Option<&Value>) -> bool {
+    status == 404
+        && error_type(error) == "index_not_found_exception"
+        && reason(error).contains("require_alias")
+}
+
 /// A whole request answered `status` with `body`; `writes` were in it.
 pub fn request(status: u16, body: &str, writes: usize) -> Request {
     let parsed: Option<Value> = serde_json::from_str(body).ok();

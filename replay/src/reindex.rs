@@ -116,10 +116,10 @@ pub async fn plan(
     let filling = search.aliased(&mark(&name)).await?;
     if !filling.is_empty() {
         return Err(ReplayError::Refused(format!(
-            "a reindex of {name} is already filling {}: let it finish, or abandon it by deleting \
-             that index (DELETE /{})",
+            "a reindex of {name} is already filling {}: let it finish, or abandon it with \
+             reindex --table {} --abandon --yes",
             filling.join(", "),
-            filling.join(",")
+            mapping.qualified()
         )));
     }
     let existing = named_like(search, &format!("{name}-")).await?;
@@ -160,6 +160,43 @@ pub async fn plan(
         next,
         body,
     })
+}
+
+/// The index a reindex of `mapping`'s index is filling, if one is.
+pub async fn filling(search: &Search, mapping: &TableMapping) -> Result<Option<String>> {
+    let marked = search.aliased(&mark(&mapping.index)).await?;
+    match marked.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        more => Err(ReplayError::Refused(format!(
+            "alias {} marks {} indices ({}); a reindex fills one",
+            mark(&mapping.index),
+            more.len(),
+            more.join(", ")
+        ))),
+    }
+}
+
+/// `--abandon`: the index a reindex is filling is unmarked, and deleted
+/// once no writer can still hold the mark ([`MARK_SETTLE`] later), so no
+/// late copy creates it again.
+pub async fn abandon(search: &Search, mapping: &TableMapping, index: &str) -> Result<()> {
+    search
+        .update_aliases(vec![
+            json!({"remove": {"index": index, "alias": mark(&mapping.index)}}),
+        ])
+        .await
+        .with_context(|| format!("removing the mark of index {index}"))?;
+    tokio::time::sleep(MARK_SETTLE).await;
+    search
+        .call(
+            tidemark_index::http::Method::Delete,
+            &format!("/{index}"),
+            None,
+        )
+        .await
+        .with_context(|| format!("deleting index {index}"))?;
+    Ok(())
 }
 
 /// Where a reindexed index records what it replaced (`_meta`).

@@ -3,7 +3,9 @@
 //! of a busy partition is killed with SIGKILL under steady load and
 //! started again, `TIDEMARK_CLUSTER_KILLS` times (1 in `make test`, 5 in
 //! `make cluster-test`), then the leader of partition 0 is stopped with
-//! SIGSTOP for 15 s and continued. The producer and consumer keep running; at the end
+//! SIGSTOP for 15 s and continued; then three consumers share the group,
+//! one restarted every 10 s (20 s in `make cluster-test`), a fourth
+//! joining halfway. The producer and consumer keep running; at the end
 //! every document equals its row, the audit is clean and nothing was
 //! dead-lettered.
 
@@ -102,7 +104,7 @@ async fn killing_the_leader_broker_under_load_loses_nothing() {
     .await
     .expect("rows");
     p.start_producer().await;
-    let consumer = p.start_consumer_in_process().await;
+    let mut consumers = vec![p.start_consumer_in_process().await];
     p.wait_converged(&table, 120, &[]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -156,6 +158,29 @@ async fn killing_the_leader_broker_under_load_loses_nothing() {
         done.load(Ordering::Relaxed) - before
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // Rebalance storms: three consumers of the group, one of them
+    // restarted every `every` seconds, and a fourth joining halfway.
+    let (restarts, every) = if kills >= 5 { (4, 20) } else { (2, 10) };
+    consumers.push(p.start_consumer_in_process().await);
+    consumers.push(p.start_consumer_in_process().await);
+    let before = done.load(Ordering::Relaxed);
+    for r in 0..restarts {
+        tokio::time::sleep(Duration::from_secs(every)).await;
+        let one = consumers.remove(r % consumers.len());
+        one.stop().await;
+        consumers.push(p.start_consumer_in_process().await);
+        if r + 1 == restarts / 2 {
+            consumers.push(p.start_consumer_in_process().await);
+        }
+    }
+    println!(
+        "rebalances: {restarts} consumer restarts {every} s apart and a fourth consumer \
+         joining; {} write rounds meanwhile",
+        done.load(Ordering::Relaxed) - before
+    );
+    assert_eq!(consumers.len(), 4);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.expect("writer").expect("live writes");
     let writes = done.load(Ordering::Relaxed);
@@ -171,14 +196,16 @@ async fn killing_the_leader_broker_under_load_loses_nothing() {
     let dead = p.dead_letter_count();
     assert_eq!(dead, 0, "nothing dead-lettered");
     println!(
-        "{kills} kills of the leader broker and a 15 s stall survived in {:.0} s: {writes} write rounds, {} \
+        "{kills} kills of the leader broker, a 15 s stall and the rebalances survived in {:.0} s: {writes} write rounds, {} \
          documents, converged {:.1} s after the last write, {dead} dead letters, audit clean",
         started.elapsed().as_secs_f64(),
         docs.len(),
         converging.elapsed().as_secs_f64()
     );
 
-    consumer.stop().await;
+    for consumer in consumers {
+        consumer.stop().await;
+    }
     p.cleanup(&[&table]).await;
     drop(cluster);
 }

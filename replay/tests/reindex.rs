@@ -71,13 +71,22 @@ struct Seen {
 
 /// A GET of `path`: its status and JSON answer.
 async fn call(os: &OpenSearch, path: &str) -> Result<(u16, Value), String> {
+    send(os, Method::Get, path, None).await
+}
+
+async fn send(
+    os: &OpenSearch,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
     let response = os
         .send(
-            Method::Get,
+            method,
             path,
             HeaderMap::new(),
             None::<&()>,
-            None::<JsonBody<Value>>,
+            body.map(JsonBody::new),
             None,
         )
         .await
@@ -301,6 +310,53 @@ async fn a_reindex_under_live_writes_moves_the_name_and_search_never_sees_a_gap(
         Some(0),
         "a clean audit after the rollback: {out}\n{err}"
     );
+
+    // 4. A reindex that stopped before its swap, abandoned: its index
+    //    (made and marked here as a reindex does) is unmarked, then deleted
+    //    once no writer can still copy to it, so it never comes back.
+    let abandoned = format!("{index}-9");
+    let body = serde_json::json!({"settings": {"number_of_shards": 1, "number_of_replicas": 0}});
+    let (status, answer) = send(&p.os, Method::Put, &format!("/{abandoned}"), Some(body))
+        .await
+        .expect("PUT");
+    assert_eq!(status, 200, "{answer}");
+    let mark = serde_json::json!({"actions": [{"add": {"index": abandoned, "alias": format!("{index}.tidemark-reindex")}}]});
+    let (status, answer) = send(&p.os, Method::Post, "/_aliases", Some(mark))
+        .await
+        .expect("POST");
+    assert_eq!(status, 200, "{answer}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(live_writes(
+        p.stack.pg_url.clone(),
+        table.clone(),
+        false,
+        400_000,
+        stop.clone(),
+        done.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let copies = get(&p, &format!("/{abandoned}/_count")).await;
+    assert!(
+        copies["count"].as_u64().unwrap_or(0) > 0,
+        "writers copy to a marked index: {copies}"
+    );
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        p.run_replay(&["reindex", "--table", &qualified, "--abandon", "--yes"])
+    });
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains(&format!("abandoned: {abandoned} unmarked, then deleted")),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer").expect("live writes");
+    for gone in [abandoned.clone(), format!("{index}.tidemark-reindex")] {
+        let probe = call(&p.os, &format!("/{gone}")).await.expect("GET");
+        assert_eq!(probe.0, 404, "{gone} exists after the abandon: {}", probe.1);
+    }
+    p.wait_converged(&table, 90, &[]).await;
     let dead = p.dead_letter_count();
     assert_eq!(dead, 0, "nothing dead-lettered");
 

@@ -77,9 +77,16 @@ pub(crate) fn retarget(lines: &Bytes, write: &Write, index: &str) -> Bytes {
         Write::Delete { id, version, .. } => (id, version),
         Write::Truncate { .. } => return Bytes::new(),
     };
-    let target = Target::new(index, id, version.get());
+    let mut target = Target::new(index, id, version.get());
     let action = match write {
-        Write::Index { .. } => Action::Index(target),
+        Write::Index { .. } => {
+            // Only through the mark alias: once the mark is gone the copy
+            // fails (`answer::mark_gone`) rather than creating an index of
+            // that name. (A delete cannot require an alias: its copy goes to
+            // the physical index.)
+            target.require_alias = Some(true);
+            Action::Index(target)
+        }
         _ => Action::Delete(target),
     };
     let mut out = Vec::with_capacity(lines.len() + index.len());
@@ -111,6 +118,8 @@ pub(crate) struct Target<'a> {
     index: &'a str,
     version: u64,
     version_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    require_alias: Option<bool>,
 }
 
 impl<'a> Target<'a> {
@@ -120,6 +129,7 @@ impl<'a> Target<'a> {
             id,
             version,
             version_type: "external_gte",
+            require_alias: None,
         }
     }
 }

@@ -230,10 +230,11 @@ impl Applier {
                     shadow: false,
                 })
                 .collect();
-            // Each write also goes to the indices a reindex of its index is
-            // filling, read at most `alias::MARKS_MAX_AGE` ago: the rule
-            // `crate::alias` promises.
-            let mut marks: Vec<(usize, Vec<usize>)> = Vec::new();
+            // Each write also goes to the index a reindex of its index is
+            // filling, through its mark, read at most
+            // `alias::MARKS_MAX_AGE` ago: the rule `crate::alias` promises.
+            // (written index, its mark, the indices behind the mark)
+            let mut marks: Vec<(usize, usize, Vec<usize>)> = Vec::new();
             let written: Vec<usize> = {
                 let mut seen: Vec<usize> = prepared.iter().map(|p| p.index).collect();
                 seen.sort_unstable();
@@ -246,21 +247,27 @@ impl Applier {
                     .retry(&name, stop, || self.search.marked(&name))
                     .await?;
                 if !marked.is_empty() {
-                    let shadows = marked.iter().map(|m| position(&mut indices, m)).collect();
-                    marks.push((at, shadows));
+                    let mark = position(&mut indices, &crate::alias::mark(&name));
+                    let behind = marked.iter().map(|m| position(&mut indices, m)).collect();
+                    marks.push((at, mark, behind));
                 }
             }
             if !marks.is_empty() {
                 let mut copies = Vec::new();
                 for (p, (_, write)) in prepared.iter().zip(part.iter()) {
-                    let Some((_, shadows)) = marks.iter().find(|(at, _)| *at == p.index) else {
+                    let Some((_, mark, behind)) = marks.iter().find(|(at, ..)| *at == p.index)
+                    else {
                         continue;
                     };
-                    for &shadow in shadows {
+                    let targets = match write {
+                        Write::Delete { .. } => behind.clone(),
+                        _ => vec![*mark],
+                    };
+                    for target in targets {
                         copies.push(Prepared {
                             input: p.input,
-                            index: shadow,
-                            lines: retarget(&p.lines, write, &indices[shadow]),
+                            index: target,
+                            lines: retarget(&p.lines, write, &indices[target]),
                             shadow: true,
                         });
                     }
@@ -435,8 +442,12 @@ impl Applier {
                 .into_iter()
                 .zip(items)
                 .map(|(p, item)| {
-                    let verdict =
-                        answer::item(item.status, item.result.as_deref(), item.error.as_ref());
+                    let verdict = if p.shadow && answer::mark_gone(item.status, item.error.as_ref())
+                    {
+                        Item::Applied(None)
+                    } else {
+                        answer::item(item.status, item.result.as_deref(), item.error.as_ref())
+                    };
                     (p, verdict)
                 })
                 .collect();
@@ -733,7 +744,7 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_for_a_reindex_differs_only_in_its_index() {
+    fn a_copy_for_a_reindex_goes_only_through_the_mark_alias() {
         let stats = ApplyStats::default();
         let write = index_write("7", 0x1_0000_0000, json!({"title": "a"}), &[]);
         let lines = bulk_lines(&write, &stats);
@@ -741,7 +752,11 @@ mod tests {
         let original = String::from_utf8(lines.to_vec()).expect("utf8");
         assert_eq!(
             copy,
-            original.replacen("\"_index\":\"i\"", "\"_index\":\"i-2\"", 1)
+            original.replacen(
+                "\"_index\":\"i\",\"version\":4294967296,\"version_type\":\"external_gte\"",
+                "\"_index\":\"i-2\",\"version\":4294967296,\"version_type\":\"external_gte\",\"require_alias\":true",
+                1
+            )
         );
         let delete = Write::Delete {
             index: "i".into(),

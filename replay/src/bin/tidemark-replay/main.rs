@@ -147,6 +147,10 @@ enum Command {
         /// same way, so nothing written since is lost.
         #[arg(long)]
         rollback: bool,
+        /// Give up a reindex that stopped before its swap: its new index is
+        /// unmarked, then deleted once no writer can still copy to it.
+        #[arg(long, conflicts_with = "rollback")]
+        abandon: bool,
     },
     /// Lists recorded replay runs, newest first.
     Runs {
@@ -412,6 +416,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             yes,
             target_override,
             rollback,
+            abandon,
         } => {
             let dir = path
                 .parent()
@@ -424,6 +429,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 yes && !dry_run,
                 target_override,
                 rollback,
+                abandon,
             )
             .await
         }

@@ -24,6 +24,7 @@ pub async fn reindex(
     write: bool,
     target_override: bool,
     rollback: bool,
+    abandon: bool,
 ) -> anyhow::Result<ExitCode> {
     let tables = [table.to_owned()];
     crate::check_tables(config, &tables)?;
@@ -47,6 +48,24 @@ pub async fn reindex(
         .columns;
     let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
     search.info().await?;
+    if abandon {
+        let Some(index) = reindex::filling(&search, mapping).await? else {
+            anyhow::bail!(
+                "no reindex of {} is filling an index: nothing to abandon",
+                mapping.index
+            );
+        };
+        if !write {
+            println!("dry run: would unmark {index} and delete it. Run with --yes to abandon");
+            return Ok(ExitCode::from(1));
+        }
+        reindex::abandon(&search, mapping, &index).await?;
+        println!(
+            "abandoned: {index} unmarked, then deleted; {} is unchanged",
+            mapping.index
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let plan = if rollback {
         reindex::plan_rollback(&search, mapping).await?
     } else {
@@ -129,9 +148,9 @@ pub async fn reindex(
         keys
     };
     let abandon = format!(
-        "{} stays marked (writers keep writing there); run reindex again once it is fixed, or \
-         abandon it with DELETE /{}",
-        plan.next, plan.next
+        "{} stays marked (writers keep writing there); abandon it with reindex --table {table} \
+         --abandon --yes, then run reindex again once the cause is fixed",
+        plan.next
     );
     let filled = if keys.is_empty() {
         ExitCode::SUCCESS
