@@ -163,6 +163,32 @@ async fn reindex_under_writes(
     (out, seen, done.load(Ordering::Relaxed))
 }
 
+/// After a reindex that moved the table's index from `from` to `to`: it
+/// said so, no search by the name failed, the alias names `to` and not
+/// `from`, and the audit is clean.
+async fn assert_moved(p: &Pipeline, table: &str, out: &str, seen: &Seen, from: &str, to: &str) {
+    let index = p.index(table);
+    assert!(out.contains(&format!("swapped: {index} -> {to}")), "{out}");
+    assert!(
+        seen.failures.is_empty(),
+        "searches by the name failed: {:?}",
+        seen.failures
+    );
+    let aliases = get(p, &format!("/_alias/{index}")).await;
+    assert!(
+        aliases.get(to).is_some() && aliases.get(from).is_none(),
+        "{aliases}"
+    );
+    p.wait_converged(table, 90, &[]).await;
+    let qualified = format!("public.{table}");
+    let (code, out, err) = p.run_replay(&["audit", "--table", &qualified, "--recheck-after", "1"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "a clean audit after moving {index} to {to}: {out}\n{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reindex_under_live_writes_moves_the_name_and_search_never_sees_a_gap() {
     let mut p = Pipeline::new("r_reindex").await;
@@ -266,50 +292,30 @@ async fn a_reindex_under_live_writes_moves_the_name_and_search_never_sees_a_gap(
         out.contains(&format!("{index} is an alias of {index}-1")),
         "{out}"
     );
-    assert!(
-        out.contains(&format!("swapped: {index} -> {index}-2")),
-        "{out}"
-    );
-    assert!(
-        seen.failures.is_empty(),
-        "searches by the name failed: {:?}",
-        seen.failures
-    );
-    let aliases = get(&p, &format!("/_alias/{index}")).await;
-    assert!(aliases.get(format!("{index}-2")).is_some(), "{aliases}");
-    assert!(aliases.get(format!("{index}-1")).is_none(), "{aliases}");
-    p.wait_converged(&table, 90, &[]).await;
-    let (code, out, err) = p.run_replay(&["audit", "--table", &qualified, "--recheck-after", "1"]);
-    assert_eq!(
-        code,
-        Some(0),
-        "a clean audit after the second reindex: {out}\n{err}"
-    );
+    assert_moved(
+        &p,
+        &table,
+        &out,
+        &seen,
+        &format!("{index}-1"),
+        &format!("{index}-2"),
+    )
+    .await;
 
     // 3. Rolled back to the index the second reindex replaced, under the
     //    same writes: filled again, so nothing written since is lost.
     let (out, seen, _) = reindex_under_writes(&p, &table, false, 300_000, &["--rollback"]).await;
     println!("{out}\ncount reader: {} polls", seen.polls);
     assert!(out.contains(&format!("back to {index}-1")), "{out}");
-    assert!(
-        out.contains(&format!("swapped: {index} -> {index}-1")),
-        "{out}"
-    );
-    assert!(
-        seen.failures.is_empty(),
-        "searches by the name failed: {:?}",
-        seen.failures
-    );
-    let aliases = get(&p, &format!("/_alias/{index}")).await;
-    assert!(aliases.get(format!("{index}-1")).is_some(), "{aliases}");
-    assert!(aliases.get(format!("{index}-2")).is_none(), "{aliases}");
-    p.wait_converged(&table, 90, &[]).await;
-    let (code, out, err) = p.run_replay(&["audit", "--table", &qualified, "--recheck-after", "1"]);
-    assert_eq!(
-        code,
-        Some(0),
-        "a clean audit after the rollback: {out}\n{err}"
-    );
+    assert_moved(
+        &p,
+        &table,
+        &out,
+        &seen,
+        &format!("{index}-2"),
+        &format!("{index}-1"),
+    )
+    .await;
 
     // 4. A reindex that stopped before its swap, abandoned: its index
     //    (made and marked here as a reindex does) is unmarked, then deleted
