@@ -21,12 +21,13 @@ test: stack-up
 soak:
 	dev/soak
 
-## cluster-test: the broker-failure test at full length: the leader broker
-## of a busy partition of a three-node Kafka cluster (which the test starts)
-## killed with SIGKILL and restarted 5 times under load (about 2 minutes;
-## `make test` runs it with one kill).
+## cluster-test: the failure tests at full length: the leader broker of a
+## busy partition of a three-node Kafka cluster (which the test starts)
+## killed with SIGKILL and restarted 5 times under load, a stall, rebalance
+## storms (about 4 minutes; `make test` runs a short version), and an
+## OpenSearch node of a three-node cluster killed and restarted.
 cluster-test: stack-up
-	eval "$$(dev/stack env)" && TIDEMARK_CLUSTER_KILLS=5 cargo test --locked -p tidemark-replay --test cluster -- --nocapture
+	eval "$$(dev/stack env)" && TIDEMARK_CLUSTER_KILLS=5 cargo test --locked -p tidemark-replay --test cluster --test opensearch_cluster -- --nocapture
 
 ## lint: formatting and clippy, as CI checks them.
 lint:

@@ -7,6 +7,7 @@
 //!   `tidemark_schemas::Version`);
 //! - `derive`: a new index's field types, from its table's column types as
 //!   the producer recorded them;
+//! - `nodes`: the cluster's nodes, each request to the next in turn;
 //! - `search`: the connection and every request Tidemark makes (bulk, reads
 //!   by id and hash, scrolls, index checks);
 //! - `alias`: an index name that stands for an alias, the mark a reindex
@@ -39,6 +40,7 @@ pub mod derive;
 pub mod error;
 pub mod identity;
 pub mod mapping;
+pub mod nodes;
 pub mod reads;
 pub mod runs;
 pub mod search;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use opensearch::auth::Credentials;
 use opensearch::http::StatusCode;
 use opensearch::http::Url;
-use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use opensearch::http::transport::TransportBuilder;
 use opensearch::indices::{
     IndicesCreateParts, IndicesExistsParts, IndicesGetMappingParts, IndicesGetSettingsParts,
     IndicesPutMappingParts,
@@ -116,9 +116,16 @@ fn lacks_meta_field(mappings: &Value) -> bool {
 
 impl Search {
     pub fn connect(config: &config::OpenSearch) -> Result<Search, IndexError> {
-        let url =
-            Url::parse(&config.url).map_err(failed(|| "opensearch.url is not a URL".to_owned()))?;
-        let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+        let mut urls = Vec::new();
+        for url in config.urls() {
+            urls.push(Url::parse(url).map_err(failed(|| {
+                format!(
+                    "opensearch.url: {} is not a URL",
+                    tidemark_schemas::config::redact_url(url)
+                )
+            }))?);
+        }
+        let mut transport = TransportBuilder::new(crate::nodes::Nodes::new(urls))
             .timeout(Duration::from_secs(config.request_timeout_secs));
         if let Some(user) = &config.username {
             let password = config
@@ -134,7 +141,12 @@ impl Search {
             .map_err(failed(|| "cannot build the OpenSearch client".to_owned()))?;
         Ok(Search {
             client: OpenSearch::new(transport),
-            url: tidemark_schemas::config::redact_url(&config.url),
+            url: config
+                .urls()
+                .into_iter()
+                .map(tidemark_schemas::config::redact_url)
+                .collect::<Vec<_>>()
+                .join(","),
             uuids: Mutex::default(),
             replaced: Mutex::default(),
             marks: Mutex::default(),

@@ -19,45 +19,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use support::Pipeline;
 use tidemark_testkit::kafka::ScratchKafkaCluster;
-use tokio_postgres::NoTls;
-
-/// Updates, inserts and deletes rows of `table` until `stop`, counting
-/// statements in `done`.
-async fn live_writes(
-    url: String,
-    table: String,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-) -> anyhow::Result<()> {
-    let (pg, connection) = tokio_postgres::connect(&url, NoTls).await?;
-    tokio::spawn(connection);
-    let mut i: i32 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        i += 1;
-        pg.execute(
-            &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
-            &[&((i * 37) % 1000 + 1)],
-        )
-        .await?;
-        if i % 4 == 0 {
-            pg.execute(
-                &format!("INSERT INTO {table} VALUES ($1, 'new', 0)"),
-                &[&(100_000 + i)],
-            )
-            .await?;
-        }
-        if i % 10 == 0 {
-            pg.execute(
-                &format!("DELETE FROM {table} WHERE id = $1"),
-                &[&((i * 53) % 1000 + 1)],
-            )
-            .await?;
-        }
-        done.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
-}
 
 /// The node id leading `partition` of `topic`, and how many replicas it has.
 fn leader(brokers: &str, topic: &str, partition: i32) -> (i32, usize) {
@@ -109,7 +70,7 @@ async fn killing_the_leader_broker_under_load_loses_nothing() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(live_writes(
+    let writer = tokio::spawn(support::churn(
         p.stack.pg_url.clone(),
         table.clone(),
         stop.clone(),

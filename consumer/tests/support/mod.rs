@@ -998,3 +998,42 @@ pub fn peak_rss(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Steady load on a table of rows 1..=1000 (`id int, title text, n int`):
+/// updates, inserts (ids from 100,001) and deletes until `stop`, about 200
+/// rounds a second, counting rounds in `done`.
+pub async fn churn(
+    url: String,
+    table: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<()> {
+    let (pg, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let mut i: i32 = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        pg.execute(
+            &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
+            &[&((i * 37) % 1000 + 1)],
+        )
+        .await?;
+        if i % 4 == 0 {
+            pg.execute(
+                &format!("INSERT INTO {table} VALUES ($1, 'new', 0)"),
+                &[&(100_000 + i)],
+            )
+            .await?;
+        }
+        if i % 10 == 0 {
+            pg.execute(
+                &format!("DELETE FROM {table} WHERE id = $1"),
+                &[&((i * 53) % 1000 + 1)],
+            )
+            .await?;
+        }
+        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}

@@ -504,3 +504,99 @@ impl Drop for ScratchOpenSearch {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A scratch OpenSearch cluster of three nodes, each in its own JVM
+/// (`dev/stack opensearch-cluster-up`), for the tests that kill a node.
+/// Plaintext. Dropping it stops every node.
+#[derive(Debug)]
+pub struct ScratchOpenSearchCluster {
+    pub dir: PathBuf,
+    /// Node 1's HTTP port; node i serves `port + i - 1`.
+    pub port: u16,
+    transport_port: u16,
+}
+
+impl ScratchOpenSearchCluster {
+    pub const NODES: u16 = 3;
+
+    /// Starts the cluster on free ports (HTTP in 9260..9299, which the
+    /// runner serves) and waits until every node answers.
+    pub fn start() -> ScratchOpenSearchCluster {
+        let dir = PathBuf::from("/var/tmp").join(unique_name("tidemark_scratch_os_cluster"));
+        std::fs::create_dir_all(&dir).expect("scratch OpenSearch cluster dir");
+        let start = uuid::Uuid::new_v4().as_u128() as u16 % 38;
+        let port = (0..38)
+            .map(|i| 9260 + (start + i) % 38)
+            .find(|p| {
+                (*p..*p + Self::NODES)
+                    .all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
+            })
+            .expect("three free ports in 9260..9299 for a scratch OpenSearch cluster");
+        let transport_port = crate::ports::free_run(Self::NODES);
+        let cluster = ScratchOpenSearchCluster {
+            dir,
+            port,
+            transport_port,
+        };
+        assert!(
+            cluster.stack(&["opensearch-cluster-up"]).success(),
+            "scratch OpenSearch cluster did not start; see {}/opensearch-*/opensearch.log",
+            cluster.dir.display()
+        );
+        cluster
+    }
+
+    /// Node `i`'s URL (1-based).
+    pub fn node_url(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}", self.port + i - 1)
+    }
+
+    /// Every node's URL, as `opensearch.url` takes them.
+    pub fn urls(&self) -> String {
+        (1..=Self::NODES)
+            .map(|i| self.node_url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// kill -9 node `i`, as a crash would.
+    pub fn kill(&self, i: u16) {
+        assert!(
+            self.stack(&["opensearch-node-kill", &i.to_string()])
+                .success(),
+            "could not kill node {i}"
+        );
+    }
+
+    /// Starts node `i` again and waits until the cluster has a majority.
+    pub fn start_node(&self, i: u16) {
+        assert!(
+            self.stack(&["opensearch-node-up", &i.to_string()])
+                .success(),
+            "node {i} did not start again; see {}/opensearch-{i}/opensearch.log",
+            self.dir.display()
+        );
+    }
+
+    fn stack(&self, args: &[&str]) -> std::process::ExitStatus {
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../stack"))
+            .args(args)
+            .env("TIDEMARK_STACK_DIR", &self.dir)
+            .env("TIDEMARK_STACK_OPENSEARCH_PORT", self.port.to_string())
+            .env(
+                "TIDEMARK_STACK_OPENSEARCH_TRANSPORT_PORT",
+                self.transport_port.to_string(),
+            )
+            .env("TIDEMARK_STACK_OPENSEARCH_NODES", Self::NODES.to_string())
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("run dev/stack")
+    }
+}
+
+impl Drop for ScratchOpenSearchCluster {
+    fn drop(&mut self) {
+        let _ = self.stack(&["opensearch-cluster-down"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

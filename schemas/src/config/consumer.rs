@@ -10,7 +10,9 @@ use serde::Deserialize;
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenSearch {
-    /// Base URL, e.g. `https://search.internal:9200`.
+    /// Base URL, e.g. `https://search.internal:9200`; or several nodes of
+    /// one cluster, separated by commas, used in turn (a node that does not
+    /// answer is retried on the next).
     pub url: String,
     /// Basic-auth user; the password comes from `TIDEMARK_OPENSEARCH_PASSWORD`.
     #[serde(default)]
@@ -124,16 +126,36 @@ pub(crate) fn default_consumer_http_listen() -> String {
 }
 
 impl OpenSearch {
+    /// The nodes `url` names, in order.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     /// The `[opensearch]` constraints.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let opensearch = self;
-        if !(opensearch.url.starts_with("http://") || opensearch.url.starts_with("https://")) {
+        let urls = opensearch.urls();
+        if urls.is_empty()
+            || !urls
+                .iter()
+                .all(|u| u.starts_with("http://") || u.starts_with("https://"))
+        {
             return Err(invalid(
                 "opensearch.url",
-                "must be an http:// or https:// URL",
+                "must be an http:// or https:// URL (or several, separated by commas)",
             ));
         }
         let https = opensearch.url.starts_with("https://");
+        if urls.iter().any(|u| u.starts_with("https://") != https) {
+            return Err(invalid(
+                "opensearch.url",
+                "mixes http:// and https:// nodes; one cluster speaks one",
+            ));
+        }
         for (field, path) in [
             ("opensearch.tls_ca_file", &opensearch.tls_ca_file),
             (

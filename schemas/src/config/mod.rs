@@ -367,6 +367,13 @@ mod tests {
                 MINIMAL.replace("[kafka]", "[opensearch]\nurl = \"localhost:9200\"\n[kafka]"),
                 "opensearch.url: must be an http:// or https:// URL",
             ),
+            (
+                MINIMAL.replace(
+                    "[kafka]",
+                    "[opensearch]\nurl = \"http://a:9200, https://b:9200\"\n[kafka]",
+                ),
+                "opensearch.url: mixes http:// and https:// nodes",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::from_toml(&text, no_env).expect_err(expected);
