@@ -8,17 +8,19 @@
 //!   OpenSearch resolves it on each request.
 //! - A reindex marks the index it fills (`<index>-<n>`) with the alias
 //!   [`mark`]`(index)`. Every write made through `apply::Applier` (the
-//!   consumer's and replay's) to `index` is also made, at the same version,
-//!   through the mark (with `require_alias`: a copy whose mark is gone, the
-//!   reindex swapped or abandoned, is dropped and never creates an index of
-//!   that name; a delete, which cannot require an alias, goes to the index
-//!   behind the mark, which is why a reindex is abandoned by removing its
-//!   mark before deleting the index: [`MARK_SETTLE`] apart), with marks read at most [`MARKS_MAX_AGE`]
-//!   before the bulk that carries the write is built. So once a mark has
-//!   been in place for longer than that, every change committed after
-//!   reaches the marked index: a change is consumed after it is committed,
-//!   and its bulk is built from marks read after the mark was placed. The
-//!   reindex takes its snapshot only after waiting [`MARK_SETTLE`].
+//!   consumer's and replay's) to `index` is also made to it, at the same
+//!   version, with marks read at most [`MARKS_MAX_AGE`] before the bulk
+//!   that carries the write is built. So once a mark has been in place for
+//!   longer than that, every change committed afterwards reaches the marked
+//!   index: a change is consumed after it is committed, and its bulk is
+//!   built from marks read after the mark was placed. The reindex takes its
+//!   snapshot only after waiting [`MARK_SETTLE`].
+//! - A copy of an index write goes through the mark with `require_alias`:
+//!   once the mark is gone (the reindex swapped, or was abandoned) the copy
+//!   is dropped and never creates an index of that name. A delete cannot
+//!   require an alias, so its copy goes to the index behind the mark; this
+//!   is why a reindex is abandoned by removing its mark and deleting the
+//!   index only [`MARK_SETTLE`] later.
 //! - The move of the alias (and, for an index adopted from a concrete one,
 //!   the removal of that index) is one `_aliases` call: no search sees the
 //!   name missing, and no write auto-creates it.
