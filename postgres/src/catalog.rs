@@ -90,6 +90,54 @@ pub async fn describe_table(
     })
 }
 
+/// The columns a statement reading `table` sees now, in order, with type
+/// OIDs: the server's own parse of `SELECT *` on it (under the lock that
+/// parse takes, held to the end of the transaction), less the generated
+/// columns, which pgoutput does not send either.
+///
+/// The rule for every read of rows at a snapshot: take the column list
+/// with this, inside the transaction that reads the rows, never from a
+/// description taken before. Two things make an earlier one wrong:
+/// - logical decoding sends a DDL's Relation message once its commit is
+///   flushed to WAL, which can be before the committing session has made
+///   it visible to others, so a `describe_table` on seeing it may still
+///   read the old catalog;
+/// - another DDL can commit between the snapshot's export and its read.
+///
+/// Either way the list names a column gone (the read fails) or misses a new
+/// one (the documents silently lack it).
+pub async fn read_columns(
+    client: &Client,
+    table: &CatalogTable,
+) -> Result<Vec<(String, u32)>, SourceError> {
+    let qualified = format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.name)
+    );
+    let parsed = client
+        .prepare(&format!("SELECT * FROM {qualified}"))
+        .await
+        .map_err(query("table columns as read"))?;
+    let generated: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_attribute
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND attgenerated <> ''",
+            &[&qualified],
+        )
+        .await
+        .map_err(query("generated columns"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(parsed
+        .columns()
+        .iter()
+        .filter(|c| !generated.iter().any(|g| g == c.name()))
+        .map(|c| (c.name().to_owned(), c.type_().oid()))
+        .collect())
+}
+
 /// The key of the table with `oid`: its primary key, else its replica
 /// identity index; each column with its type's name (`int4`, `text`, ...),
 /// in key order. Empty when the table has neither.

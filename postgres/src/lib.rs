@@ -29,7 +29,9 @@ pub mod server;
 pub mod tls;
 pub mod values;
 
-pub use catalog::{CatalogTable, TypeResolver, describe_table, quote_ident, table_key};
+pub use catalog::{
+    CatalogTable, TypeResolver, describe_table, quote_ident, read_columns, table_key,
+};
 pub use conn::{ConnInfo, Replication, SESSION_OPTIONS};
 pub use error::{SourceError, connection_lost, pg_text};
 pub use export::{ExportError, ExportedSnapshot, export_snapshot, system_identifier};

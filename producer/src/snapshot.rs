@@ -16,6 +16,10 @@
 //! same ([`again`]), at a snapshot of their own taken before the stream
 //! goes on.
 //!
+//! Columns: each table is read with the column list its own transaction
+//! sees (`tidemark_postgres::read_columns`), so a DDL that commits around
+//! the snapshot can neither fail the read nor leave a new column out.
+//!
 //! Memory: a cursor fetches `producer.snapshot_fetch_rows` rows at a time,
 //! and at most `MAX_PENDING` records (of all tables) are left unacknowledged
 //! before the next fetch, whatever the table's size. Tables run in parallel up to `producer.snapshot_parallelism`.
@@ -33,7 +37,9 @@ use crate::changes::ChangeError;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
 use tidemark_postgres::values::Mapping;
-use tidemark_postgres::{CatalogTable, ConnInfo, SourceError, TypeResolver, quote_ident};
+use tidemark_postgres::{
+    CatalogTable, ConnInfo, SourceError, TypeResolver, quote_ident, read_columns,
+};
 use tidemark_postgres::{Point, row_values};
 
 /// Records in flight before a snapshot waits for Kafka to catch up.
@@ -175,6 +181,28 @@ async fn snapshot_table(
         .connect("tidemark-snapshot")
         .await
         .map_err(source_err)?;
+    let snapshot_literal = snapshot_name.replace('\'', "''");
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET TRANSACTION SNAPSHOT '{snapshot_literal}'"
+        ))
+        .await
+        .map_err(query_err)?;
+    // The columns as this transaction reads them (`read_columns` says why
+    // not the ones `table` was described with), locked from here on.
+    let table = &CatalogTable {
+        columns: read_columns(&client, table).await.map_err(source_err)?,
+        ..table.clone()
+    };
+    if let Some(gone) = table
+        .key
+        .iter()
+        .find(|k| !table.columns.iter().any(|(c, _)| c == *k))
+    {
+        warn!(table = %name, column = %gone, "a key column is gone from the table");
+        return Err(source_err(SourceError::NoKey(name.clone())));
+    }
     let mut types = TypeResolver::default();
     let mut mappings: Vec<Mapping> = Vec::with_capacity(table.columns.len());
     for (_, oid) in &table.columns {
@@ -186,12 +214,9 @@ async fn snapshot_table(
         .map(|(c, _)| quote_ident(c))
         .collect::<Vec<_>>()
         .join(", ");
-    let snapshot_literal = snapshot_name.replace('\'', "''");
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-             SET TRANSACTION SNAPSHOT '{snapshot_literal}';
-             DECLARE tidemark_snapshot NO SCROLL CURSOR FOR SELECT {columns} FROM {}.{}",
+            "DECLARE tidemark_snapshot NO SCROLL CURSOR FOR SELECT {columns} FROM {}.{}",
             quote_ident(&table.schema),
             quote_ident(&table.name)
         ))

@@ -626,8 +626,21 @@ impl Pipeline {
 
     /// Every row of a table as the producer maps it, by id: `to_jsonb`,
     /// which agrees with the producer for int, bigint, text and bool columns,
-    /// and for timestamptz once +00:00 is written Z.
+    /// and for timestamptz once +00:00 is written Z, less the generated
+    /// columns (pgoutput does not send them).
     pub async fn rows(&self, table: &str) -> BTreeMap<String, Value> {
+        let generated: Vec<String> = self
+            .pg
+            .query(
+                "SELECT attname::text FROM pg_attribute
+                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND attgenerated <> ''",
+                &[&table],
+            )
+            .await
+            .expect("generated columns")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         self.pg
             .query(
                 &format!("SELECT id::text, to_jsonb(t)::text FROM {table} t"),
@@ -642,6 +655,7 @@ impl Pipeline {
                 // to_jsonb writes timestamptz in UTC as +00:00; the producer
                 // writes Z. Same instant, same text after this.
                 if let Some(map) = row.as_object_mut() {
+                    map.retain(|column, _| !generated.contains(column));
                     for value in map.values_mut() {
                         let utc = value
                             .as_str()
