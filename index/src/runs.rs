@@ -1,6 +1,8 @@
 //! Every replay run is recorded (who, when, where, arguments, counts,
 //! outcome) in the `tidemark-runs` index of the target cluster, so the team
 //! finds later what was done to the index; `tidemark-replay runs` lists them.
+//! Each record names its deployment (`kafka.topic_prefix`), so deployments
+//! that share the cluster share the index and each lists its own runs.
 
 use crate::error::{IndexError, Step};
 use crate::search::Search;
@@ -14,6 +16,8 @@ pub const RUNS_INDEX: &str = "tidemark-runs";
 
 #[derive(Debug, Serialize)]
 pub struct RunRecord {
+    /// The deployment that ran it: its `kafka.topic_prefix`.
+    pub deployment: String,
     pub command: String,
     pub user: String,
     pub host: String,
@@ -48,6 +52,17 @@ async fn ensure_index(search: &Search) -> Result<(), IndexError> {
         .await?
         .status_code();
     if exists.is_success() {
+        // An index created before records named their deployment: the
+        // field is mapped before the first record that has it.
+        search
+            .client()
+            .indices()
+            .put_mapping(opensearch::indices::IndicesPutMappingParts::Index(&[
+                RUNS_INDEX,
+            ]))
+            .body(json!({"properties": {"deployment": {"type": "keyword"}}}))
+            .send()
+            .await?;
         return Ok(());
     }
     let response = search
@@ -56,6 +71,7 @@ async fn ensure_index(search: &Search) -> Result<(), IndexError> {
         .create(IndicesCreateParts::Index(RUNS_INDEX))
         .body(json!({
             "mappings": {"properties": {
+                "deployment": {"type": "keyword"},
                 "command": {"type": "keyword"}, "user": {"type": "keyword"}, "host": {"type": "keyword"},
                 "started": {"type": "date"}, "finished": {"type": "date"},
                 "arguments": {"type": "keyword"}, "dry_run": {"type": "boolean"},
@@ -96,12 +112,21 @@ pub async fn record(search: &Search, run: &RunRecord) -> Result<(), IndexError> 
     Ok(())
 }
 
-/// The latest runs, newest first.
-pub async fn list(search: &Search, limit: usize) -> Result<Vec<Value>, IndexError> {
+/// The latest runs, newest first: of `deployment` only, when given (runs
+/// recorded before records named one are listed only without it).
+pub async fn list(
+    search: &Search,
+    limit: usize,
+    deployment: Option<&str>,
+) -> Result<Vec<Value>, IndexError> {
+    let query = match deployment {
+        Some(d) => json!({"term": {"deployment": d}}),
+        None => json!({"match_all": {}}),
+    };
     let response = search
         .client()
         .search(SearchParts::Index(&[RUNS_INDEX]))
-        .body(json!({"size": limit, "sort": [{"started": "desc"}]}))
+        .body(json!({"size": limit, "query": query, "sort": [{"started": "desc"}]}))
         .send()
         .await?;
     if response.status_code().as_u16() == 404 {

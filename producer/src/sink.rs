@@ -388,9 +388,14 @@ impl Sink {
         reason: &str,
         lsn: Lsn,
     ) -> Result<(), SinkError> {
+        let letter = DeadLetter::new(Stage::Producer, event, table, reason);
         let letter = DeadLetter {
             lsn: Some(lsn),
-            ..DeadLetter::new(Stage::Producer, event, table, reason)
+            topic: letter
+                .table
+                .as_ref()
+                .map(|table| format!("{}.{table}", self.prefix)),
+            ..letter
         };
         let payload = letter.to_vec();
         let key = event

@@ -38,6 +38,10 @@ pub struct DeadLetter {
     /// Where the record was: topic/partition/offset (consumer) or the LSN
     /// (producer).
     pub origin: String,
+    /// The table topic it belongs to, when known
+    /// (`tidemark_schemas::DeadLetter::table_topic`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
 }
 
 /// What to list.
@@ -47,6 +51,11 @@ pub struct Filter {
     pub table: Option<String>,
     /// A piece of the reason, case-insensitive.
     pub reason: Option<String>,
+    /// This deployment's table topics ([`Filter::of_deployment`]): a letter
+    /// that names another topic is another deployment's, in a dead-letter
+    /// topic they share. A letter naming no topic (of no known table, or
+    /// written before the producer kept it) is kept.
+    pub topics: Option<Vec<String>>,
 }
 
 impl Filter {
@@ -59,7 +68,27 @@ impl Filter {
             .reason
             .as_ref()
             .is_none_or(|r| letter.reason.to_lowercase().contains(&r.to_lowercase()));
-        table && reason
+        let ours = match (&self.topics, &letter.topic) {
+            (Some(topics), Some(topic)) => topics.contains(topic),
+            _ => true,
+        };
+        table && reason && ours
+    }
+
+    /// Keeps only the letters of `config`'s deployment (its tables' topics).
+    pub fn of_deployment(self, config: &tidemark_schemas::config::Config) -> Filter {
+        let topics = config
+            .tables
+            .iter()
+            .map(|t| {
+                let (schema, table) = t.parts();
+                config.kafka.table_topic(schema, table)
+            })
+            .collect();
+        Filter {
+            topics: Some(topics),
+            ..self
+        }
     }
 }
 
@@ -75,6 +104,7 @@ pub fn parse(payload: &[u8], timestamp_ms: Option<i64>) -> Option<DeadLetter> {
         time,
         stage: letter.stage.as_str().to_owned(),
         origin: letter.place(),
+        topic: letter.table_topic().map(str::to_owned),
         table: letter.table,
         key: letter.key,
         reason: letter.reason,
@@ -262,5 +292,34 @@ mod tests {
             )
         );
         assert!(parse(b"not json", None).is_none());
+    }
+
+    #[test]
+    fn a_shared_dead_letter_topic_is_read_by_each_deployment_for_its_own_topics() {
+        // Two databases, both with public.orders, under prefixes a and b.
+        let ours = json!({"stage": "producer", "table": "public.orders", "key": {"id": 1},
+            "lsn": "0/20", "topic": "a.public.orders", "reason": "too big"});
+        let theirs = json!({"stage": "producer", "table": "public.orders", "key": {"id": 1},
+            "lsn": "0/30", "topic": "b.public.orders", "reason": "too big"});
+        let theirs_consumed = json!({"stage": "consumer",
+            "origin": {"topic": "b.public.orders", "partition": 0, "offset": 5},
+            "table": "public.orders", "key": {"id": 2}, "reason": "mapper_parsing_exception"});
+        let older = json!({"stage": "producer", "table": "public.orders", "key": {"id": 3},
+            "lsn": "0/10", "reason": "too big"});
+        let parsed: Vec<DeadLetter> = [&ours, &theirs, &theirs_consumed, &older]
+            .iter()
+            .map(|v| parse(v.to_string().as_bytes(), None).expect("parses"))
+            .collect();
+        assert_eq!(parsed[2].topic.as_deref(), Some("b.public.orders"));
+        let config = tidemark_schemas::config::Config::from_toml(
+            "[postgres]\nurl = \"postgres://u@h/d\"\n[kafka]\nbrokers = \"k:9092\"\ntopic_prefix = \"a\"\n\
+             [opensearch]\nurl = \"http://o:9200\"\n[producer]\nslot = \"s\"\npublication = \"p\"\n\
+             [consumer]\ngroup_id = \"g\"\n[[tables]]\ntable = \"public.orders\"\n",
+            |_| None,
+        )
+        .expect("config");
+        let filter = Filter::default().of_deployment(&config);
+        let kept: Vec<bool> = parsed.iter().map(|l| filter.keeps(l)).collect();
+        assert_eq!(kept, [true, false, false, true]);
     }
 }

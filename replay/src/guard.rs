@@ -27,17 +27,20 @@ use tidemark_schemas::identity::{Identity, META_KEY};
 #[derive(Debug)]
 pub struct Guard<'a> {
     search: &'a Search,
+    deployment: String,
     command: String,
     write: bool,
     started: jiff::Timestamp,
 }
 
 impl<'a> Guard<'a> {
-    /// Starts the run of `command` (e.g. `window`). `write` is whether the
-    /// operator passed `--yes` (and not `--dry-run`).
-    pub fn start(search: &'a Search, command: &str, write: bool) -> Guard<'a> {
+    /// Starts the run of `command` (e.g. `window`) for `deployment` (its
+    /// `kafka.topic_prefix`). `write` is whether the operator passed
+    /// `--yes` (and not `--dry-run`).
+    pub fn start(search: &'a Search, deployment: &str, command: &str, write: bool) -> Guard<'a> {
         Guard {
             search,
+            deployment: deployment.to_owned(),
             command: command.to_owned(),
             write,
             started: jiff::Timestamp::now(),
@@ -147,6 +150,7 @@ impl<'a> Guard<'a> {
     async fn write_record(&self, outcome: &str, results: Value) -> Result<()> {
         let (user, host) = runs::who();
         let record = RunRecord {
+            deployment: self.deployment.clone(),
             command: self.command.clone(),
             user,
             host,

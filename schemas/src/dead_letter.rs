@@ -60,6 +60,11 @@ pub struct DeadLetter {
     pub commit_time: Option<String>,
     /// Why it was set aside: names table, column and type, never a value.
     pub reason: String,
+    /// The table topic the record belongs to, written by the producer when
+    /// it knows the table (the consumer's is `origin.topic`). See
+    /// [`DeadLetter::table_topic`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
 }
 
 impl DeadLetter {
@@ -83,7 +88,21 @@ impl DeadLetter {
             lsn: None,
             commit_time: event.map(|e| e.commit_time.clone()),
             reason: reason.to_owned(),
+            topic: None,
         }
+    }
+
+    /// The table topic the record belongs to (`origin.topic`, else the
+    /// producer's `topic`): which deployment set it aside when several
+    /// share one dead-letter topic, since a table's name alone does not say
+    /// (two databases can both have `public.orders`; their deployments
+    /// differ by `kafka.topic_prefix`). `None` for a record of no known
+    /// table, or one written before the producer kept it.
+    pub fn table_topic(&self) -> Option<&str> {
+        self.origin
+            .as_ref()
+            .map(|o| o.topic.as_str())
+            .or(self.topic.as_deref())
     }
 
     /// The record's payload.

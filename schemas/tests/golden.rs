@@ -159,6 +159,7 @@ fn consumer_dead_letter() {
         "a dead letter carries no row contents"
     );
     assert_eq!(letter.place(), "tidemark.public.articles/3/1207");
+    assert_eq!(letter.table_topic(), Some("tidemark.public.articles"));
 }
 
 #[test]
@@ -166,6 +167,7 @@ fn producer_dead_letter() {
     // A row the producer could not map: only the table and the LSN are known.
     let letter = DeadLetter {
         lsn: Some(Lsn(0x1_6B37_4C10)),
+        topic: Some("tidemark.public.articles".into()),
         ..DeadLetter::new(
             Stage::Producer,
             None,
@@ -175,4 +177,5 @@ fn producer_dead_letter() {
     };
     check_dead_letter("dead_letter_producer", &letter);
     assert_eq!(letter.place(), "lsn 1/6B374C10");
+    assert_eq!(letter.table_topic(), Some("tidemark.public.articles"));
 }

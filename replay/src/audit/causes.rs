@@ -426,6 +426,7 @@ pub(crate) fn gather(
             since_ms: from_ms,
             table: Some(mapping.qualified()),
             reason: None,
+            topics: Some(vec![topic.clone()]),
         },
     )?;
     let ids: HashMap<&str, usize> = findings

@@ -156,6 +156,11 @@ enum Command {
     Runs {
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Every deployment's runs, not only this config's
+        /// (`kafka.topic_prefix`): deployments that share the OpenSearch
+        /// cluster share the runs index.
+        #[arg(long)]
+        all: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -359,7 +364,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 since_ms,
                 table,
                 reason,
-            };
+                topics: None,
+            }
+            .of_deployment(&config);
             dead_letters(&config, &filter, repair, yes, target_override, format).await
         }
         Command::Window {
@@ -433,16 +440,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::Runs { limit, format } => {
+        Command::Runs { limit, all, format } => {
             let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
-            let runs = tidemark_index::runs::list(&search, limit).await?;
+            let deployment = (!all).then_some(config.kafka.topic_prefix.as_str());
+            let runs = tidemark_index::runs::list(&search, limit, deployment).await?;
             match format {
                 Format::Json => println!("{:#}", serde_json::Value::Array(runs.clone())),
                 Format::Text => {
                     for r in &runs {
                         println!(
-                            "{}  {:<8} {:<9} {}@{}  {}  {}",
+                            "{}  {}  {:<8} {:<9} {}@{}  {}  {}",
                             r["started"].as_str().unwrap_or("-"),
+                            r["deployment"].as_str().unwrap_or("-"),
                             r["command"].as_str().unwrap_or("-"),
                             if r["dry_run"] == true {
                                 "dry-run"

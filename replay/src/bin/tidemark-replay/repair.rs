@@ -169,7 +169,7 @@ pub async fn repair_into(
     let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
         config.opensearch()?,
     )?);
-    let guard = Guard::start(&search, command, write);
+    let guard = Guard::start(&search, &config.kafka.topic_prefix, command, write);
     let cluster = search.info().await?;
     // The wrong-target guard needs what this process sees of the pipeline.
     let conn = tidemark_postgres::ConnInfo::from_config(config)?;

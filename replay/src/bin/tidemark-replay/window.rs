@@ -64,7 +64,7 @@ pub async fn window(
     let search = std::sync::Arc::new(tidemark_index::search::Search::connect(
         config.opensearch()?,
     )?);
-    let guard = Guard::start(&search, "window", write);
+    let guard = Guard::start(&search, &config.kafka.topic_prefix, "window", write);
     let conn = ConnInfo::from_config(config)?;
     // The three systems of the target print are asked at the same time.
     let (cluster, client, ()) = tokio::try_join!(
