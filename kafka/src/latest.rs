@@ -1,7 +1,8 @@
-//! The latest record of one key in a compacted single-partition topic (the
-//! state topic: the producer reads its own progress from it, the consumer
-//! the pipeline's identity).
+//! The latest record of each key in a compacted single-partition topic (the
+//! state topic: the producer reads its own progress from it and the other
+//! slots' records, the consumer the pipeline's identity).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -24,17 +25,30 @@ fn is_not_ready(error: &KafkaError) -> bool {
 }
 
 /// The payload of the last record keyed `key` in partition 0 of `topic`,
-/// reading it to its end; `None` when the topic holds none. `config` is a
-/// client's settings (see [`crate::client_config`]) with a `group.id`;
-/// nothing is committed. Blocks: call it off the async runtime. A topic
-/// created a moment ago is waited for up to twice `timeout`; reading it to
-/// its end, up to four times `timeout` (then `KafkaError::Canceled`).
+/// reading it to its end; `None` when the topic holds none (or its last is
+/// a tombstone). As [`latest_records`], which says how it blocks.
 pub fn latest_record(
-    mut config: ClientConfig,
+    config: ClientConfig,
     topic: &str,
     key: &str,
     timeout: Duration,
 ) -> Result<Option<Vec<u8>>, KafkaError> {
+    Ok(latest_records(config, topic, timeout)?.remove(key.as_bytes()))
+}
+
+/// The payload of the last record of every key in partition 0 of `topic`,
+/// reading it to its end; a key whose last record is a tombstone (no
+/// payload) is left out, as compaction will. `config` is a client's
+/// settings (see [`crate::client_config`]) with a `group.id`; nothing is
+/// committed. Blocks: call it off the async runtime. A topic created a
+/// moment ago is waited for up to twice `timeout`; reading it to its end,
+/// up to four times `timeout` (then `KafkaError::Canceled`). Memory: one
+/// payload per key (the state topic holds one small record per slot).
+pub fn latest_records(
+    mut config: ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, KafkaError> {
     let consumer: BaseConsumer = config.set("enable.auto.commit", "false").create()?;
     let deadline = Instant::now() + timeout * 2;
     let (low, high) = loop {
@@ -46,13 +60,13 @@ pub fn latest_record(
             Err(error) => return Err(error),
         }
     };
+    let mut latest = BTreeMap::new();
     if high <= low {
-        return Ok(None);
+        return Ok(latest);
     }
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Offset(low))?;
     consumer.assign(&assignment)?;
-    let mut latest = None;
     let deadline = Instant::now() + timeout * 4;
     loop {
         if Instant::now() > deadline {
@@ -62,10 +76,11 @@ pub fn latest_record(
             continue;
         };
         let message = message?;
-        if message.key() == Some(key.as_bytes())
-            && let Some(payload) = message.payload()
-        {
-            latest = Some(payload.to_vec());
+        if let Some(key) = message.key() {
+            match message.payload() {
+                Some(payload) => latest.insert(key.to_vec(), payload.to_vec()),
+                None => latest.remove(key),
+            };
         }
         if message.offset() + 1 >= high {
             return Ok(latest);

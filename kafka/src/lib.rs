@@ -22,7 +22,7 @@ mod check;
 mod latest;
 
 pub use check::{CheckError, Complaint, Witness, check};
-pub use latest::{cluster_id, latest_record, recorded_progress, recorded_source};
+pub use latest::{cluster_id, latest_record, latest_records, recorded_progress, recorded_source};
 
 use rdkafka::ClientConfig;
 use tidemark_schemas::config::Kafka;

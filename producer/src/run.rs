@@ -81,6 +81,19 @@ pub enum RunError {
         what: String,
         last_confirmed: String,
     },
+    #[error(
+        "table {table}: its topic {topic} is already fed by slot {slot} ({whose}), and one topic \
+         cannot carry two slots' rows. {fix}"
+    )]
+    TopicClaimed {
+        table: String,
+        topic: String,
+        slot: String,
+        whose: String,
+        fix: String,
+    },
+    #[error("--forget-slot {0}: {1}")]
+    Forget(String, String),
 }
 
 /// How the producer starts.
@@ -230,7 +243,8 @@ async fn run_once(
         &config.kafka,
         &config.kafka.state_topic(),
     ));
-    let mut recorded = state.load(&slot).await?;
+    let mut records = state.load_all().await?;
+    let mut recorded = records.remove(&slot);
     let published_before: Vec<String> =
         server::published_tables(&sql, &config.producer.publication)
             .await?
@@ -252,6 +266,15 @@ async fn run_once(
     .await?;
     let mut existing = released_slot_state(&sql, &slot, &conn.database).await?;
     let server = identify(replication_config(&conn, &config), &conn).await?;
+    refuse_claimed_topics(
+        &config,
+        &sql,
+        &tables,
+        &server.system_id,
+        &conn.database,
+        &records,
+    )
+    .await?;
     let mut gap = None;
     if let Some(progress) = &recorded
         && let Some(what) = history_gap(
@@ -333,6 +356,7 @@ async fn run_once(
                         gap: None,
                         tables: None,
                         shapes: Default::default(),
+                        topic_prefix: None,
                     }
                 }
             };
@@ -340,6 +364,7 @@ async fn run_once(
                 system_id: Some(server.system_id),
                 database: Some(conn.database.clone()),
                 timeline: Some(server.timeline),
+                topic_prefix: Some(config.kafka.topic_prefix.clone()),
                 ..progress
             };
             let added = crate::state::added_tables(&progress, &tables, &published_before);
@@ -382,6 +407,7 @@ async fn run_once(
                 gap,
                 tables: None,
                 shapes: Default::default(),
+                topic_prefix: Some(config.kafka.topic_prefix.clone()),
             };
             add_first_shapes(&mut first, &tables);
             create_and_snapshot(&config, &conn, &tables, &sink, &state, &metrics, first).await?
@@ -424,6 +450,117 @@ async fn run_once(
     // The replication worker ends without a last status update; make the
     // confirmed position reach the slot.
     advance_slot(&conn, &slot, final_lsn).await;
+    Ok(())
+}
+
+/// Refuses to start when another slot's record claims one of our topics
+/// (`state::claimed_elsewhere`): another database or server under the same
+/// topic prefix, or another slot of this database that still exists. A
+/// claim by a slot of this database that is gone is stale: warned about.
+async fn refuse_claimed_topics(
+    config: &Config,
+    sql: &Client,
+    tables: &[CatalogTable],
+    system_id: &str,
+    database: &str,
+    records: &std::collections::BTreeMap<String, SlotProgress>,
+) -> Result<(), RunError> {
+    let ours: Vec<String> = tables.iter().map(CatalogTable::qualified).collect();
+    let forget = |slot: &str| {
+        format!(
+            "If that deployment is gone for good, remove its record: tidemark-producer --config \
+             <this config> --forget-slot {slot}"
+        )
+    };
+    let claims = crate::state::claimed_elsewhere(
+        &config.producer.slot,
+        &config.kafka.topic_prefix,
+        &ours,
+        records.values(),
+    );
+    for claim in claims {
+        if !claim.same_database(system_id, database) {
+            return Err(RunError::TopicClaimed {
+                whose: format!(
+                    "database {} of PostgreSQL system {}",
+                    claim.database.as_deref().unwrap_or("unknown"),
+                    claim.system_id.as_deref().unwrap_or("unknown")
+                ),
+                fix: format!(
+                    "Topic names carry the schema and table, not the database: give each \
+                     deployment its own kafka.topic_prefix (and consumer.group_id). {}",
+                    forget(&claim.slot)
+                ),
+                table: claim.table,
+                topic: claim.topic,
+                slot: claim.slot,
+            });
+        }
+        let exists = sql
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&claim.slot],
+            )
+            .await
+            .map_err(|source| SourceError::Query {
+                what: "replication slots",
+                source,
+            })?
+            .is_some();
+        if exists {
+            return Err(RunError::TopicClaimed {
+                whose: "of this database".to_owned(),
+                fix: format!(
+                    "A table belongs to one producer: remove it from one config's [[tables]], or \
+                     give this deployment its own kafka.topic_prefix. If slot {0} is an old slot \
+                     of this deployment, drop it (SELECT pg_drop_replication_slot('{0}')), then \
+                     run tidemark-producer --config <this config> --forget-slot {0}",
+                    claim.slot
+                ),
+                table: claim.table,
+                topic: claim.topic,
+                slot: claim.slot,
+            });
+        }
+        warn!(table = %claim.table, topic = %claim.topic, slot = %claim.slot,
+              "a slot of this database that no longer exists recorded this table's topic: its record \
+               is stale (remove it with tidemark-producer --forget-slot)");
+    }
+    Ok(())
+}
+
+/// Deletes another slot's record from the state topic (`--forget-slot`),
+/// after saying what it claimed. Refuses this config's own slot, whose
+/// record says whether its snapshot finished.
+pub async fn forget_slot(config: &Config, slot: &str) -> Result<(), RunError> {
+    if slot == config.producer.slot {
+        return Err(RunError::Forget(
+            slot.to_owned(),
+            "this is the config's own producer.slot; its record says whether the snapshot \
+             finished and where the stream stands, and is never removed"
+                .to_owned(),
+        ));
+    }
+    let producer: rdkafka::producer::FutureProducer = crate::sink::client_config(&config.kafka)
+        .set("acks", "all")
+        .create()
+        .map_err(SinkError::Client)?;
+    let state = StateStore::new(producer, &config.kafka, &config.kafka.state_topic());
+    let records = state.load_all().await?;
+    let Some(record) = records.get(slot) else {
+        return Err(RunError::Forget(
+            slot.to_owned(),
+            format!(
+                "the state topic {} has no record of this slot (slots recorded: {})",
+                config.kafka.state_topic(),
+                records.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    };
+    state.forget(slot).await?;
+    info!(slot, database = ?record.database, topic_prefix = ?record.topic_prefix,
+          tables = ?record.tables, state_topic = %config.kafka.state_topic(),
+          "slot's record removed from the state topic");
     Ok(())
 }
 

@@ -17,6 +17,12 @@
 //!   timeline (a failover, a point-in-time restore) is a gap: changes may
 //!   never have been read. [`history_gap`] is that rule; start-up refuses
 //!   such a gap unless told to take a new snapshot over it.
+//! - Does another slot feed the same topics? Deployments may share one
+//!   state topic (several producers, one Kafka cluster): each record names
+//!   its slot's topic prefix and tables, so a producer whose topics another
+//!   slot's record claims refuses to start ([`claimed_elsewhere`]) rather
+//!   than interleave two sources' rows, whose versions have no order with
+//!   each other, in one topic.
 
 use std::time::Duration;
 
@@ -67,6 +73,67 @@ pub fn history_gap(
     None
 }
 
+/// A table topic of ours that another slot's record says it feeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// `schema.table`.
+    pub table: String,
+    pub topic: String,
+    /// The other slot's record.
+    pub slot: String,
+    pub system_id: Option<String>,
+    pub database: Option<String>,
+}
+
+impl Claim {
+    /// Whether the claiming slot is of the same database on the same server
+    /// (then whether it still exists can be asked).
+    pub fn same_database(&self, system_id: &str, database: &str) -> bool {
+        self.system_id.as_deref() == Some(system_id) && self.database.as_deref() == Some(database)
+    }
+}
+
+/// The topics of `tables` (`schema.table`, sent under `prefix`) that a
+/// record of another slot than `slot` in `records` claims: same prefix, a
+/// table in common. Topic names carry the schema and table, not the
+/// database or the slot, so such a topic would carry two slots' rows. A
+/// record from before prefixes were kept claims nothing (it is checked once
+/// its producer ran again). Two producers started at the same moment can
+/// both pass: the check is for deployments set up one after the other.
+pub fn claimed_elsewhere<'a>(
+    slot: &str,
+    prefix: &str,
+    tables: &[String],
+    records: impl IntoIterator<Item = &'a SlotProgress>,
+) -> Vec<Claim> {
+    let mut claims = Vec::new();
+    for other in records {
+        if other.slot == slot || other.topic_prefix.as_deref() != Some(prefix) {
+            continue;
+        }
+        // Its tables: those Kafka holds, and those whose first shape it
+        // recorded before sending their first row (a snapshot under way).
+        let theirs: std::collections::BTreeSet<&String> = other
+            .tables
+            .iter()
+            .flatten()
+            .chain(other.shapes.keys())
+            .collect();
+        for table in theirs {
+            if tables.contains(table) {
+                claims.push(Claim {
+                    table: table.clone(),
+                    topic: format!("{prefix}.{table}"),
+                    slot: other.slot.clone(),
+                    system_id: other.system_id.clone(),
+                    database: other.database.clone(),
+                });
+            }
+        }
+    }
+    claims
+}
+
 pub struct StateStore {
     producer: FutureProducer,
     kafka: tidemark_schemas::config::Kafka,
@@ -92,14 +159,31 @@ impl StateStore {
         }
     }
 
-    /// The latest record for `slot`, reading the topic to its end.
-    pub async fn load(&self, slot: &str) -> Result<Option<SlotProgress>, SinkError> {
+    /// The latest record of every slot, by slot, reading the topic to its
+    /// end (one read: the state topic holds a small record per slot).
+    pub async fn load_all(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, SlotProgress>, SinkError> {
         let kafka = self.kafka.clone();
         let topic = self.topic.clone();
-        let slot = slot.to_owned();
-        tokio::task::spawn_blocking(move || read_latest(&kafka, &topic, &slot))
+        tokio::task::spawn_blocking(move || read_all(&kafka, &topic))
             .await
             .map_err(|_| SinkError::Client(rdkafka::error::KafkaError::Canceled))?
+    }
+
+    /// Deletes `slot`'s record (a tombstone, which compaction keeps until
+    /// `delete.retention.ms` and then drops with the record): for a slot
+    /// whose producer is gone for good, so that its claims on topics end.
+    pub async fn forget(&self, slot: &str) -> Result<(), SinkError> {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic).key(slot);
+        match self.producer.send(record, READ_TIMEOUT).await {
+            Ok(_) => Ok(()),
+            Err((source, _)) => Err(SinkError::Send {
+                topic: self.topic.clone(),
+                lsn: Default::default(),
+                source,
+            }),
+        }
     }
 
     /// Writes a record and waits until Kafka acknowledged it.
@@ -141,16 +225,20 @@ impl StateStore {
     }
 }
 
-fn read_latest(
+fn read_all(
     kafka: &tidemark_schemas::config::Kafka,
     topic: &str,
-    slot: &str,
-) -> Result<Option<SlotProgress>, SinkError> {
+) -> Result<std::collections::BTreeMap<String, SlotProgress>, SinkError> {
     let mut config = client_config(kafka);
     config.set("group.id", "tidemark-producer-state-reader");
-    let latest = tidemark_kafka::latest_record(config, topic, slot, READ_TIMEOUT)
-        .map_err(SinkError::Client)?;
-    Ok(latest.and_then(|payload| serde_json::from_slice::<SlotProgress>(&payload).ok()))
+    let latest =
+        tidemark_kafka::latest_records(config, topic, READ_TIMEOUT).map_err(SinkError::Client)?;
+    // A record that does not parse is no slot's progress.
+    Ok(latest
+        .into_values()
+        .filter_map(|payload| serde_json::from_slice::<SlotProgress>(&payload).ok())
+        .map(|p| (p.slot.clone(), p))
+        .collect())
 }
 
 /// The configured `tables` whose rows Kafka does not hold: those missing
@@ -186,7 +274,53 @@ mod tests {
             gap: None,
             tables: None,
             shapes: Default::default(),
+            topic_prefix: Some("p".into()),
         }
+    }
+
+    #[test]
+    fn another_slots_record_claims_the_topics_of_its_tables_under_its_prefix() {
+        let tables = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let other =
+            |slot: &str, prefix: Option<&str>, tables: &[&str], shapes: &[&str]| SlotProgress {
+                slot: slot.into(),
+                database: Some("billing".into()),
+                topic_prefix: prefix.map(str::to_owned),
+                tables: Some(tables.iter().map(|t| t.to_string()).collect()),
+                shapes: shapes
+                    .iter()
+                    .map(|t| (t.to_string(), "id int4".to_owned()))
+                    .collect(),
+                ..progress()
+            };
+        let ours = tables(&["public.orders", "public.users"]);
+        let records = [
+            // Our own record never claims.
+            other("s", Some("p"), &["public.orders"], &[]),
+            // Same prefix, a table in common.
+            other("b", Some("p"), &["public.orders", "public.items"], &[]),
+            // Another prefix: other topics.
+            other("c", Some("q"), &["public.users"], &[]),
+            // A snapshot under way: its shapes are recorded, tables not yet.
+            other("d", Some("p"), &[], &["public.users"]),
+            // Written before prefixes were kept.
+            other("e", None, &["public.users"], &[]),
+        ];
+        let claims = claimed_elsewhere("s", "p", &ours, &records);
+        let found: Vec<(&str, &str, &str)> = claims
+            .iter()
+            .map(|c| (c.slot.as_str(), c.table.as_str(), c.topic.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("b", "public.orders", "p.public.orders"),
+                ("d", "public.users", "p.public.users")
+            ]
+        );
+        assert!(claims[0].same_database("7400", "billing"));
+        assert!(!claims[0].same_database("7400", "app"));
+        assert!(!claims[0].same_database("9999", "billing"));
     }
 
     #[test]

@@ -50,6 +50,12 @@ pub struct SlotProgress {
 
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub shapes: std::collections::BTreeMap<String, String>,
+    /// The `kafka.topic_prefix` the slot's tables are sent under: with
+    /// `tables`, the topics this slot feeds, which no other slot may (see
+    /// the producer's `state::claimed_elsewhere`). Absent in records
+    /// written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_prefix: Option<String>,
 }
 
 /// A gap in the change history, as recorded when a new snapshot was taken

@@ -47,6 +47,12 @@ struct Args {
     /// gap).
     #[arg(long)]
     resnapshot: bool,
+    /// Remove another slot's record from the state topic, then exit: for a
+    /// deployment gone for good that shared the state topic, whose record
+    /// still claims its tables' topics (a producer refuses to start on
+    /// topics another slot's record claims). Never this config's own slot.
+    #[arg(long, value_name = "SLOT")]
+    forget_slot: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +72,14 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read config file {}", args.config.display()))?;
     let config = Config::from_toml(&text, |name| std::env::var(name).ok())
         .with_context(|| format!("config file {}", args.config.display()))?;
+    if let Some(slot) = &args.forget_slot {
+        tidemark_producer::run::forget_slot(&config, slot).await?;
+        println!(
+            "removed slot {slot}'s record from the state topic {}",
+            config.kafka.state_topic()
+        );
+        return Ok(());
+    }
     if args.check {
         tidemark_producer::run::check(&config).await?;
         println!("config, PostgreSQL and Kafka are ready for tidemark-producer");
