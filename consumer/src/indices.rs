@@ -286,3 +286,172 @@ pub fn print_mappings(
     }
     Ok(serde_json::Value::Array(out))
 }
+
+/// How old the producer's record and an index's field type may be when a
+/// refusal is judged: one read per second at most, however many documents
+/// a bulk had refused.
+const JUDGED_FRESH: Duration = Duration::from_secs(1);
+
+/// Tells a column's type change from a bad value (`apply::Refusals`): a
+/// document its field's mapping refuses is a bad record only when the
+/// table's columns, as the producer recorded them as of the change, would
+/// type the field as the index does. When they would type it otherwise
+/// (`text` became `jsonb`), the index cannot take the table's rows any
+/// more and the write waits, naming the reindex that lets it through
+/// (`tidemark-replay reindex`); it then goes on by itself. Until the
+/// producer's record covers the change (its confirmed LSN reaches the
+/// write's), the write waits too: the record is what says which.
+#[derive(Debug)]
+pub struct TypeChanges {
+    tables: std::sync::Arc<Tables>,
+    search: std::sync::Arc<Search>,
+    progress: tokio::sync::Mutex<Option<(std::time::Instant, Option<SlotProgress>)>>,
+    fields: tokio::sync::Mutex<FieldTypes>,
+}
+
+/// (index, field) -> when read, and the type it was mapped with then.
+type FieldTypes = std::collections::HashMap<(String, String), (std::time::Instant, Option<String>)>;
+
+impl TypeChanges {
+    pub fn new(tables: std::sync::Arc<Tables>, search: std::sync::Arc<Search>) -> TypeChanges {
+        TypeChanges {
+            tables,
+            search,
+            progress: Default::default(),
+            fields: Default::default(),
+        }
+    }
+
+    /// The producer's record, read at most [`JUDGED_FRESH`] ago; `Err` when
+    /// Kafka does not answer (then the write waits).
+    async fn progress(&self) -> Result<Option<SlotProgress>, String> {
+        let mut cached = self.progress.lock().await;
+        if let Some((at, progress)) = &*cached
+            && at.elapsed() < JUDGED_FRESH
+        {
+            return Ok(progress.clone());
+        }
+        let config = self.tables.config.clone();
+        let progress = tokio::task::spawn_blocking(move || read_progress(&config))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| tidemark_process::report(&e))?;
+        *cached = Some((std::time::Instant::now(), progress.clone()));
+        Ok(progress)
+    }
+
+    /// The type `index` maps `field` with now (`object` for an object
+    /// without one), read at most [`JUDGED_FRESH`] ago.
+    async fn field_type(&self, index: &str, field: &str) -> Result<Option<String>, String> {
+        let key = (index.to_owned(), field.to_owned());
+        if let Some((at, kind)) = self.fields.lock().await.get(&key)
+            && at.elapsed() < JUDGED_FRESH
+        {
+            return Ok(kind.clone());
+        }
+        let (_, answer) = self
+            .search
+            .call(
+                tidemark_index::http::Method::Get,
+                &format!("/{index}/_mapping/field/{field}"),
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let kind = answer.as_object().and_then(|indices| {
+            indices.values().find_map(|i| {
+                let leaf = field.rsplit('.').next().unwrap_or(field);
+                let mapping = &i["mappings"][field]["mapping"][leaf];
+                mapping
+                    .is_object()
+                    .then(|| mapping["type"].as_str().unwrap_or("object").to_owned())
+            })
+        });
+        self.fields
+            .lock()
+            .await
+            .insert(key, (std::time::Instant::now(), kind.clone()));
+        Ok(kind)
+    }
+
+    async fn judged(
+        &self,
+        index: &str,
+        reason: &str,
+        version: tidemark_schemas::Version,
+    ) -> Option<tidemark_index::answer::Stall> {
+        use tidemark_index::answer::{Cause, Stall};
+        let field = tidemark_index::answer::refused_field(reason)?;
+        let top = field.split('.').next().unwrap_or(field);
+        let (table, mapping) = self.tables.table_of(index)?;
+        let wait = |cause, detail: String| Some(Stall { cause, detail });
+        let progress = match self.progress().await {
+            Ok(progress) => progress,
+            Err(e) => {
+                return wait(
+                    Cause::ShapePending,
+                    format!(
+                        "cannot read the producer's record to judge a refusal of field {top}: {e}"
+                    ),
+                );
+            }
+        };
+        let columns = recorded_columns(progress.as_ref(), mapping);
+        let expected =
+            new_index_mappings(mapping, table, &self.tables.config_dir, columns.as_deref())
+                .ok()
+                .and_then(|m| m["properties"][top]["type"].as_str().map(str::to_owned));
+        if let Some(expected) = expected {
+            match self.field_type(index, top).await {
+                Err(e) => {
+                    return wait(
+                        Cause::ShapePending,
+                        format!("cannot read index {index}'s mapping of field {top}: {e}"),
+                    );
+                }
+                Ok(Some(now)) if now != expected => {
+                    return wait(
+                        Cause::ColumnTypeChanged,
+                        format!(
+                            "table {}: field {top} is mapped as {now} in index {index}, but its column's type \
+                             now maps as {expected}; run tidemark-replay reindex --table {} --yes, and writes \
+                             go on by themselves once the index takes them",
+                            mapping.qualified(),
+                            mapping.qualified()
+                        ),
+                    );
+                }
+                Ok(_) => {}
+            }
+        }
+        let covered = progress
+            .as_ref()
+            .and_then(|p| p.confirmed_lsn)
+            .is_some_and(|confirmed| confirmed >= version.lsn());
+        if !covered {
+            return wait(
+                Cause::ShapePending,
+                format!(
+                    "table {}: field {top} refused at LSN {}; waiting for the producer to record the \
+                     table's columns as of it, to tell a type change from a bad value",
+                    mapping.qualified(),
+                    version.lsn()
+                ),
+            );
+        }
+        None
+    }
+}
+
+impl tidemark_index::apply::Refusals for TypeChanges {
+    fn judge<'a>(
+        &'a self,
+        index: &'a str,
+        reason: &'a str,
+        version: tidemark_schemas::Version,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Option<tidemark_index::answer::Stall>> + Send + 'a>,
+    > {
+        Box::pin(self.judged(index, reason, version))
+    }
+}

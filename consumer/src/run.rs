@@ -293,7 +293,11 @@ pub async fn run(
             ))?;
     let dead_letter_topic = config.kafka.dead_letter_topic();
     let applier = Applier::new(search.clone(), metrics.apply.clone())
-        .with_fill_budget(config.consumer.batch_max_bytes);
+        .with_fill_budget(config.consumer.batch_max_bytes)
+        .with_refusals(Arc::new(crate::indices::TypeChanges::new(
+            tables.clone(),
+            search.clone(),
+        )));
     metrics.apply.opensearch_up.store(true, Ordering::Relaxed);
     let health = tokio::spawn(health_loop(
         search.clone(),

@@ -10,7 +10,8 @@
 //!   goes on;
 //! - **wait**: the index, the cluster or the credentials cannot take the
 //!   write *now* (closed, blocked, missing, 401/403, 429, 5xx, no answer, a
-//!   strict mapping that refuses a new field, ...). The write is retried in
+//!   strict mapping that refuses a new field, a mapping that a column's
+//!   type change left behind as the caller judges it, ...). The write is retried in
 //!   order, forever, and nothing after it is committed: fixing the cause
 //!   (opening the index, lifting the block, rotating the password, fixing
 //!   the mapping) resumes the pipeline where it stopped.
@@ -56,6 +57,15 @@ pub enum Cause {
     /// The index's field limit (`index.mapping.total_fields.limit`, depth,
     /// nested) is reached: a setting to raise, not a row to drop.
     MappingLimit,
+    /// A document refused by its field's mapping, where the field's column
+    /// changed type since the index was made (`text` to `jsonb`): the index
+    /// cannot take the table's rows any more, a reindex can. Decided by the
+    /// consumer (`apply::Refusals`), not from the answer alone.
+    ColumnTypeChanged,
+    /// A document refused by its field's mapping before the producer has
+    /// recorded the table's columns as of the change: whether the column's
+    /// type changed is not known yet.
+    ShapePending,
     /// A whole-request refusal that is not about one document.
     RequestRefused,
     /// An answer this module does not know (see the module doc).
@@ -77,6 +87,8 @@ impl Cause {
             Cause::IndexReplaced => "index_replaced",
             Cause::StrictMapping => "strict_mapping",
             Cause::MappingLimit => "mapping_limit",
+            Cause::ColumnTypeChanged => "column_type_changed",
+            Cause::ShapePending => "shape_pending",
             Cause::RequestRefused => "request_refused",
             Cause::Unknown => "unknown",
         }
@@ -150,6 +162,20 @@ pub fn item(status: u16, result: Option<&str>, error: Option<&Value>) -> Item {
         cause: Cause::Unknown,
         detail: format!("{status} {}", reason(error)),
     })
+}
+
+/// The document field a mapping refusal names (`failed to parse field
+/// [body] of type [text]`, `object mapping for [body] tried to parse ...`),
+/// as OpenSearch writes it (`a.b` for a field inside an object); `None`
+/// for a refusal that names none.
+pub fn refused_field(reason: &str) -> Option<&str> {
+    ["failed to parse field [", "object mapping for [", "field ["]
+        .iter()
+        .find_map(|start| {
+            let from = reason.find(start)? + start.len();
+            let len = reason[from..].find(']')?;
+            Some(&reason[from..from + len]).filter(|f| !f.is_empty())
+        })
 }
 
 /// Whether a write's copy for a reindex (`crate::alias`), sent to the mark
@@ -309,6 +335,26 @@ mod tests {
         Option<Cause>,
         &'static str,
     );
+
+    #[test]
+    fn a_mapping_refusal_names_its_field() {
+        assert_eq!(
+            refused_field(
+                "mapper_parsing_exception: failed to parse field [body] of type [text] in document with id '1'"
+            ),
+            Some("body")
+        );
+        assert_eq!(
+            refused_field(
+                "mapper_parsing_exception: object mapping for [doc.inner] tried to parse field [inner] as object, but found a concrete value"
+            ),
+            Some("doc.inner")
+        );
+        assert_eq!(
+            refused_field("document_parsing_exception: [1:2] unexpected"),
+            None
+        );
+    }
 
     /// Every status and error type OpenSearch answers a bulk item with, and
     /// what it means. A row here is a promise: change it only with the

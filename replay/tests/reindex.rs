@@ -377,3 +377,75 @@ async fn a_reindex_under_live_writes_moves_the_name_and_search_never_sees_a_gap(
                 .await;
     }
 }
+
+/// A column's type changing to one the index's mapping cannot take (`text`
+/// to `jsonb` objects) is not the rows' fault: the table's writes wait,
+/// saying why and naming the reindex, and nothing is dead-lettered. The
+/// reindex then types the new index from the catalog, the waiting writes go
+/// through by themselves, and the audit is clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_type_change_the_index_cannot_take_waits_for_a_reindex_and_loses_nothing() {
+    let mut p = Pipeline::new("r_retype").await;
+    let table = p.table("t");
+    let qualified = format!("public.{table}");
+    p.create_table(&table, "id int PRIMARY KEY, body text, n int", "")
+        .await;
+    p.pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'row ' || g, 0 FROM generate_series(1, 200) g"
+    ))
+    .await
+    .expect("rows");
+    p.start_producer().await;
+    let consumer = p.start_consumer_in_process().await;
+    p.wait_converged(&table, 90, &[]).await;
+
+    p.pg.batch_execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN body TYPE jsonb USING jsonb_build_object('v', body);
+         UPDATE {table} SET n = n + 1 WHERE id <= 10"
+    ))
+    .await
+    .expect("type change");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let why = loop {
+        if let Err(why) = consumer.metrics.readiness()
+            && why.contains("column_type_changed")
+        {
+            break why;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the consumer never said its writes wait for the type change ({:?}); dead letters: {}",
+            consumer.metrics.readiness(),
+            p.dead_letter_count()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        why.contains("field body is mapped as text")
+            && why.contains(&format!("reindex --table {qualified} --yes")),
+        "{why}"
+    );
+    assert_eq!(p.dead_letter_count(), 0, "a type change dead-lettered rows");
+
+    let (code, out, err) = p.run_replay(&["reindex", "--table", &qualified, "--yes"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    p.pg.batch_execute(&format!("UPDATE {table} SET n = n + 1 WHERE id > 190"))
+        .await
+        .expect("a change after the reindex");
+    let docs = p.wait_converged(&table, 60, &[]).await;
+    assert_eq!(docs["7"]["body"]["v"], "row 7", "{}", docs["7"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(why) = consumer.metrics.readiness() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still not ready after the reindex: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(p.dead_letter_count(), 0);
+    let (code, out, err) = p.run_replay(&["audit", "--table", &qualified, "--recheck-after", "1"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+
+    consumer.stop().await;
+    p.cleanup(&[&table]).await;
+}

@@ -21,7 +21,9 @@
 //!   until they succeed or the caller asks to stop; meanwhile [`Blocked`]
 //!   says where and why, and one log line a minute repeats it. Only a
 //!   document that is wrong in itself comes back as `Rejected` with
-//!   OpenSearch's reason. A whole request refused for one unknown document
+//!   OpenSearch's reason; a caller that knows more than the answer (the
+//!   consumer: whether the column changed type) is asked first
+//!   ([`Refusals`]) and may make it wait instead. A whole request refused for one unknown document
 //!   (413, an invalid id) is split in halves until that document is found,
 //!   and the rest is applied.
 //!
@@ -83,11 +85,27 @@ pub enum Effect {
 #[error("stopped while retrying OpenSearch")]
 pub struct Interrupted;
 
+/// Asked about a document OpenSearch refused as wrong in itself, before it
+/// is rejected: a stall when the refusal is not the record's fault after
+/// all, so the write waits (and is retried, in order) instead of going to
+/// the dead-letter topic. `None` keeps it a bad record.
+pub trait Refusals: Send + Sync + std::fmt::Debug {
+    /// `index` is the write's (the config's name), `reason` OpenSearch's
+    /// (`answer::reason`), `version` the write's.
+    fn judge<'a>(
+        &'a self,
+        index: &'a str,
+        reason: &'a str,
+        version: Version,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Stall>> + Send + 'a>>;
+}
+
 /// Applies writes to OpenSearch.
 #[derive(Debug, Clone)]
 pub struct Applier {
     search: Arc<Search>,
     stats: Arc<ApplyStats>,
+    refusals: Option<Arc<dyn Refusals>>,
     backoff: ExponentialBuilder,
     /// At most this many bytes of unchanged TOAST values are fetched from
     /// the index before the writes that need them are sent (see
@@ -111,6 +129,7 @@ struct Prepared {
     /// A copy for an index a reindex fills (`crate::alias`): its answer
     /// never decides the write's outcome, but it is waited for like any.
     shadow: bool,
+    version: Version,
 }
 
 impl Applier {
@@ -124,7 +143,15 @@ impl Applier {
                 .with_jitter()
                 .without_max_times(),
             fill_budget: tidemark_schemas::config::DEFAULT_BATCH_MAX_BYTES,
+            refusals: None,
         }
+    }
+
+    /// Asks `refusals` about every document refused as wrong in itself
+    /// before rejecting it (see [`Refusals`]).
+    pub fn with_refusals(mut self, refusals: Arc<dyn Refusals>) -> Applier {
+        self.refusals = Some(refusals);
+        self
     }
 
     /// Bounds the unchanged TOAST values held at once: writes are filled
@@ -228,6 +255,7 @@ impl Applier {
                     index: position(&mut indices, write.index()),
                     lines: bulk_lines(write, &self.stats),
                     shadow: false,
+                    version: write.version(),
                 })
                 .collect();
             // Each write also goes to the index a reindex of its index is
@@ -269,6 +297,7 @@ impl Applier {
                             index: target,
                             lines: retarget(&p.lines, write, &indices[target]),
                             shadow: true,
+                            version: p.version,
                         });
                     }
                 }
@@ -438,7 +467,7 @@ impl Applier {
             };
             self.stats.opensearch_up.store(true, Ordering::Relaxed);
             self.stats.blocked.clear("");
-            let answered: Vec<(Prepared, Item)> = pending
+            let mut answered: Vec<(Prepared, Item)> = pending
                 .into_iter()
                 .zip(items)
                 .map(|(p, item)| {
@@ -451,6 +480,16 @@ impl Applier {
                     (p, verdict)
                 })
                 .collect();
+            if let Some(refusals) = &self.refusals {
+                for (p, verdict) in &mut answered {
+                    if let (false, Item::BadRecord(reason)) = (p.shadow, &*verdict)
+                        && let Some(stall) =
+                            refusals.judge(&indices[p.index], reason, p.version).await
+                    {
+                        *verdict = Item::Wait(stall);
+                    }
+                }
+            }
             // A document created (or a tombstone recorded) in an index that
             // was deleted and made again behind our back is not committed.
             // One uuid look-up per index and bulk, not per document: per
