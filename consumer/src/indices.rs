@@ -295,7 +295,8 @@ const JUDGED_FRESH: Duration = Duration::from_secs(1);
 /// Tells a column's type change from a bad value (`apply::Refusals`): a
 /// document its field's mapping refuses is a bad record only when the
 /// table's columns, as the producer recorded them as of the change, would
-/// type the field as the index does. When they would type it otherwise
+/// type the field of the same kind as the index does
+/// (`tidemark_index::derive::kind_of`). When they would type it otherwise
 /// (`text` became `jsonb`), the index cannot take the table's rows any
 /// more and the write waits, naming the reindex that lets it through
 /// (`tidemark-replay reindex`); it then goes on by itself. Until the
@@ -409,7 +410,10 @@ impl TypeChanges {
                         format!("cannot read index {index}'s mapping of field {top}: {e}"),
                     );
                 }
-                Ok(Some(now)) if now != expected => {
+                Ok(Some(now))
+                    if tidemark_index::derive::kind_of(&now)
+                        != tidemark_index::derive::kind_of(&expected) =>
+                {
                     return wait(
                         Cause::ColumnTypeChanged,
                         format!(

@@ -64,6 +64,25 @@ pub fn properties(
     properties
 }
 
+/// What values an OpenSearch field type takes, coarsely: two types of one
+/// kind take the same JSON (`float` and `double`, `text` and `keyword`,
+/// `object` and `flat_object`), so an index typed one way still takes the
+/// rows a column typed the other way gives. A change of kind (`text` to
+/// `flat_object`, `long` to `text`) is the one rule for "a column's type
+/// changed to one the index cannot take": the consumer waits on it rather
+/// than dead-letter the rows, and `audit --watch --reindex` reindexes.
+pub fn kind_of(mapping_type: &str) -> &str {
+    match mapping_type {
+        "text" | "keyword" | "match_only_text" | "wildcard" | "constant_keyword"
+        | "search_as_you_type" => "string",
+        "long" | "integer" | "short" | "byte" | "double" | "float" | "half_float"
+        | "scaled_float" | "unsigned_long" => "number",
+        "date" | "date_nanos" => "date",
+        "object" | "nested" | "flat_object" => "object",
+        other => other,
+    }
+}
+
 /// The OpenSearch mapping for a column of type `oid`, or `None` where
 /// dynamic mapping decides. An array maps as its element: arrays are
 /// implicit in OpenSearch.
@@ -122,6 +141,17 @@ fn date() -> Value {
 mod tests {
     use super::*;
     use tidemark_schemas::config::Config;
+
+    #[test]
+    fn a_change_of_kind_is_one_the_index_cannot_take() {
+        assert_eq!(kind_of("float"), kind_of("double"));
+        assert_eq!(kind_of("text"), kind_of("keyword"));
+        assert_eq!(kind_of("object"), kind_of("flat_object"));
+        assert_ne!(kind_of("text"), kind_of("flat_object"));
+        assert_ne!(kind_of("long"), kind_of("text"));
+        assert_ne!(kind_of("date"), kind_of("keyword"));
+        assert_eq!(kind_of("binary"), "binary");
+    }
 
     fn table(extra: &str) -> (Table, TableMapping) {
         let text = format!(

@@ -205,6 +205,74 @@ const REINDEX_META: &str = "tidemark_reindex";
 /// Step 1 of `--rollback`: back to the index the last reindex replaced
 /// (kept, write-blocked). It is filled again like a new one, so nothing
 /// written since that reindex is lost; the mapping it has is its own.
+/// A field whose type in a table's index is of another kind than the
+/// table's columns give it now (`tidemark_index::derive::kind_of`): what a
+/// reindex fixes, and what the consumer's writes wait on meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeConflict {
+    pub field: String,
+    /// Its type in the index now.
+    pub indexed: String,
+    /// Its type from the columns now.
+    pub wanted: String,
+}
+
+/// The fields of `mapping`'s index that the table's `columns` (from the
+/// catalog) would type of another kind; none when the index is missing.
+pub async fn type_conflicts(
+    search: &Search,
+    mapping: &TableMapping,
+    table: &Table,
+    config_dir: &std::path::Path,
+    columns: &[(String, u32)],
+) -> Result<Vec<TypeConflict>> {
+    use tidemark_index::derive::kind_of;
+    let wanted = new_index_mappings(mapping, table, config_dir, Some(columns))?;
+    let (status, answer) = search
+        .call(
+            tidemark_index::http::Method::Get,
+            &format!("/{}/_mapping", mapping.index),
+            None,
+        )
+        .await?;
+    if status.as_u16() == 404 {
+        return Ok(Vec::new());
+    }
+    let Some(indexed) = answer
+        .as_object()
+        .and_then(|indices| indices.values().next())
+        .map(|i| &i["mappings"]["properties"])
+    else {
+        return Ok(Vec::new());
+    };
+    let type_of = |field: &Value| -> Option<String> {
+        field.is_object().then(|| {
+            field["type"]
+                .as_str()
+                .unwrap_or(if field.get("properties").is_some() {
+                    "object"
+                } else {
+                    ""
+                })
+                .to_owned()
+        })
+    };
+    let mut conflicts = Vec::new();
+    for (field, want) in wanted["properties"].as_object().into_iter().flatten() {
+        let (Some(want), Some(now)) = (type_of(want), type_of(&indexed[field])) else {
+            continue;
+        };
+        if !want.is_empty() && !now.is_empty() && kind_of(&want) != kind_of(&now) {
+            conflicts.push(TypeConflict {
+                field: field.clone(),
+                indexed: now,
+                wanted: want,
+            });
+        }
+    }
+    Ok(conflicts)
+}
+
 pub async fn plan_rollback(search: &Search, mapping: &TableMapping) -> Result<Plan> {
     let name = mapping.index.clone();
     let current = match search.target(&name).await? {

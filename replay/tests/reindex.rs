@@ -385,7 +385,18 @@ async fn a_reindex_under_live_writes_moves_the_name_and_search_never_sees_a_gap(
 /// through by themselves, and the audit is clean.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_type_change_the_index_cannot_take_waits_for_a_reindex_and_loses_nothing() {
-    let mut p = Pipeline::new("r_retype").await;
+    type_change(false).await;
+}
+
+/// The same with `audit --watch --reindex` running: no command by hand,
+/// the table converges within the issue's 120 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_with_reindex_reindexes_a_type_change_by_itself() {
+    type_change(true).await;
+}
+
+async fn type_change(by_watch: bool) {
+    let mut p = Pipeline::new(if by_watch { "r_retype_w" } else { "r_retype" }).await;
     let table = p.table("t");
     let qualified = format!("public.{table}");
     p.create_table(&table, "id int PRIMARY KEY, body text, n int", "")
@@ -398,37 +409,71 @@ async fn a_type_change_the_index_cannot_take_waits_for_a_reindex_and_loses_nothi
     p.start_producer().await;
     let consumer = p.start_consumer_in_process().await;
     p.wait_converged(&table, 90, &[]).await;
+    let _watch = by_watch.then(|| {
+        let config = p.dir.join("watch.toml");
+        std::fs::write(&config, p.config_text_as("replay", 1, "")).expect("config");
+        let log = std::fs::File::create(p.dir.join("watch.log")).expect("log");
+        Watcher(
+            std::process::Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+                .arg("--config")
+                .arg(&config)
+                .args(["audit", "--watch", "--reindex", "--interval", "2"])
+                .args(["--listen", &format!("127.0.0.1:{}", support::free_port())])
+                .env_remove("TIDEMARK_KAFKA_BROKERS")
+                .env_remove("TIDEMARK_OPENSEARCH_URL")
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("audit --watch"),
+        )
+    });
 
+    let changed = std::time::Instant::now();
     p.pg.batch_execute(&format!(
         "ALTER TABLE {table} ALTER COLUMN body TYPE jsonb USING jsonb_build_object('v', body);
          UPDATE {table} SET n = n + 1 WHERE id <= 10"
     ))
     .await
     .expect("type change");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let why = loop {
-        if let Err(why) = consumer.metrics.readiness()
-            && why.contains("column_type_changed")
-        {
-            break why;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the consumer never said its writes wait for the type change ({:?}); dead letters: {}",
-            consumer.metrics.readiness(),
-            p.dead_letter_count()
+    if by_watch {
+        let docs = p.wait_converged(&table, 120, &[]).await;
+        assert_eq!(docs["7"]["body"]["v"], "row 7", "{}", docs["7"]);
+        println!(
+            "text -> jsonb reindexed by the watch: converged {:.1} s after the ALTER",
+            changed.elapsed().as_secs_f64()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(
-        why.contains("field body is mapped as text")
-            && why.contains(&format!("reindex --table {qualified} --yes")),
-        "{why}"
-    );
-    assert_eq!(p.dead_letter_count(), 0, "a type change dead-lettered rows");
-
-    let (code, out, err) = p.run_replay(&["reindex", "--table", &qualified, "--yes"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
+        // The watch moved the name to a new index.
+        let behind = get(&p, &format!("/_alias/{}", p.index(&table))).await;
+        assert!(
+            behind.get(format!("{}-1", p.index(&table))).is_some(),
+            "{behind}"
+        );
+    } else {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let why = loop {
+            if let Err(why) = consumer.metrics.readiness()
+                && why.contains("column_type_changed")
+            {
+                break why;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer never said its writes wait for the type change ({:?}); dead letters: {}",
+                consumer.metrics.readiness(),
+                p.dead_letter_count()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(
+            why.contains("field body is mapped as text")
+                && why.contains(&format!("reindex --table {qualified} --yes")),
+            "{why}"
+        );
+        assert_eq!(p.dead_letter_count(), 0, "a type change dead-lettered rows");
+        let (code, out, err) = p.run_replay(&["reindex", "--table", &qualified, "--yes"]);
+        assert_eq!(code, Some(0), "{out}\n{err}");
+    }
     p.pg.batch_execute(&format!("UPDATE {table} SET n = n + 1 WHERE id > 190"))
         .await
         .expect("a change after the reindex");
@@ -448,4 +493,16 @@ async fn a_type_change_the_index_cannot_take_waits_for_a_reindex_and_loses_nothi
 
     consumer.stop().await;
     p.cleanup(&[&table]).await;
+}
+
+/// A running `audit --watch`, stopped (SIGTERM) when dropped.
+struct Watcher(std::process::Child);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
 }

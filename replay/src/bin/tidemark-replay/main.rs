@@ -260,6 +260,13 @@ enum Command {
         /// --yes would, recorded as a run. Off by default.
         #[arg(long)]
         repair_after: Option<u64>,
+        /// With --watch: when a column's type changes to one its index's
+        /// mapping cannot take (text to jsonb, say: the consumer's writes
+        /// of that table wait meanwhile), reindex the table as reindex
+        /// --table T --yes would, instead of only reporting it. Off by
+        /// default.
+        #[arg(long)]
+        reindex: bool,
     },
     /// Lists what the dead-letter topic holds: time, stage, table, key,
     /// reason and origin (never row contents). With --repair, once the
@@ -497,6 +504,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             lookback,
             listen,
             repair_after,
+            reindex,
         } => {
             if let Some(f) = sample
                 && !(f > 0.0 && f <= 1.0)
@@ -531,11 +539,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     deep,
                     causes: !no_causes,
                     invocation,
+                    reindex,
+                    config_dir: path
+                        .parent()
+                        .map(std::path::Path::to_path_buf)
+                        .unwrap_or_default(),
                 };
                 return watch(&config, &table, options).await;
             }
             if repair_after.is_some() {
                 anyhow::bail!("--repair-after needs --watch (without it: --repair)");
+            }
+            if reindex {
+                anyhow::bail!(
+                    "--reindex needs --watch (without it: tidemark-replay reindex --table T --yes)"
+                );
             }
             let options = AuditOptions {
                 format,

@@ -9,6 +9,10 @@
 //! With `--repair-after SECS`, drift seen for longer than that (so not
 //! the consumer's lag) is repaired through the same path as
 //! `audit --repair --yes`, and recorded like every write.
+//! Every pass also compares each table's columns with its index's mapping
+//! (`reindex::type_conflicts`): a column whose type changed to one the
+//! index cannot take is logged each pass with the fix, and with
+//! `--reindex` the table is reindexed as `reindex --table T --yes` would.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,6 +43,8 @@ pub struct WatchOptions {
     pub deep: bool,
     pub causes: bool,
     pub invocation: String,
+    pub reindex: bool,
+    pub config_dir: std::path::PathBuf,
 }
 
 pub async fn watch(
@@ -82,6 +88,7 @@ pub async fn watch(
         };
         for (entry, mapping) in &chosen {
             let table = mapping.qualified();
+            retype(config, &options, entry, mapping).await;
             let started = Instant::now();
             let previous = known.get(&table).cloned().unwrap_or_default();
             let time_column = entry.audit_time_column.as_deref();
@@ -156,6 +163,76 @@ pub async fn watch(
     let _ = stop.send(true);
     let _ = server.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reports (and with `--reindex`, fixes) the columns of a table whose type
+/// changed to one its index cannot take. An outage is logged and the next
+/// pass looks again.
+async fn retype(
+    config: &Config,
+    options: &WatchOptions,
+    entry: &tidemark_schemas::config::Table,
+    mapping: &tidemark_index::mapping::TableMapping,
+) {
+    let table = mapping.qualified();
+    let conflicts = async {
+        let client = ConnInfo::from_config(config)?
+            .connect("tidemark-audit-watch")
+            .await?;
+        let columns = tidemark_postgres::describe_table(&client, &mapping.schema, &mapping.table)
+            .await?
+            .columns;
+        let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
+        anyhow::Ok(
+            tidemark_replay::reindex::type_conflicts(
+                &search,
+                mapping,
+                entry,
+                &options.config_dir,
+                &columns,
+            )
+            .await?,
+        )
+    };
+    let conflicts = match conflicts.await {
+        Ok(conflicts) if conflicts.is_empty() => return,
+        Ok(conflicts) => conflicts,
+        Err(e) => {
+            warn!(table = %table, error = %tidemark_process::report(e.as_ref()), "audit --watch: cannot compare the columns with the index's mapping; the next pass looks again");
+            return;
+        }
+    };
+    let fields = conflicts
+        .iter()
+        .map(|c| format!("{} ({} in the index, {} now)", c.field, c.indexed, c.wanted))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !options.reindex {
+        warn!(table = %table, fields = %fields, "audit --watch: columns changed to types the index cannot take (the consumer's writes of the table wait): run tidemark-replay reindex --table {table} --yes, or watch with --reindex");
+        return;
+    }
+    warn!(table = %table, fields = %fields, "audit --watch: columns changed to types the index cannot take; reindexing (--reindex)");
+    match crate::reindex::reindex(
+        config,
+        &options.config_dir,
+        &table,
+        true,
+        false,
+        false,
+        false,
+    )
+    .await
+    {
+        Ok(code) if code == ExitCode::SUCCESS => {
+            info!(table = %table, "audit --watch: reindexed")
+        }
+        Ok(_) => {
+            warn!(table = %table, "audit --watch: the reindex did not finish; the next pass looks again")
+        }
+        Err(e) => {
+            warn!(table = %table, error = %tidemark_process::report(e.as_ref()), "audit --watch: the reindex could not run; the next pass looks again")
+        }
+    }
 }
 
 /// One table's pass on a fresh connection (an outage fails the pass; the
