@@ -21,6 +21,13 @@
 //!   require an alias, so its copy goes to the index behind the mark; this
 //!   is why a reindex is abandoned by removing its mark and deleting the
 //!   index only [`MARK_SETTLE`] later.
+//! - A write the index refuses because its field's column changed type
+//!   (`answer::Cause::ColumnTypeChanged`, as the caller judges it), whose
+//!   copy the marked index took, is applied: the marked index replaces the
+//!   refusing one at the swap, and only a reindex can fix the type. So the
+//!   writers go on keeping it current (its audit before the swap sees every
+//!   change) instead of waiting on a swap that waits on them. Should the
+//!   reindex be abandoned, the next reindex fills from the table again.
 //! - The move of the alias (and, for an index adopted from a concrete one,
 //!   the removal of that index) is one `_aliases` call: no search sees the
 //!   name missing, and no write auto-creates it.

@@ -429,6 +429,40 @@ async fn type_change(by_watch: bool) {
         )
     });
 
+    // With the watch, writes run all along: updates, inserts and deletes
+    // before, across and after the type change (none names the column).
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = by_watch.then(|| {
+        let (url, table, stop, done) = (
+            p.stack.pg_url.clone(),
+            table.clone(),
+            stop.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            let (pg, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+            tokio::spawn(connection);
+            let mut i: i32 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let statements = [
+                    format!(
+                        "UPDATE {table} SET n = n + 1 WHERE id = {}",
+                        (i * 37) % 200 + 1
+                    ),
+                    format!("INSERT INTO {table} (id, n) VALUES ({}, 0)", 10_000 + i),
+                    format!("DELETE FROM {table} WHERE id = {}", 10_000 + i - 3),
+                ];
+                for sql in &statements {
+                    pg.batch_execute(sql).await.expect("write");
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let changed = std::time::Instant::now();
     p.pg.batch_execute(&format!(
         "ALTER TABLE {table} ALTER COLUMN body TYPE jsonb USING jsonb_build_object('v', body);
@@ -436,11 +470,17 @@ async fn type_change(by_watch: bool) {
     ))
     .await
     .expect("type change");
-    if by_watch {
+    if let Some(writer) = writer {
+        // Past the watch's next pass and its reindex (about 6 s).
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        stop.store(true, Ordering::Relaxed);
+        writer.await.expect("writer");
         let docs = p.wait_converged(&table, 120, &[]).await;
         assert_eq!(docs["7"]["body"]["v"], "row 7", "{}", docs["7"]);
         println!(
-            "text -> jsonb reindexed by the watch: converged {:.1} s after the ALTER",
+            "text -> jsonb reindexed by the watch under {} write rounds: converged {:.1} s after \
+             the ALTER",
+            done.load(Ordering::Relaxed),
             changed.elapsed().as_secs_f64()
         );
         // The watch moved the name to a new index.

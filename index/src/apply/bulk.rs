@@ -72,14 +72,25 @@ pub fn bulk_lines(write: &Write, stats: &ApplyStats) -> Bytes {
 /// the same document at the same version, for an index a reindex fills
 /// (`crate::alias`).
 pub(crate) fn retarget(lines: &Bytes, write: &Write, index: &str) -> Bytes {
-    let (id, version) = match write {
-        Write::Index { id, version, .. } => (id, version),
-        Write::Delete { id, version, .. } => (id, version),
-        Write::Truncate { .. } => return Bytes::new(),
-    };
+    match write {
+        Write::Index { id, version, .. } => retarget_to(lines, id, *version, false, index),
+        Write::Delete { id, version, .. } => retarget_to(lines, id, *version, true, index),
+        Write::Truncate { .. } => Bytes::new(),
+    }
+}
+
+/// [`retarget`] from what a prepared write keeps: its id, version and
+/// whether it is a delete.
+pub(crate) fn retarget_to(
+    lines: &Bytes,
+    id: &str,
+    version: tidemark_schemas::Version,
+    delete: bool,
+    index: &str,
+) -> Bytes {
     let mut target = Target::new(index, id, version.get());
-    let action = match write {
-        Write::Index { .. } => {
+    let action = match delete {
+        false => {
             // Only through the mark alias: once the mark is gone the copy
             // fails (`answer::mark_gone`) rather than creating an index of
             // that name. (A delete cannot require an alias: its copy goes to
@@ -87,7 +98,7 @@ pub(crate) fn retarget(lines: &Bytes, write: &Write, index: &str) -> Bytes {
             target.require_alias = Some(true);
             Action::Index(target)
         }
-        _ => Action::Delete(target),
+        true => Action::Delete(target),
     };
     let mut out = Vec::with_capacity(lines.len() + index.len());
     let _ = serde_json::to_writer(&mut out, &action);

@@ -130,6 +130,10 @@ struct Prepared {
     /// never decides the write's outcome, but it is waited for like any.
     shadow: bool,
     version: Version,
+    /// The document's id and whether this is a delete: what a copy needs
+    /// if one is made after the write was prepared (see [`Applier::remark`]).
+    id: String,
+    delete: bool,
 }
 
 impl Applier {
@@ -256,6 +260,8 @@ impl Applier {
                     lines: bulk_lines(write, &self.stats),
                     shadow: false,
                     version: write.version(),
+                    id: write_id(write).to_owned(),
+                    delete: matches!(write, Write::Delete { .. }),
                 })
                 .collect();
             // Each write also goes to the index a reindex of its index is
@@ -298,6 +304,8 @@ impl Applier {
                             lines: retarget(&p.lines, write, &indices[target]),
                             shadow: true,
                             version: p.version,
+                            id: p.id.clone(),
+                            delete: p.delete,
                         });
                     }
                 }
@@ -310,7 +318,7 @@ impl Applier {
                     *fields = Row::new();
                 }
             }
-            self.send(prepared, &indices, outcomes, stop).await?;
+            self.send(prepared, &mut indices, outcomes, stop).await?;
             start = end;
         }
         Ok(())
@@ -406,11 +414,15 @@ impl Applier {
     async fn send(
         &self,
         mut pending: Vec<Prepared>,
-        indices: &[String],
+        indices: &mut Vec<String>,
         outcomes: &mut [Outcome],
         stop: &watch::Receiver<bool>,
     ) -> Result<(), Interrupted> {
         let mut waiting = Waiting::new(self);
+        // Writes whose copy to a marked index landed (see `crate::alias`
+        // for what that allows a write the index refuses for a column's
+        // type change).
+        let mut copied: std::collections::HashSet<usize> = std::collections::HashSet::new();
         while !pending.is_empty() {
             let mut body = BytesMut::with_capacity(pending.iter().map(|p| p.lines.len()).sum());
             for p in &pending {
@@ -446,7 +458,7 @@ impl Applier {
                                 "bulk refused as a whole; splitting it"
                             );
                             let second = pending.split_off(pending.len() / 2);
-                            Box::pin(self.send(pending, indices, outcomes, stop)).await?;
+                            Box::pin(self.send(pending, &mut *indices, outcomes, stop)).await?;
                             pending = second;
                         }
                         Request::BadRecord(reason) => {
@@ -480,13 +492,31 @@ impl Applier {
                     (p, verdict)
                 })
                 .collect();
+            copied.extend(
+                answered
+                    .iter()
+                    .filter(|(p, v)| {
+                        p.shadow && matches!(v, Item::Applied(_) | Item::WasAbsent | Item::Stale)
+                    })
+                    .map(|(p, _)| p.input),
+            );
+            let mut retyped: Vec<usize> = Vec::new();
             if let Some(refusals) = &self.refusals {
                 for (p, verdict) in &mut answered {
                     if let (false, Item::BadRecord(reason)) = (p.shadow, &*verdict)
                         && let Some(stall) =
                             refusals.judge(&indices[p.index], reason, p.version).await
                     {
-                        *verdict = Item::Wait(stall);
+                        *verdict = if stall.cause == Cause::ColumnTypeChanged
+                            && copied.contains(&p.input)
+                        {
+                            Item::Applied(None)
+                        } else {
+                            if stall.cause == Cause::ColumnTypeChanged {
+                                retyped.push(p.input);
+                            }
+                            Item::Wait(stall)
+                        };
                     }
                 }
             }
@@ -544,7 +574,7 @@ impl Applier {
                 }
                 outcomes[p.input] = outcome;
             }
-            for index in indices {
+            for index in indices.iter() {
                 if !stalls.iter().any(|(i, _)| i == index) {
                     self.stats.blocked.clear(index);
                 }
@@ -553,8 +583,70 @@ impl Applier {
                 waiting.wait(&stalls, retry.len(), stop).await?;
             }
             pending = retry;
+            if !retyped.is_empty() {
+                self.remark(&mut pending, &retyped, indices, &copied, stop)
+                    .await?;
+            }
         }
         waiting.resolved();
+        Ok(())
+    }
+
+    /// Gives the writes of `inputs` (waiting for a column's type change)
+    /// that have no copy yet one to the index a reindex of their index
+    /// fills, when one is marked now: they were prepared before the mark
+    /// was placed, and they wait until a copy lands (`crate::alias`).
+    async fn remark(
+        &self,
+        pending: &mut Vec<Prepared>,
+        inputs: &[usize],
+        indices: &mut Vec<String>,
+        copied: &std::collections::HashSet<usize>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), Interrupted> {
+        let has_copy: std::collections::HashSet<usize> = pending
+            .iter()
+            .filter(|p| p.shadow)
+            .map(|p| p.input)
+            .chain(copied.iter().copied())
+            .collect();
+        let waiting: Vec<usize> = (0..pending.len())
+            .filter(|&i| {
+                let p = &pending[i];
+                !p.shadow && inputs.contains(&p.input) && !has_copy.contains(&p.input)
+            })
+            .collect();
+        let mut names: Vec<usize> = waiting.iter().map(|&i| pending[i].index).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut copies = Vec::new();
+        for at in names {
+            let name = indices[at].clone();
+            let marked = self
+                .retry(&name, stop, || self.search.marked(&name))
+                .await?;
+            if marked.is_empty() {
+                continue;
+            }
+            let mark = position(indices, &crate::alias::mark(&name));
+            let behind: Vec<usize> = marked.iter().map(|m| position(indices, m)).collect();
+            for &i in waiting.iter().filter(|&&i| pending[i].index == at) {
+                let p = &pending[i];
+                let targets = if p.delete { behind.clone() } else { vec![mark] };
+                for target in targets {
+                    copies.push(Prepared {
+                        input: p.input,
+                        index: target,
+                        lines: retarget_to(&p.lines, &p.id, p.version, p.delete, &indices[target]),
+                        shadow: true,
+                        version: p.version,
+                        id: p.id.clone(),
+                        delete: p.delete,
+                    });
+                }
+            }
+        }
+        pending.extend(copies);
         Ok(())
     }
 
@@ -673,6 +765,14 @@ fn carry_toast(earlier: &Write, later: &mut Write) {
             }
             None => true,
         });
+    }
+}
+
+/// A document write's id (a truncate has none).
+fn write_id(write: &Write) -> &str {
+    match write {
+        Write::Index { id, .. } | Write::Delete { id, .. } => id,
+        Write::Truncate { .. } => "",
     }
 }
 
