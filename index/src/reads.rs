@@ -285,6 +285,18 @@ impl IdScroll {
         }
     }
 
+    /// Only slice `id` of `max` (0-based): OpenSearch's sliced scroll, which
+    /// splits the documents into `max` disjoint shares that together are all
+    /// of them, by their `_id`. A single slice is the whole index.
+    pub fn sliced(mut self, id: u32, max: u32) -> Self {
+        if max > 1
+            && let Some(body) = &mut self.first
+        {
+            body["slice"] = json!({"id": id, "max": max});
+        }
+        self
+    }
+
     /// The next page of hits; empty at the end.
     pub async fn next_page(&mut self) -> Result<Vec<ScrollHit>, IndexError> {
         const KEEP: &str = "_scroll_id,hits.hits._id,hits.hits.fields,hits.hits._source";

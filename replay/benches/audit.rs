@@ -12,7 +12,11 @@
 //! (b) `tidemark-replay audit` (release binary) on the clean table and
 //!     index: rows compared per second, and its peak RSS (VmHWM);
 //! (c) the same with `--deep` (every document's source read and hashed):
-//!     rows/s as a ratio to (b).
+//!     rows/s as a ratio to (b);
+//! (d) `--part 1/1`: one process auditing the table as a part does (rows
+//!     hashed in PostgreSQL, documents looked up), as a ratio to (b);
+//! (e) `--part 1/2` and `--part 2/2` as two processes at once: the table's
+//!     rows over the wall time of both, as a ratio to (b) and to (d).
 //! Goal (issue): (b) >= 100,000 rows/s with RSS under 200 MB.
 
 use std::process::{Command, Stdio};
@@ -162,13 +166,20 @@ async fn main() {
     // (b) the audit, as a user runs it; (c) the same with --deep.
     let (rate, peak_mb, elapsed) = run_audit(&config_path, rows, &[]);
     let (deep_rate, deep_peak_mb, deep_elapsed) = run_audit(&config_path, rows, &["--deep"]);
+    let (one_part_rate, one_part_elapsed) = run_parts(&config_path, rows, 1);
+    let (two_parts_rate, two_parts_elapsed) = run_parts(&config_path, rows, 2);
     println!(
         "(a) PostgreSQL cursor read alone: {baseline:>9.0} rows/s\n\
          (b) tidemark-replay audit:        {rate:>9.0} rows/s  (b)/(a) = {:.2}; {elapsed:.1} s in all  (goal >= 100000 rows/s)\n\
          (c) tidemark-replay audit --deep: {deep_rate:>9.0} rows/s  (c)/(b) = {:.2}; {deep_elapsed:.1} s in all\n\
-         peak RSS of the audit: {peak_mb:.1} MB, with --deep {deep_peak_mb:.1} MB  (goal < 200 MB)",
+         peak RSS of the audit: {peak_mb:.1} MB, with --deep {deep_peak_mb:.1} MB  (goal < 200 MB)\n\
+         (d) audit --part 1/1, one process: {one_part_rate:>9.0} rows/s  (d)/(b) = {:.2}; {one_part_elapsed:.1} s\n\
+         (e) audit --part 1/2 and 2/2 at once: {two_parts_rate:>7.0} rows/s  (e)/(b) = {:.2}, (e)/(d) = {:.2}; {two_parts_elapsed:.1} s",
         rate / baseline,
         deep_rate / rate,
+        one_part_rate / rate,
+        two_parts_rate / rate,
+        two_parts_rate / one_part_rate,
     );
 
     let _ = pg.batch_execute(&format!("DROP TABLE {table}")).await;
@@ -180,6 +191,45 @@ async fn main() {
         ]))
         .send()
         .await;
+}
+
+/// Runs `audit --part I/n` for every I at once, as n processes: the
+/// table's rows per second of wall time (all of them done), and seconds.
+/// Their reports must add up to the whole table, clean.
+fn run_parts(config_path: &std::path::Path, rows: usize, n: u32) -> (f64, f64) {
+    let t0 = Instant::now();
+    let children: Vec<_> = (1..=n)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_tidemark-replay"))
+                .arg("--config")
+                .arg(config_path)
+                .args(["audit", "--format", "json", "--recheck-after", "1"])
+                .args(["--part", &format!("{i}/{n}")])
+                .env_remove("TIDEMARK_KAFKA_BROKERS")
+                .env_remove("TIDEMARK_OPENSEARCH_URL")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("audit --part")
+        })
+        .collect();
+    let mut read = 0u64;
+    for child in children {
+        let output = child.wait_with_output().expect("wait");
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "a part found drift or failed: {out}"
+        );
+        let report: Value = serde_json::from_str(&out).expect("JSON report");
+        read += report["tables"][0]["rows"].as_u64().unwrap_or(0);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    assert_eq!(
+        read, rows as u64,
+        "the parts' rows do not add up to the table"
+    );
+    (rows as f64 / elapsed, elapsed)
 }
 
 /// Runs `tidemark-replay audit` (plus `extra`) on the clean table: rows

@@ -147,6 +147,53 @@ async fn audit_finds_exactly_the_drift_a_lost_burst_leaves() {
     assert!(text.contains("2 missing, 2 extra, 2 stale"), "{text}");
     assert!(text.contains("stale   id 10"), "{text}");
 
+    // In three parts, each its share of rows and of documents: their
+    // reports merged are the whole audit's, drift by drift.
+    let mut files = Vec::new();
+    let mut rows_read = 0;
+    for i in 1..=3 {
+        let file = p.dir.join(format!("part-{i}.json"));
+        let (code, out, err) = audit(
+            &p,
+            &[
+                "--format",
+                "json",
+                "--part",
+                &format!("{i}/3"),
+                "--out",
+                &file.display().to_string(),
+                "--recheck-after",
+                "1",
+            ],
+        );
+        assert!(matches!(code, Some(0 | 1)), "part {i}/3: {out}\n{err}");
+        let part: Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("part")).expect("JSON");
+        let rows = part["tables"][0]["rows"].as_u64().expect("rows");
+        assert!(rows < 200, "part {i}/3 read {rows} of 200 rows");
+        rows_read += rows;
+        files.push(file.display().to_string());
+    }
+    let mut args = vec!["--format", "json", "--merge"];
+    args.extend(files.iter().map(String::as_str));
+    let (code, out, err) = audit(&p, &args);
+    assert_eq!(code, Some(1), "the merged parts drift: {out}\n{err}");
+    let merged: Value = serde_json::from_str(&out).expect("merged JSON");
+    let m = &merged["tables"][0];
+    assert_eq!(rows_read, t["rows"].as_u64().unwrap_or(0));
+    assert_eq!(m["rows"], t["rows"], "{merged:#}");
+    assert_eq!(m["documents"], t["documents"], "{merged:#}");
+    assert_eq!(m["counts"], t["counts"], "{merged:#}");
+    assert_eq!(m["causes"], t["causes"], "{merged:#}");
+    assert_eq!(m["untimed"], t["untimed"], "{merged:#}");
+    assert_eq!(m["fixes"], t["fixes"], "{merged:#}\n{report:#}");
+    for kind in ["missing", "extra", "stale"] {
+        assert_eq!(ids(&merged, kind), ids(&report, kind), "{kind}");
+    }
+    let (code, _, err) = audit(&p, &["--merge", &files[0], &files[2]]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("part 2/3 missing"), "{err}");
+
     // --since narrows to recent changes (by updated_at / commit time);
     // --sample checks a fraction and says so.
     let (code, out, err) = audit(

@@ -108,7 +108,7 @@ pub(crate) async fn merged_candidates(
     Ok(candidates)
 }
 
-/// Subset audit (`--sample`, `--since`): each side's chosen rows or
+/// Subset audit (`--sample`, `--since`, `--part`): each side's chosen rows or
 /// documents are looked up on the other side by key, which costs a round
 /// trip per chunk but reads only the subset. (A merge would need the same
 /// subset on both sides, which neither a sample nor a time filter gives.)
@@ -200,6 +200,10 @@ pub(crate) async fn looked_up_candidates(
         doc_query,
         Fetch::Ids,
         CHUNK,
+    )
+    .sliced(
+        target.part.map_or(0, |p| p.index),
+        target.part.map_or(1, |p| p.of),
     );
     let result = async {
         loop {

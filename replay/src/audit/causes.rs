@@ -41,7 +41,9 @@ use super::Kind;
 use crate::progress::Progress;
 use crate::window::{KAFKA_TIMEOUT, close_in_background, open_scanner, record_key_of};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
     LostInApply,
@@ -52,7 +54,9 @@ pub enum Cause {
 }
 
 /// How a cause is repaired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Fix {
     /// `window` over the commit times of the changes Kafka holds.

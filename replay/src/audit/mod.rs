@@ -49,6 +49,7 @@ use tracing::info;
 mod candidates;
 mod causes;
 mod docs;
+mod parts;
 mod report;
 mod rows;
 mod timeline;
@@ -56,6 +57,7 @@ use candidates::*;
 pub use causes::{Cause, Fix};
 use causes::{Evidence, Finding, gather, judge};
 pub(crate) use docs::*;
+pub use parts::merge_parts;
 pub use report::*;
 pub(crate) use rows::*;
 pub use timeline::Timeline;
@@ -71,7 +73,9 @@ const PROGRESS_EVERY: u64 = 100_000;
 /// Keys shown per kind of drift in a report.
 const EXAMPLES: usize = 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Missing,
@@ -90,7 +94,7 @@ impl Kind {
 }
 
 /// One drifted document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Drift {
     pub kind: Kind,
     pub id: String,
@@ -107,7 +111,7 @@ pub struct Drift {
     pub dead_letter: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 pub struct Counts {
     pub missing: u64,
     pub extra: u64,
@@ -129,7 +133,7 @@ impl Counts {
 }
 
 /// What to run to repair one share of the drift.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Suggestion {
     pub fix: Fix,
     /// Drifted documents it repairs.
@@ -143,13 +147,13 @@ pub struct Suggestion {
     pub to: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct TableReport {
     pub table: String,
     pub index: String,
     /// `hash` (documents judged by their stored `_tidemark.hash`) or
     /// `deep` (by their content: finds writes that bypassed Tidemark).
-    pub mode: &'static str,
+    pub mode: String,
     pub rows: u64,
     pub documents: u64,
     pub counts: Counts,
@@ -180,8 +184,11 @@ pub struct TableReport {
     /// Only rows changed since then were checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// The share audited (`--part I/N`); merged reports have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<Part>,
     /// Every drifted document (id, key), for `--repair`.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub drifted_keys: Vec<(String, Row)>,
 }
 
@@ -211,6 +218,60 @@ pub struct Target<'a> {
     /// Documents (id, key) known to have drifted before (`--watch`): looked
     /// at again whatever the pass reads, so repaired drift is seen to go.
     pub known: &'a [(String, Row)],
+    /// Audit only this share of the table (`--part I/N`).
+    pub part: Option<Part>,
+}
+
+/// One of `of` disjoint shares of a table's audit (`--part I/N`, `index`
+/// from 0), so that N processes share one table. Each part reads only its
+/// share from both sides: the rows whose key hashes to it in PostgreSQL
+/// (`hashtextextended` of the key's row text), and the documents of its
+/// slice of the index (OpenSearch's sliced scroll, by `_id`). A row's
+/// drift (missing, stale) is found by the part its key hashes to, a
+/// document without a row (extra) by the part whose slice holds it; both
+/// families are partitions, so the parts together find each drifted
+/// document once, and `audit --merge` adds their reports up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Part {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Part {
+    /// `I/N` with 1 <= I <= N, as `--part` takes it.
+    pub fn parse(text: &str) -> std::result::Result<Part, String> {
+        let parsed = text.split_once('/').and_then(|(i, n)| {
+            Some((i.trim().parse::<u32>().ok()?, n.trim().parse::<u32>().ok()?))
+        });
+        match parsed {
+            Some((i, n)) if n >= 1 && (1..=n).contains(&i) => Ok(Part {
+                index: i - 1,
+                of: n,
+            }),
+            _ => Err(format!(
+                "--part {text}: give I/N with 1 <= I <= N, e.g. 1/4 (this process audits the first of four shares)"
+            )),
+        }
+    }
+
+    /// The SQL condition that keeps this part's rows, over `key` columns.
+    fn condition(self, key: &[String]) -> String {
+        let columns = key
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "(hashtextextended(ROW({columns})::text, 0) & 9223372036854775807) % {} = {}",
+            self.of, self.index
+        )
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index + 1, self.of)
+    }
 }
 
 /// The key a document id was made from, if it decodes into values the key
@@ -298,7 +359,7 @@ pub async fn audit_table(
     let mut report = TableReport {
         table: name.clone(),
         index: index.clone(),
-        mode: if target.deep { "deep" } else { "hash" },
+        mode: if target.deep { "deep" } else { "hash" }.to_owned(),
         rows: 0,
         documents: 0,
         counts: Counts::default(),
@@ -313,26 +374,32 @@ pub async fn audit_table(
         settled_on_recheck: 0,
         sample: target.sample,
         since: target.since.map(|t| t.to_string()),
+        part: target.part,
         drifted_keys: Vec::new(),
     };
     let mut query = d.select.clone();
     if let Some(fraction) = target.sample {
         query.push_str(&format!(" TABLESAMPLE BERNOULLI ({})", fraction * 100.0));
     }
+    let mut conditions = Vec::new();
     if let Some(since) = target.since {
         let Some(column) = target.time_column else {
             return Err(ReplayError::Refused(format!(
                 "--since: table {name} has no audit_time_column in the config, so its rows cannot be chosen by time"
             )));
         };
-        query.push_str(&format!(
-            " WHERE {} >= '{since}'::timestamptz",
-            quote_ident(column)
-        ));
+        conditions.push(format!("{} >= '{since}'::timestamptz", quote_ident(column)));
+    }
+    if let Some(part) = target.part {
+        conditions.push(part.condition(&d.table.key));
+    }
+    if !conditions.is_empty() {
+        query.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
     }
     // Candidates: document id -> (kind, key).
     let started = Instant::now();
-    let mut candidates = if target.sample.is_none() && target.since.is_none() {
+    let whole = target.sample.is_none() && target.since.is_none() && target.part.is_none();
+    let mut candidates = if whole {
         merged_candidates(client, search, target, &d, &query, &mut report).await?
     } else {
         looked_up_candidates(client, search, target, &d, &query, &mut report).await?
@@ -538,7 +605,7 @@ mod tests {
         let report = TableReport {
             table: "public.a<b>".into(),
             index: "a".into(),
-            mode: "hash",
+            mode: "hash".into(),
             rows: 10,
             documents: 9,
             counts: Counts {
@@ -563,6 +630,7 @@ mod tests {
             settled_on_recheck: 0,
             sample: None,
             since: None,
+            part: None,
             drifted_keys: Vec::new(),
         };
         let html = render_html(&[report], "2026-11-22T11:00:00Z");

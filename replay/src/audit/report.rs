@@ -31,7 +31,7 @@ pub fn render_text(reports: &[TableReport]) -> String {
             r.counts.missing,
             r.counts.extra,
             r.counts.stale,
-            mode_text(r.mode),
+            mode_text(&r.mode),
             if r.settled_on_recheck > 0 {
                 format!(
                     "; {} changed while audited, consistent on re-check",
@@ -223,7 +223,7 @@ code {{ font-size: .9em; }}
                 "<p>Drift from <strong>{}</strong> to <strong>{}</strong> ({} check).</p>\n",
                 escape(first),
                 escape(last),
-                mode_text(r.mode)
+                mode_text(&r.mode)
             ));
         }
         if let Some(causes) = &r.causes {

@@ -15,7 +15,7 @@ const WIDTHS_S: [i64; 8] = [1, 10, 60, 600, 3_600, 6 * 3_600, 86_400, 7 * 86_400
 pub const MAX_BUCKETS: i64 = 60;
 
 /// A drift histogram.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 pub struct Timeline {
     /// Bucket width, in seconds.
     pub bucket_s: i64,
@@ -85,6 +85,41 @@ pub fn window_bounds(first_ms: i64, last_ms: i64) -> (String, String) {
         text(first_ms.div_euclid(1_000)),
         text(last_ms.div_euclid(1_000) + 1),
     )
+}
+
+/// The timelines of an audit's parts as one, at the narrowest width that
+/// spans `first_ms..=last_ms` in at most [`MAX_BUCKETS`] buckets and is no
+/// narrower than any part's. Each width divides every wider one, so each of
+/// a part's buckets falls inside exactly one merged bucket.
+pub(crate) fn merged(timelines: &[Timeline], first_ms: i64, last_ms: i64) -> Timeline {
+    let widest = timelines.iter().map(|t| t.bucket_s).max().unwrap_or(1);
+    let needed = width_for(first_ms, last_ms).max(widest);
+    let bucket_s = WIDTHS_S
+        .into_iter()
+        .find(|w| {
+            *w >= needed
+                && timelines
+                    .iter()
+                    .all(|t| t.bucket_s <= 0 || w % t.bucket_s == 0)
+        })
+        .unwrap_or(needed);
+    let mut buckets: BTreeMap<String, BTreeMap<Kind, u64>> = BTreeMap::new();
+    for timeline in timelines {
+        for (label, kinds) in &timeline.buckets {
+            let Ok(start) = label.parse::<jiff::Timestamp>() else {
+                continue;
+            };
+            let start_s = start.as_second().div_euclid(bucket_s) * bucket_s;
+            let label = jiff::Timestamp::from_second(start_s)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| start_s.to_string());
+            let merged = buckets.entry(label).or_default();
+            for (kind, n) in kinds {
+                *merged.entry(*kind).or_default() += n;
+            }
+        }
+    }
+    Timeline { bucket_s, buckets }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub struct AuditOptions {
     /// How this program was started (`tidemark-replay --config F`), for
     /// the commands the report suggests.
     pub invocation: String,
+    pub part: Option<tidemark_replay::audit::Part>,
 }
 
 pub async fn audit(
@@ -45,6 +46,7 @@ pub async fn audit(
         deep,
         causes,
         invocation,
+        part,
     } = options;
     crate::check_tables(config, tables)?;
     let search = tidemark_index::search::Search::connect(config.opensearch()?)?;
@@ -64,6 +66,7 @@ pub async fn audit(
             kafka: causes.then_some(&config.kafka),
             invocation: &invocation,
             known: &[],
+            part,
         };
         reports.push(
             tidemark_replay::audit::audit_table(
@@ -75,13 +78,7 @@ pub async fn audit(
             .await?,
         );
     }
-    let text = match format {
-        AuditFormat::Text => tidemark_replay::audit::render_text(&reports),
-        AuditFormat::Json => format!("{:#}\n", serde_json::json!({"tables": reports})),
-        AuditFormat::Html => {
-            tidemark_replay::audit::render_html(&reports, &jiff::Timestamp::now().to_string())
-        }
-    };
+    let text = rendered(&reports, format);
     match out {
         Some(path) => std::fs::write(&path, text)
             .with_context(|| format!("--out {}: cannot write", path.display()))?,
@@ -96,6 +93,53 @@ pub async fn audit(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `audit --merge`: the parts' JSON reports as the whole table's report.
+pub fn merge(
+    files: &[PathBuf],
+    format: AuditFormat,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let mut parts = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("--merge {}: cannot read", file.display()))?;
+        #[derive(serde::Deserialize)]
+        struct Report {
+            tables: Vec<tidemark_replay::audit::TableReport>,
+        }
+        let report: Report = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--merge {}: not an audit's JSON report (audit --part I/N --format json)",
+                file.display()
+            )
+        })?;
+        parts.extend(report.tables);
+    }
+    let reports = tidemark_replay::audit::merge_parts(parts).map_err(anyhow::Error::msg)?;
+    let text = rendered(&reports, format);
+    match out {
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("--out {}: cannot write", path.display()))?,
+        None => print!("{text}"),
+    }
+    let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
+    Ok(if drifted > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn rendered(reports: &[tidemark_replay::audit::TableReport], format: AuditFormat) -> String {
+    match format {
+        AuditFormat::Text => tidemark_replay::audit::render_text(reports),
+        AuditFormat::Json => format!("{:#}\n", serde_json::json!({"tables": reports})),
+        AuditFormat::Html => {
+            tidemark_replay::audit::render_html(reports, &jiff::Timestamp::now().to_string())
+        }
+    }
 }
 
 /// Feeds the drifted documents to window's source mode, then checks them

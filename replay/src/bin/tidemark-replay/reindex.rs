@@ -130,6 +130,7 @@ pub async fn reindex(
         kafka: None,
         invocation: "",
         known: &[],
+        part: None,
     };
     let keys = if rollback {
         // The index went unwritten since the reindex it was replaced by:

@@ -115,6 +115,7 @@ pub async fn watch(
                 kafka: options.causes.then_some(&config.kafka),
                 invocation: &options.invocation,
                 known: &previous,
+                part: None,
             };
             let outcome = tokio::select! {
                 outcome = one_pass(config, &target, options.recheck_after) => outcome,
