@@ -594,6 +594,21 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_part_is_one_of_n_shares_and_says_which() {
+        let part = Part::parse("2/3").expect("2/3");
+        assert_eq!(part, Part { index: 1, of: 3 });
+        assert_eq!(part.to_string(), "2/3");
+        assert_eq!(
+            part.condition(&["id".into(), "Region".into()]),
+            "(hashtextextended(ROW(\"id\", \"Region\")::text, 0) & 9223372036854775807) % 3 = 1"
+        );
+        for bad in ["0/3", "4/3", "1/0", "3", "a/b", ""] {
+            let refused = Part::parse(bad).expect_err(bad);
+            assert!(refused.contains("1 <= I <= N"), "{refused}");
+        }
+    }
+
+    #[test]
     fn html_is_self_contained_and_escaped() {
         let timeline = Timeline {
             bucket_s: 60,
