@@ -308,6 +308,12 @@ pub struct TypeChanges {
     search: std::sync::Arc<Search>,
     progress: tokio::sync::Mutex<Option<(std::time::Instant, Option<SlotProgress>)>>,
     fields: tokio::sync::Mutex<FieldTypes>,
+    /// index -> when made, and the properties a new index would get from
+    /// the columns recorded then (one `mappings_file` read per second at
+    /// most, not one per refused document).
+    expected: tokio::sync::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, serde_json::Value)>,
+    >,
 }
 
 /// (index, field) -> when read, and the type it was mapped with then.
@@ -320,6 +326,7 @@ impl TypeChanges {
             search,
             progress: Default::default(),
             fields: Default::default(),
+            expected: Default::default(),
         }
     }
 
@@ -397,11 +404,24 @@ impl TypeChanges {
                 );
             }
         };
-        let columns = recorded_columns(progress.as_ref(), mapping);
-        let expected =
-            new_index_mappings(mapping, table, &self.tables.config_dir, columns.as_deref())
-                .ok()
-                .and_then(|m| m["properties"][top]["type"].as_str().map(str::to_owned));
+        let expected = {
+            let mut cached = self.expected.lock().await;
+            if cached
+                .get(index)
+                .is_none_or(|(at, _)| at.elapsed() >= JUDGED_FRESH)
+            {
+                let columns = recorded_columns(progress.as_ref(), mapping);
+                let properties =
+                    new_index_mappings(mapping, table, &self.tables.config_dir, columns.as_deref())
+                        .map(|m| m["properties"].clone())
+                        .unwrap_or_default();
+                cached.insert(index.to_owned(), (std::time::Instant::now(), properties));
+            }
+            cached
+                .get(index)
+                .and_then(|(_, properties)| properties[top]["type"].as_str())
+                .map(str::to_owned)
+        };
         if let Some(expected) = expected {
             match self.field_type(index, top).await {
                 Err(e) => {

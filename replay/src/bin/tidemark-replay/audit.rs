@@ -78,21 +78,11 @@ pub async fn audit(
             .await?,
         );
     }
-    let text = rendered(&reports, format);
-    match out {
-        Some(path) => std::fs::write(&path, text)
-            .with_context(|| format!("--out {}: cannot write", path.display()))?,
-        None => print!("{text}"),
-    }
-    let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
+    let drifted = written(&reports, format, out)?;
     if repair && drifted > 0 {
         return repair_drift(config, &reports, yes, target_override, deep).await;
     }
-    Ok(if drifted > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(drift_exit(drifted))
 }
 
 /// `audit --merge`: the parts' JSON reports as the whole table's report.
@@ -118,18 +108,32 @@ pub fn merge(
         parts.extend(report.tables);
     }
     let reports = tidemark_replay::audit::merge_parts(parts).map_err(anyhow::Error::msg)?;
-    let text = rendered(&reports, format);
+    Ok(drift_exit(written(&reports, format, out)?))
+}
+
+/// Writes the report to `out` (else standard output); the documents that
+/// drifted.
+fn written(
+    reports: &[tidemark_replay::audit::TableReport],
+    format: AuditFormat,
+    out: Option<PathBuf>,
+) -> anyhow::Result<u64> {
+    let text = rendered(reports, format);
     match out {
         Some(path) => std::fs::write(&path, text)
             .with_context(|| format!("--out {}: cannot write", path.display()))?,
         None => print!("{text}"),
     }
-    let drifted: u64 = reports.iter().map(|r| r.drifted()).sum();
-    Ok(if drifted > 0 {
+    Ok(reports.iter().map(|r| r.drifted()).sum())
+}
+
+/// Exit 0 clean, 1 drift.
+fn drift_exit(drifted: u64) -> ExitCode {
+    if drifted > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
-    })
+    }
 }
 
 fn rendered(reports: &[tidemark_replay::audit::TableReport], format: AuditFormat) -> String {
